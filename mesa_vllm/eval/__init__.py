@@ -1,0 +1,1 @@
+"""Evaluation: synthetic long-context tasks (passkey, needle, perplexity) and the harness."""

@@ -1,0 +1,213 @@
+"""DynamicSplit, chunk plans, anchors and Stair PE positions (DESIGN.md section 3).
+
+Pure Python: no vLLM, no torch.  Everything here is a function of the token index p, the
+prompt length T and the parameters, never of how the scheduler split the work, so chunked
+prefill, preemption/recompute and batching cannot change what a token attends to.
+
+Vocabulary
+----------
+A *segment* is a run of consecutive query tokens of one request that share one key set and
+one position rule.  The backend plans every step as a list of segments per request and
+executes each one as a small dense attention problem.
+
+* ``causal``: short sequences (T <= L and p < L) and the first chunk: keys [0, p], positions
+  = indices.
+* ``middle``: middle chunk starting at s: keys [0, F) and [s, p]; key position i (i < F) or
+  F + (i - s); query position F + (p - s).
+* ``stair``: last chunk and decode: keys [0, p]; every token j takes pos(j) = j if j >= A
+  else A - 1 - (A - 1 - j) // E, with anchor A = n - ((n - 1) mod C); n = T for prompt tokens
+  and n = p + 1 for generated ones.  Queries are scaled by max(1, ln(p + 1) / ln(L)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+SegmentKind = Literal["causal", "middle", "stair"]
+
+
+@dataclass(frozen=True)
+class MesaParams:
+    """Resolved parameters: L, F, Lc, Mmax, E and the log-n switch."""
+
+    train_len: int
+    first_chunk: int = 100
+    last_chunk: int = 512
+    max_remainder: int = 200
+    stair_width: int = 50
+    log_n_scaling: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.first_chunk < self.train_len:
+            raise ValueError(f"first_chunk must be in [1, {self.train_len - 1}]")
+        if self.last_chunk < 1 or self.stair_width < 1 or self.max_remainder < 0:
+            raise ValueError("last_chunk >= 1, stair_width >= 1, max_remainder >= 0")
+
+    @property
+    def default_width(self) -> int:
+        """C for requests that grow past L while decoding (L - F)."""
+        return self.train_len - self.first_chunk
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """DynamicSplit of one prompt of length T (Algorithm 2 of the paper).
+
+    ``is_long`` is False when T <= L: the whole prompt is ordinary causal attention.
+    Middle chunk k covers [F + k*C, F + (k+1)*C); the last chunk is [last_start, T).
+    """
+
+    prompt_len: int
+    train_len: int
+    first: int
+    width: int
+    n_mid: int
+
+    @property
+    def is_long(self) -> bool:
+        return self.prompt_len > self.train_len
+
+    @property
+    def last_start(self) -> int:
+        return self.first + self.n_mid * self.width
+
+    def middle_start(self, k: int) -> int:
+        return self.first + k * self.width
+
+
+def dynamic_split(prompt_len: int, params: MesaParams) -> ChunkPlan:
+    """Chunk plan of a prompt of ``prompt_len`` tokens.
+
+    X = T - Lc - F, Nq = X // (L - F), M = X mod (L - F).  M < Mmax: C = L - F, Nq middle
+    chunks; else C = X // (Nq + 1), Nq + 1 middle chunks.  When X <= 0 (T barely over L and
+    Lc large) there is no middle chunk and C = L - F: everything after F is the last chunk.
+    """
+    T, L, F = prompt_len, params.train_len, params.first_chunk
+    if T <= L:
+        return ChunkPlan(T, L, F, params.default_width, 0)
+    X = T - params.last_chunk - F
+    if X <= 0:
+        return ChunkPlan(T, L, F, params.default_width, 0)
+    nq, rem = divmod(X, L - F)
+    if rem < params.max_remainder:
+        if nq == 0:
+            return ChunkPlan(T, L, F, params.default_width, 0)
+        return ChunkPlan(T, L, F, L - F, nq)
+    return ChunkPlan(T, L, F, X // (nq + 1), nq + 1)
+
+
+def stair_anchor(n: int, width: int) -> int:
+    """A = n - ((n - 1) mod C): the first index that keeps its exact position."""
+    return n - ((n - 1) % width)
+
+
+def stair_position(j: int, anchor: int, stair_width: int) -> int:
+    """pos(j) = j if j >= A else A - 1 - (A - 1 - j) // E (the official code's floor rule)."""
+    if j >= anchor:
+        return j
+    return anchor - 1 - (anchor - 1 - j) // stair_width
+
+
+def log_n_scale(p: int, train_len: int) -> float:
+    """max(1, ln(p + 1) / ln(L)) for a stair query at index p."""
+    return max(1.0, math.log(p + 1) / math.log(train_len))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive queries [q_start, q_end) of one request sharing keys and position rule.
+
+    ``key_ranges`` lists the half-open index ranges of keys the segment reads (each query p
+    additionally masks keys j > p).  ``chunk_start`` is s for ``middle``; ``anchor`` is A for
+    ``stair``.
+    """
+
+    kind: SegmentKind
+    q_start: int
+    q_end: int
+    first: int = 0
+    chunk_start: int = 0
+    anchor: int = 0
+    stair_width: int = 1
+
+    @property
+    def key_ranges(self) -> tuple[tuple[int, int], ...]:
+        if self.kind == "middle":
+            return ((0, self.first), (self.chunk_start, self.q_end))
+        return ((0, self.q_end),)
+
+    def position(self, j: int) -> int:
+        """Position of token j (a key, or the query itself) inside this segment."""
+        if self.kind == "middle":
+            return j if j < self.first else self.first + (j - self.chunk_start)
+        if self.kind == "stair":
+            return stair_position(j, self.anchor, self.stair_width)
+        return j
+
+
+def token_segment_key(p: int, plan: ChunkPlan, params: MesaParams) -> tuple:
+    """What decides token p's attention: (kind, chunk_start, anchor).  Equal keys => same
+    segment; the backend merges consecutive tokens with equal keys."""
+    T = plan.prompt_len
+    if p < T:
+        if not plan.is_long or p < plan.first:
+            return ("causal", 0, 0)
+        if p < plan.last_start:
+            k = (p - plan.first) // plan.width
+            return ("middle", plan.middle_start(k), 0)
+        return ("stair", 0, stair_anchor(T, plan.width))
+    n = p + 1
+    if n <= params.train_len:
+        return ("causal", 0, 0)
+    return ("stair", 0, stair_anchor(n, plan.width))
+
+
+def plan_request(
+    prompt_len: int, q_start: int, q_end: int, params: MesaParams, plan: ChunkPlan | None = None
+) -> list[Segment]:
+    """Segments for the queries [q_start, q_end) of a request with prompt length T.
+
+    Runs in O(number of segments + decode tokens): middle chunks are jumped over whole.
+    """
+    if plan is None:
+        plan = dynamic_split(prompt_len, params)
+    segs: list[Segment] = []
+    p = q_start
+    while p < q_end:
+        kind, s, a = token_segment_key(p, plan, params)
+        end = _segment_end(p, kind, s, a, plan, params, q_end)
+        if segs and kind == "causal" and segs[-1].kind == "causal":
+            segs[-1] = Segment("causal", segs[-1].q_start, end)
+        else:
+            segs.append(
+                Segment(kind, p, end, params.first_chunk, s, a, params.stair_width)
+            )
+        p = end
+    return segs
+
+
+def _segment_end(
+    p: int, kind: str, s: int, a: int, plan: ChunkPlan, params: MesaParams, q_end: int
+) -> int:
+    T = plan.prompt_len
+    if p < T:
+        if kind == "causal":
+            end = T if not plan.is_long else plan.first
+        elif kind == "middle":
+            end = s + plan.width
+        else:
+            end = T
+        return min(end, q_end)
+    if kind == "causal":
+        return min(params.train_len, q_end)  # generated tokens with p + 1 <= L
+    # generated stair tokens share the anchor while p // C is constant: p in [A-1, A-1+C)
+    return min(a - 1 + plan.width, q_end)
+
+
+def max_stair_distance(seq_len: int, params: MesaParams) -> int:
+    """Largest relative position a stair query at index seq_len - 1 can see (for warnings)."""
+    plan = dynamic_split(seq_len, params)
+    a = stair_anchor(seq_len, plan.width)
+    return (seq_len - 1) - stair_position(0, a, params.stair_width)
