@@ -1,0 +1,164 @@
+"""The Mesa attention backend: vLLM's AttentionBackend / AttentionImpl for Mesa-Extrapolation.
+
+Keys are cached UNROTATED in a FlashAttention-layout paged cache
+``[2, num_blocks, block_size, num_kv_heads, head_size]`` (same bytes per token as stock);
+RoPE is applied here, at the positions the plan gives each (query, key) pair.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionType,
+    MultipleOf,
+)
+
+from mesa_vllm.attention.metadata import MesaMetadata, MesaMetadataBuilder
+from mesa_vllm.ops.rope import RopeSpec
+from mesa_vllm.ops.torch_mesa import run_segments
+
+BACKEND_NAME = "CUSTOM"  # see mesa_vllm.patches: MESA is an alias of vLLM's CUSTOM slot
+
+
+class MesaAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    accept_output_buffer: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [32, 64, 80, 96, 112, 128, 160, 192, 224, 256]
+
+    @staticmethod
+    def get_impl_cls() -> type[MesaAttentionImpl]:
+        return MesaAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[MesaMetadataBuilder]:
+        return MesaMetadataBuilder
+
+    @staticmethod
+    def get_kv_cache_shape(
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_size: int,
+        cache_dtype_str: str = "auto",
+    ) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        return True
+
+    @staticmethod
+    def use_cascade_attention(*args, **kwargs) -> bool:
+        return False
+
+
+class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        mesa_rope: RopeSpec | None = None,
+    ) -> None:
+        unsupported = {
+            "alibi_slopes": alibi_slopes,
+            "sliding_window": sliding_window,
+            "logits_soft_cap": logits_soft_cap,
+            "kv_sharing_target_layer_name": kv_sharing_target_layer_name,
+        }
+        for name, value in unsupported.items():
+            if value not in (None, 0):
+                raise ValueError(f"Mesa backend does not support {name}={value!r}")
+        if kv_cache_dtype not in MesaAttentionBackend.supported_kv_cache_dtypes:
+            raise ValueError(f"Mesa backend does not support kv_cache_dtype={kv_cache_dtype!r}")
+        if mesa_rope is None:
+            raise ValueError(
+                "Mesa backend needs the model's RoPE (mesa_rope); load the model through a "
+                "Mesa-registered architecture (mesa_vllm.models)"
+            )
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.rope = mesa_rope
+
+    def do_kv_cache_update(
+        self,
+        layer: torch.nn.Module,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Write unrotated key [n, Hkv, D] / value [n, Hkv, D] at slot_mapping [n] (-1 = pad)."""
+        n = slot_mapping.shape[0]
+        slots = slot_mapping.to(torch.int64)
+        valid = slots >= 0
+        k_flat = kv_cache[0].view(-1, self.num_kv_heads, self.head_size)
+        v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_size)
+        if bool(valid.all()):
+            k_flat.index_copy_(0, slots, key[:n].to(k_flat.dtype))
+            v_flat.index_copy_(0, slots, value[:n].to(v_flat.dtype))
+        else:
+            k_flat[slots[valid]] = key[:n][valid].to(k_flat.dtype)
+            v_flat[slots[valid]] = value[:n][valid].to(v_flat.dtype)
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: MesaMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """query [n, Hq, D] unrotated; kv_cache [2, blocks, block_size, Hkv, D]; output
+        [n, Hq, D] written in place for the first ``num_actual_tokens`` rows."""
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("Mesa backend: fused output quantization")
+        if attn_metadata is None:  # profiling / warm-up run
+            return output.fill_(0)
+        run_segments(
+            query,
+            kv_cache[0].view(-1, self.num_kv_heads, self.head_size),
+            kv_cache[1].view(-1, self.num_kv_heads, self.head_size),
+            output,
+            attn_metadata.segments,
+            self.rope,
+            self.scale,
+        )
+        return output

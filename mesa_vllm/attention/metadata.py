@@ -1,0 +1,143 @@
+"""Per-step Mesa metadata: the plan of every request, turned into tensors once per step.
+
+The builder runs once per scheduler step (shared by all layers): it splits each request's
+queries into plan segments (``mesa_vllm.plan``) and precomputes, per segment, the physical
+cache slots of the keys it reads, the (rebased) positions of keys and queries, the log-n
+query scales and the causal mask.  ``forward`` then only gathers, rotates and attends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+from vllm.config import VllmConfig
+from vllm.v1.attention.backend import (
+    AttentionCGSupport,
+    AttentionMetadataBuilder,
+    CommonAttentionMetadata,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from mesa_vllm.engine_config import params_from_vllm_config
+from mesa_vllm.plan import ChunkPlan, MesaParams, Segment, dynamic_split, plan_request
+
+
+@dataclass
+class SegmentWork:
+    """One dense attention problem of the step.
+
+    rows [q_lo, q_hi) of the batch's query tensor; ``key_slots`` [nk] int64 flat cache slots;
+    ``key_pos`` [nk] / ``query_pos`` [nq] int64 rebased positions; ``q_scale`` [nq] fp32 or
+    None; ``mask`` [nq, nk] bool (True = attend) or None when every query sees every key.
+    """
+
+    kind: str
+    q_lo: int
+    q_hi: int
+    key_slots: torch.Tensor
+    key_pos: torch.Tensor
+    query_pos: torch.Tensor
+    q_scale: torch.Tensor | None
+    mask: torch.Tensor | None
+
+
+@dataclass
+class MesaMetadata:
+    num_actual_tokens: int
+    slot_mapping: torch.Tensor
+    segments: list[SegmentWork] = field(default_factory=list)
+
+
+@lru_cache(maxsize=4096)
+def _cached_split(prompt_len: int, params: MesaParams) -> ChunkPlan:
+    return dynamic_split(prompt_len, params)
+
+
+def segment_tensors(
+    seg: Segment, params: MesaParams, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Key indices [nk], key positions [nk], query positions [nq] (int64, rebased so the
+    smallest key position is 0), query scales [nq] fp32 (or None) and mask [nq, nk] (or None).
+    """
+    kidx = torch.cat([torch.arange(a, b, device=device) for a, b in seg.key_ranges if b > a])
+    qidx = torch.arange(seg.q_start, seg.q_end, device=device)
+    kpos = _positions(seg, kidx)
+    qpos = _positions(seg, qidx)
+    base = kpos.min()
+    kpos, qpos = kpos - base, qpos - base
+    scale = None
+    if seg.kind == "stair" and params.log_n_scaling:
+        scale = torch.clamp(
+            torch.log((qidx + 1).to(torch.float32)) / torch.log(torch.tensor(params.train_len)),
+            min=1.0,
+        )
+    mask = None
+    if seg.q_end - seg.q_start > 1:
+        mask = kidx[None, :] <= qidx[:, None]
+    return kidx, kpos, qpos, scale, mask
+
+
+def _positions(seg: Segment, idx: torch.Tensor) -> torch.Tensor:
+    if seg.kind == "middle":
+        return torch.where(idx < seg.first, idx, seg.first + (idx - seg.chunk_start))
+    if seg.kind == "stair":
+        a, e = seg.anchor, seg.stair_width
+        return torch.where(idx >= a, idx, a - 1 - torch.div(a - 1 - idx, e, rounding_mode="floor"))
+    return idx
+
+
+class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
+    _cudagraph_support = AttentionCGSupport.NEVER
+
+    def __init__(
+        self,
+        kv_cache_spec: AttentionSpec,
+        layer_names: list[str],
+        vllm_config: VllmConfig,
+        device: torch.device,
+    ) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.params = params_from_vllm_config(vllm_config)
+        self.block_size = kv_cache_spec.block_size
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> MesaMetadata:
+        cm = common_attn_metadata
+        prompt_lens = cm.rswa_prefix_lens
+        if prompt_lens is None:
+            raise RuntimeError(
+                "Mesa backend: vLLM did not pass per-request prompt lengths "
+                "(mesa_vllm.engine_config must set model_arch_config.rswa_window)"
+            )
+        prompt_lens = prompt_lens.tolist()
+        qsl = cm.query_start_loc_cpu.tolist()
+        seq_lens = (
+            cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens
+        ).tolist()
+        block_table = cm.block_table_tensor
+        device = block_table.device
+        segments: list[SegmentWork] = []
+        for r in range(cm.num_reqs):
+            q_len = qsl[r + 1] - qsl[r]
+            if q_len <= 0:
+                continue
+            seq_len = int(seq_lens[r])
+            T = int(prompt_lens[r])
+            ctx = seq_len - q_len
+            plan = _cached_split(T, self.params)
+            for seg in plan_request(T, ctx, seq_len, self.params, plan):
+                kidx, kpos, qpos, scale, mask = segment_tensors(seg, self.params, device)
+                slots = block_table[r, kidx // self.block_size].to(torch.int64) * self.block_size
+                slots = slots + kidx % self.block_size
+                lo = qsl[r] + (seg.q_start - ctx)
+                segments.append(
+                    SegmentWork(seg.kind, lo, lo + seg.q_end - seg.q_start, slots, kpos, qpos,
+                                scale, mask)
+                )
+        return MesaMetadata(cm.num_actual_tokens, cm.slot_mapping, segments)

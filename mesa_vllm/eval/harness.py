@@ -1,0 +1,243 @@
+"""Run passkey / needle / perplexity tasks against one OpenAI-compatible endpoint.
+
+Prompts are built once (``make_jobs``, seeded per length/depth/index, so every method sees
+the same prompts), sent concurrently with the ``openai`` client (completions API,
+temperature 0), and reduced to one point per length (and depth, for needle):
+
+- passkey / needle: ``{"length", "depth", "n", "correct", "accuracy", "errors", "skipped",
+  "prompt_tokens"}``; accuracy = correct / (n - skipped), errors count as wrong.
+- ppl: ``{"length", "n", "ppl", "ppl_all", "scored_tokens", "errors", "skipped",
+  "prompt_tokens"}``; ``ppl`` is exp(mean NLL) over the last ``tail`` prompt tokens of each
+  text, ``ppl_all`` over all of them (the first token has no logprob), pooled over samples.
+
+Prompt logprobs come from ``echo=True, logprobs=0, max_tokens=0`` (vLLM 0.26 answers with
+the prompt's logprobs, first entry None); NaN logprobs make vLLM answer 400 "Out of range
+float values are not JSON compliant", recorded as a sample error.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from mesa_vllm.eval import data
+
+TASKS = ("passkey", "needle", "ppl")
+ANSWER_TOKENS = 8
+
+
+class EndpointError(RuntimeError):
+    """The endpoint cannot be reached or has no usable model (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request: its prompt and what to score it against."""
+
+    length: int
+    depth: float | None
+    index: int
+    prompt: str
+    key: str | None
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A reachable OpenAI-compatible server and the model to query on it."""
+
+    base_url: str
+    model: str
+    max_model_len: int | None
+    client: Any
+
+
+def normalize_base_url(url: str) -> str:
+    """``http://h:p`` -> ``http://h:p/v1``; a URL with a path is kept as given."""
+    url = url.rstrip("/")
+    if urlparse(url).path in ("", "/"):
+        url += "/v1"
+    return url
+
+
+def connect(
+    base_url: str, model: str | None = None, api_key: str = "EMPTY", timeout: float = 600.0
+) -> Endpoint:
+    """Open a client, list models, pick ``model`` (default: the first); EndpointError if not."""
+    import openai
+
+    base_url = normalize_base_url(base_url)
+    client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=1)
+    try:
+        models = list(client.models.list())
+    except openai.APIConnectionError as exc:
+        raise EndpointError(f"cannot reach endpoint {base_url} ({exc.__cause__ or exc})") from None
+    except openai.APIError as exc:
+        raise EndpointError(f"endpoint {base_url} failed to list models: {exc}") from None
+    ids = [m.id for m in models]
+    if not ids:
+        raise EndpointError(f"endpoint {base_url} serves no models")
+    chosen = model or ids[0]
+    if chosen not in ids:
+        raise EndpointError(f"model {chosen!r} not served at {base_url} (served: {ids})")
+    card = next(m for m in models if m.id == chosen)
+    max_len = getattr(card, "max_model_len", None)
+    return Endpoint(base_url, chosen, int(max_len) if max_len else None, client)
+
+
+def _rng(seed: int, task: str, length: int, depth: float | None, index: int) -> random.Random:
+    return random.Random(f"{seed}/{task}/{length}/{depth}/{index}")
+
+
+def make_jobs(
+    task: str,
+    tok: data.Tokenizer,
+    lengths: Sequence[int],
+    samples: int,
+    seed: int,
+    depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+) -> list[Job]:
+    """All requests of a task: lengths x samples (x depths for needle), deterministic in seed."""
+    jobs = []
+    for length in lengths:
+        for depth in depths if task == "needle" else [None]:
+            for i in range(samples):
+                rng = _rng(seed, task, length, depth, i)
+                if task == "passkey":
+                    s = data.passkey_sample(tok, length, rng=rng)
+                    jobs.append(Job(length, s.depth, i, s.prompt, s.answer, s.n_tokens))
+                elif task == "needle":
+                    s = data.needle_sample(tok, length, depth, rng=rng)
+                    jobs.append(Job(length, depth, i, s.prompt, s.answer, s.n_tokens))
+                elif task == "ppl":
+                    text = data.filler_text(tok, length, rng=rng)
+                    jobs.append(Job(length, None, i, text, None, len(tok.encode(text))))
+                else:
+                    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    return jobs
+
+
+def _error_text(exc: Exception) -> str:
+    msg = getattr(exc, "message", None) or str(exc)
+    return f"{type(exc).__name__}: {msg}"[:300]
+
+
+def _answer(ep: Endpoint, job: Job, max_tokens: int) -> dict[str, Any]:
+    resp = ep.client.completions.create(
+        model=ep.model, prompt=job.prompt, max_tokens=max_tokens, temperature=0.0
+    )
+    text = resp.choices[0].text
+    return {
+        "answer": text,
+        "correct": data.score(text, job.key or ""),
+        "prompt_tokens": resp.usage.prompt_tokens if resp.usage else job.n_tokens,
+    }
+
+
+def _logprobs(ep: Endpoint, job: Job, tail: int | None) -> dict[str, Any]:
+    resp = ep.client.completions.create(
+        model=ep.model, prompt=job.prompt, max_tokens=0, temperature=0.0, echo=True, logprobs=0
+    )
+    n = resp.usage.prompt_tokens if resp.usage else job.n_tokens
+    lps = list(resp.choices[0].logprobs.token_logprobs)[:n]
+    k = tail if tail else max(1, n // 4)
+    vals = [x for x in lps[1:] if x is not None]
+    tail_vals = [x for x in lps[max(1, n - k) :] if x is not None]
+    return {
+        "prompt_tokens": n,
+        "nll_sum": -math.fsum(tail_vals),
+        "scored": len(tail_vals),
+        "nll_sum_all": -math.fsum(vals),
+        "scored_all": len(vals),
+    }
+
+
+def run_jobs(
+    ep: Endpoint,
+    task: str,
+    jobs: Sequence[Job],
+    concurrency: int = 8,
+    max_tokens: int = ANSWER_TOKENS,
+    ppl_tail: int | None = None,
+    on_done: Callable[[], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Send every job; one record per job (in job order) with its result, error or skip note."""
+    budget = ep.max_model_len
+    need = 1 if task == "ppl" else max_tokens
+
+    def one(job: Job) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "length": job.length,
+            "depth": job.depth,
+            "index": job.index,
+            "key": job.key,
+            "prompt_tokens": job.n_tokens,
+            "error": None,
+            "skipped": None,
+        }
+        if budget is not None and job.n_tokens + need > budget:
+            rec["skipped"] = f"prompt of {job.n_tokens} tokens + {need} > max_model_len {budget}"
+            return rec
+        try:
+            if task == "ppl":
+                rec.update(_logprobs(ep, job, ppl_tail))
+            else:
+                rec.update(_answer(ep, job, max_tokens))
+        except Exception as exc:  # an HTTP error is data: the method failed this sample
+            rec["error"] = _error_text(exc)
+        return rec
+
+    records: list[dict[str, Any] | None] = [None] * len(jobs)
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
+    try:
+        futs = {pool.submit(one, job): i for i, job in enumerate(jobs)}
+        for fut in as_completed(futs):
+            records[futs[fut]] = fut.result()
+            if on_done:
+                on_done()
+    finally:  # on Ctrl-C do not wait for queued requests; in-flight ones die with the server
+        pool.shutdown(wait=False, cancel_futures=True)
+    return [r for r in records if r is not None]
+
+
+def aggregate(task: str, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Reduce sample records to points, one per length (per (length, depth) for needle)."""
+    groups: dict[tuple[int, float | None], list[dict[str, Any]]] = {}
+    for r in records:
+        key = (r["length"], r["depth"] if task == "needle" else None)
+        groups.setdefault(key, []).append(r)
+    points = []
+    for (length, depth), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        done = [r for r in rs if not r["skipped"]]
+        ok = [r for r in done if not r["error"]]
+        pt: dict[str, Any] = {
+            "length": length,
+            "depth": depth,
+            "n": len(rs),
+            "errors": len(done) - len(ok),
+            "skipped": len(rs) - len(done),
+            "prompt_tokens": (sum(r["prompt_tokens"] for r in done) / len(done)) if done else None,
+            "first_error": next((r["error"] for r in done if r["error"]), None),
+        }
+        if task == "ppl":
+            scored = sum(r["scored"] for r in ok)
+            scored_all = sum(r["scored_all"] for r in ok)
+            pt["scored_tokens"] = scored
+            pt["ppl"] = _ppl(sum(r["nll_sum"] for r in ok), scored)
+            pt["ppl_all"] = _ppl(sum(r["nll_sum_all"] for r in ok), scored_all)
+        else:
+            pt["correct"] = sum(1 for r in ok if r["correct"])
+            pt["accuracy"] = pt["correct"] / len(done) if done else None
+        points.append(pt)
+    return points
+
+
+def _ppl(nll_sum: float, n: int) -> float | None:
+    if n == 0 or not math.isfinite(nll_sum):
+        return None
+    return math.exp(min(nll_sum / n, 700.0))

@@ -1,0 +1,1 @@
+"""Attention operators: the dense reference of the Mesa contract and the fast paths."""
