@@ -97,9 +97,8 @@ def dense_model_logits(
     S = len(token_ids)
     T = S if prompt_len is None else prompt_len
     arch = cfg["architectures"][0]
-    Hq, Hkv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg[
-        "num_attention_heads"
-    ]
+    Hq = cfg["num_attention_heads"]
+    Hkv = cfg.get("num_key_value_heads") or Hq
     D = cfg.get("head_dim") or cfg["hidden_size"] // Hq
     eps = cfg["rms_norm_eps"]
     rp = rope_parameters(cfg)

@@ -219,13 +219,20 @@ def _evaluate(args, results: dict[str, Any]) -> int:
     )
     print(f"building {args.task} prompts for lengths {lengths} ...", file=sys.stderr, flush=True)
     jobs = harness.make_jobs(args.task, tok, lengths, args.samples, args.seed, args.depths)
+    for n in sorted({j.length for j in jobs if j.n_tokens > j.length}):
+        least = min(j.n_tokens for j in jobs if j.length == n)
+        print(
+            f"note: length {n} is below the shortest {args.task} prompt; its prompts have "
+            f"{least}+ tokens",
+            file=sys.stderr,
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if ep is not None:
         results["methods"].append({**_run_method(names[0], ep, args, jobs), "launch": None})
         return 0
-    longest = max(j.n_tokens for j in jobs) + max(args.max_tokens, 1)
-    max_len = args.max_model_len or max(longest + 16, train_len or 0)
+    longest = max(max(j.n_tokens for j in jobs), *lengths) + max(args.max_tokens, 1)
+    max_len = args.max_model_len or max(longest, train_len or 0)
     ctx = methods.ServeContext(
         args.serve, train_len or max_len, max_len, methods.rope_theta(cfg), args.mesa_config
     )

@@ -77,7 +77,7 @@ def _stock_raised(ctx: ServeContext) -> Launch:
 def _mesa(ctx: ServeContext) -> Launch:
     cfg = {"train_len": ctx.train_len, **ctx.mesa_config}
     args = ("--attention-backend", "mesa", "--additional-config", json.dumps({"mesa": cfg}))
-    return Launch(args, dict(LONG_ENV))
+    return Launch(args, {})  # the plugin lifts the max-model-len limit itself
 
 
 def _dynamic_ntk(ctx: ServeContext) -> Launch:

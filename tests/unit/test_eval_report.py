@@ -19,8 +19,17 @@ DEPTHS = [0.0, 0.5, 1.0]
 
 
 def _acc_point(n: int, acc: float, depth: float | None = None) -> dict:
-    return {"length": n, "depth": depth, "n": 20, "correct": round(acc * 20), "accuracy": acc,
-            "errors": 0, "skipped": 0, "prompt_tokens": n - 3.0, "first_error": None}
+    return {
+        "length": n,
+        "depth": depth,
+        "n": 20,
+        "correct": round(acc * 20),
+        "accuracy": acc,
+        "errors": 0,
+        "skipped": 0,
+        "prompt_tokens": n - 3.0,
+        "first_error": None,
+    }
 
 
 def _results(task: str) -> dict:
@@ -29,16 +38,33 @@ def _results(task: str) -> dict:
         if task == "passkey":
             pts = [_acc_point(n, a) for n, a in zip(LENGTHS, ACC[name], strict=True)]
         elif task == "needle":
-            pts = [_acc_point(n, a * (1 - d / 4), d)
-                   for n, a in zip(LENGTHS, ACC[name], strict=True) for d in DEPTHS]
+            pts = [
+                _acc_point(n, a * (1 - d / 4), d)
+                for n, a in zip(LENGTHS, ACC[name], strict=True)
+                for d in DEPTHS
+            ]
         else:
-            pts = [{"length": n, "depth": None, "n": 4, "ppl": p, "ppl_all": p,
-                    "scored_tokens": 40, "errors": 0 if p else 4, "skipped": 0,
-                    "prompt_tokens": n - 2.0, "first_error": None if p else "BadRequestError: x"}
-                   for n, p in zip(LENGTHS, PPL[name], strict=True)]
+            pts = [
+                {
+                    "length": n,
+                    "depth": None,
+                    "n": 4,
+                    "ppl": p,
+                    "ppl_all": p,
+                    "scored_tokens": 40,
+                    "errors": 0 if p else 4,
+                    "skipped": 0,
+                    "prompt_tokens": n - 2.0,
+                    "first_error": None if p else "BadRequestError: x",
+                }
+                for n, p in zip(LENGTHS, PPL[name], strict=True)
+            ]
         meths.append({"name": name, "error": None, "points": pts, "records": []})
-    return {"task": task, "meta": {"train_len": 64, "lengths": LENGTHS, "samples": 20,
-                                   "seed": 0}, "methods": meths}
+    return {
+        "task": task,
+        "meta": {"train_len": 64, "lengths": LENGTHS, "samples": 20, "seed": 0},
+        "methods": meths,
+    }
 
 
 def _table_cells(md: str) -> dict[int, list[str]]:
@@ -118,18 +144,39 @@ def test_json_has_no_nan_and_failed_method(tmp_path):
 
 def test_aggregate_counts_errors_and_skips():
     recs = [
-        {"length": 64, "depth": None, "prompt_tokens": 60, "error": None, "skipped": None,
-         "correct": True},
-        {"length": 64, "depth": None, "prompt_tokens": 62, "error": "APIError: boom",
-         "skipped": None},
+        {
+            "length": 64,
+            "depth": None,
+            "prompt_tokens": 60,
+            "error": None,
+            "skipped": None,
+            "correct": True,
+        },
+        {
+            "length": 64,
+            "depth": None,
+            "prompt_tokens": 62,
+            "error": "APIError: boom",
+            "skipped": None,
+        },
         {"length": 128, "depth": None, "prompt_tokens": 120, "error": None, "skipped": "long"},
     ]
     pts = harness.aggregate("passkey", recs)
     assert pts[0]["accuracy"] == 0.5 and pts[0]["errors"] == 1 and pts[0]["correct"] == 1
     assert pts[1]["accuracy"] is None and pts[1]["skipped"] == 1
-    ppl_recs = [{"length": 64, "depth": None, "prompt_tokens": 60, "error": None,
-                 "skipped": None, "nll_sum": 2.0 * 10, "scored": 10, "nll_sum_all": 30.0,
-                 "scored_all": 30}]
+    ppl_recs = [
+        {
+            "length": 64,
+            "depth": None,
+            "prompt_tokens": 60,
+            "error": None,
+            "skipped": None,
+            "nll_sum": 2.0 * 10,
+            "scored": 10,
+            "nll_sum_all": 30.0,
+            "scored_all": 30,
+        }
+    ]
     (pt,) = harness.aggregate("ppl", ppl_recs)
     assert pt["ppl"] == pytest.approx(math.exp(2.0)) and pt["ppl_all"] == pytest.approx(math.e)
 

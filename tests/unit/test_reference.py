@@ -315,11 +315,17 @@ def test_rope_angles_relative():
 # ---------------------------------------------------------------- (f) inv_freq vs HF
 
 
-@pytest.mark.parametrize(
-    "rp",
-    [DEFAULT, {**DEFAULT, "rope_theta": 500000.0}, LLAMA3, LINEAR,
-     {**LINEAR, "partial_rotary_factor": 0.5}, {**LLAMA3, "original_max_position_embeddings": 8192}],
-)  # fmt: skip
+INV_FREQ_CASES = [
+    DEFAULT,
+    {**DEFAULT, "rope_theta": 500000.0},
+    LLAMA3,
+    {**LLAMA3, "original_max_position_embeddings": 8192},
+    LINEAR,
+    {**LINEAR, "partial_rotary_factor": 0.5},
+]
+
+
+@pytest.mark.parametrize("rp", INV_FREQ_CASES)
 def test_inv_freq_matches_transformers(rp):
     D = 64
     cfg = hf_config(rp, 4, 2, D)

@@ -1,0 +1,65 @@
+"""Shared fixtures: project-made models, and real vLLM servers started from a shell."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))  # tests/oracle.py
+
+# Small, quick CPU engines everywhere in the suite.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TRAIN_LEN = 64
+# Mesa parameters scaled to a 64-token model (the paper's are for 4k models).
+MESA_SMALL = {
+    "train_len": TRAIN_LEN,
+    "first_chunk": 8,
+    "last_chunk": 24,
+    "max_remainder": 10,
+    "stair_width": 4,
+}
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(model_root) -> Path:
+    from mesa_vllm.testing.tiny_models import make_random_model
+
+    return make_random_model("llama", model_root / "llama", train_len=TRAIN_LEN)
+
+
+def cpu_engine_kwargs(max_model_len: int) -> dict:
+    """LLM(...) arguments for a small float32 CPU engine."""
+    return dict(
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=max_model_len,
+        gpu_memory_utilization=0.12,
+        seed=0,
+    )
+
+
+def cli_server(model: Path, args: list[str], log_path: Path, served_name: str = "tiny"):
+    """A LocalServer started as `mesa-vllm serve MODEL ARGS` through bash (a real shell)."""
+    from mesa_vllm.eval.server import LocalServer
+
+    exe = Path(sys.executable).parent / "mesa-vllm"
+
+    class CliServer(LocalServer):
+        def command(self) -> list[str]:
+            argv = [str(exe), "serve", str(model), "--served-model-name", served_name,
+                    "--host", self.host, "--port", str(self.port), *args]
+            return ["bash", "-c", "exec " + shlex.join(argv)]
+
+    return CliServer(str(model), [], log_path=log_path, served_name=served_name, timeout=400)
