@@ -215,7 +215,7 @@ def make_batch(data: PasskeyData, rng: random.Random, bsz: int, L: int, answer_w
     x = torch.full((bsz, T), data.tok.pad, dtype=torch.long)
     w = torch.zeros((bsz, T), dtype=torch.float32)
     a = torch.zeros((bsz, T), dtype=torch.bool)
-    for i, (s, ws) in enumerate(zip(seqs, wts)):
+    for i, (s, ws) in enumerate(zip(seqs, wts, strict=True)):
         x[i, : len(s)] = torch.tensor(s)
         w[i, : len(s)] = torch.tensor(ws)
         a[i, len(s) - ANSWER_LEN: len(s)] = True
@@ -248,7 +248,7 @@ def greedy(model, prompts: list[list[int]], device, max_new: int, batch: int, am
             for j, t in enumerate(nxt):
                 seqs[j].append(t)
                 gen[j].append(t)
-        for i, g in zip(ids_, gen):
+        for i, g in zip(ids_, gen, strict=True):
             res[i] = g
     outs = [res[i] for i in range(len(prompts))]
     return outs
@@ -263,28 +263,37 @@ def evaluate(model, tok: Tok, data: PasskeyData, device, *, kind: str, n: int, s
     kind ``long``: ``passkey_sample(tok, round(factor * L))``, depth uniform.
     """
     rng = random.Random(seed)
-    prompts, keys, lens = [], [], []
+    prompts, keys, lens, depths = [], [], [], []
     for _ in range(n):
         if kind == "within":
             s = D.passkey_sample(tok, rng.randint(data.fixed, L - ANSWER_LEN), rng=rng)
-            p, k = tok.encode(s.prompt), s.answer
+            p, k, dep = tok.encode(s.prompt), s.answer, s.depth
         elif kind == "varied":
             k = str(rng.randrange(10000, 100000))
             p, _ = data.varied(rng.randint(data.fixed, L - ANSWER_LEN), rng, k)
+            dep = float("nan")
         else:
             s = D.passkey_sample(tok, round(factor * L), rng=rng)
-            p, k = tok.encode(s.prompt), s.answer
+            p, k, dep = tok.encode(s.prompt), s.answer, s.depth
+        depths.append(dep)
         prompts.append(p)
         keys.append(k)
         lens.append(len(p))
     gens = greedy(model, prompts, device, ANSWER_LEN - 1, batch, amp, tok.pad)
-    ok = [D.score(tok.decode(g), k) for g, k in zip(gens, keys)]
+    ok = [D.score(tok.decode(g), k) for g, k in zip(gens, keys, strict=True)]
     out = {"kind": kind, "n": n, "correct": int(sum(ok)), "acc": sum(ok) / n,
            "min_tokens": min(lens), "max_tokens": max(lens),
            "mean_tokens": sum(lens) / n, "amp_bf16": amp}
     if factor is not None:
         out["factor"] = factor
-    bad = [(tok.decode(g), k) for g, k, o in zip(gens, keys, ok) if not o][:3]
+        # Key depth in 5 bins (0 = start of the prompt): [correct, count] per bin.
+        bins = [[0, 0] for _ in range(5)]
+        for d_, o in zip(depths, ok, strict=True):
+            b = min(4, int(d_ * 5))
+            bins[b][0] += int(o)
+            bins[b][1] += 1
+        out["by_depth_bin"] = bins
+    bad = [(tok.decode(g), k) for g, k, o in zip(gens, keys, ok, strict=True) if not o][:3]
     out["examples_wrong"] = bad
     return out
 
@@ -305,10 +314,44 @@ def save_model(model, config, out: Path, dtype: str) -> dict:
     return {"model.safetensors": (out / "model.safetensors").stat().st_size}
 
 
+def export(src: Path, dst: Path) -> None:
+    """Re-save a trained checkpoint the standard HF way, with tokenizer and generation config.
+
+    ``src`` holds what training wrote (config.json, model.safetensors, summary.json).
+    """
+    import shutil
+
+    import torch
+    import transformers
+
+    spec = importlib.util.spec_from_file_location(
+        "_mesa_tokenizer", ROOT / "mesa_vllm" / "testing" / "tokenizer.py")
+    tmod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tmod)
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    model.generation_config = transformers.GenerationConfig(
+        bos_token_id=model.config.bos_token_id, eos_token_id=model.config.eos_token_id,
+        pad_token_id=model.config.pad_token_id, do_sample=False)
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dst, safe_serialization=True)
+    tmod.copy_tokenizer(dst)
+    if (src / "summary.json").exists():
+        shutil.copy(src / "summary.json", dst / "training_summary.json")
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(src / "model.safetensors")), load_file(str(dst / "model.safetensors"))
+    same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same, "export changed the weights"
+    print(f"exported {src} -> {dst}")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", choices=sorted(ARCHS), default="llama")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--export-from", type=Path, default=None,
+                    help="only re-save a trained checkpoint from this folder into --out "
+                         "(HF format + tokenizer + generation config), then exit")
     ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-len", type=int, default=256)
@@ -338,6 +381,9 @@ def main(argv=None) -> dict:
                     help="seconds for training; if the first 100 steps project past it, "
                          "--steps is lowered (logged). 0 = off")
     args = ap.parse_args(argv)
+    if args.export_from is not None:
+        export(args.export_from, args.out)
+        return {}
 
     import torch
     import torch.nn.functional as F
@@ -451,7 +497,8 @@ def main(argv=None) -> dict:
     for r in results:
         tag = r["kind"] + (f" {r['factor']}xL" if "factor" in r else "")
         log(f"final {tag:10s} {'bf16' if r['amp_bf16'] else 'fp32'}: acc {r['acc']:.3f} "
-            f"({r['correct']}/{r['n']}) tokens {r['min_tokens']}-{r['max_tokens']}")
+            f"({r['correct']}/{r['n']}) tokens {r['min_tokens']}-{r['max_tokens']}"
+            + (f" by depth bin {r['by_depth_bin']}" if "by_depth_bin" in r else ""))
     last = hist[-min(len(hist), 3):]
     summary = {
         "arch": ARCHS[args.arch][1],

@@ -140,13 +140,24 @@ def _run_method(name: str, ep: harness.Endpoint, args, jobs) -> dict[str, Any]:
             args.ppl_tail,
             on_done=bar.update,
         )
+    points = harness.aggregate(args.task, records)
+    errors, skipped = (sum(p[k] for p in points) for k in ("errors", "skipped"))
+    print(
+        f"[{name}] {len(records)} requests in {time.monotonic() - t0:.0f} s: {errors} errors, "
+        f"{skipped} skipped (prompt > max_model_len {ep.max_model_len})",
+        file=sys.stderr,
+        flush=True,
+    )
+    if errors and errors == len(records) - skipped:
+        first = next(p["first_error"] for p in points if p["first_error"])
+        print(f"[{name}] warning: every request failed; first error: {first}", file=sys.stderr)
     return {
         "name": name,
         "endpoint": ep.base_url,
         "model": ep.model,
         "max_model_len": ep.max_model_len,
         "error": None,
-        "points": harness.aggregate(args.task, records),
+        "points": points,
         "records": records,
         "seconds": round(time.monotonic() - t0, 2),
     }
@@ -228,13 +239,15 @@ def _evaluate(args, results: dict[str, Any]) -> int:
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if ep is None and train_len is None:
+        return _fail(f"cannot tell the trained length of {args.serve!r}; pass --train-len")
     if ep is not None:
         results["methods"].append({**_run_method(names[0], ep, args, jobs), "launch": None})
         return 0
     longest = max(max(j.n_tokens for j in jobs), *lengths) + max(args.max_tokens, 1)
-    max_len = args.max_model_len or max(longest, train_len or 0)
+    max_len = args.max_model_len or max(longest, train_len)
     ctx = methods.ServeContext(
-        args.serve, train_len or max_len, max_len, methods.rope_theta(cfg), args.mesa_config
+        args.serve, train_len, max_len, methods.rope_theta(cfg), args.mesa_config
     )
     for name in names:
         results["methods"].append(_serve_method(name, args, ctx, jobs, out))

@@ -72,7 +72,7 @@ def connect(
     import openai
 
     base_url = normalize_base_url(base_url)
-    client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=1)
+    client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
     try:
         models = list(client.models.list())
     except openai.APIConnectionError as exc:

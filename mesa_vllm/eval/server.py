@@ -170,6 +170,7 @@ class LocalServer:
                 proc.wait(timeout=10)
         # The engine core may outlive the API server for a moment; the group id is ours.
         _signal_group(proc.pid, signal.SIGKILL)
+        _wait_group_gone(proc.pid, timeout=10.0)
         self.proc = None
         atexit.unregister(self.stop)
 
@@ -186,3 +187,15 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> bool:
+    """Wait until no process (zombies included: init reaps them) is left in group ``pgid``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return True
+        time.sleep(0.1)
+    return False

@@ -16,7 +16,6 @@ at commit 170098ba07d9f53c383a41bfd4c5166b0a4529a6 (2026-06-23), Apache-2.0.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
 import os
@@ -30,7 +29,10 @@ import jsonschema
 import pytest
 import yaml
 
+import mesa_vllm
 from mesa_vllm.config import MesaConfig
+from mesa_vllm.engine_config import to_params
+from mesa_vllm.plan import max_stair_distance
 
 pytestmark = pytest.mark.unit
 
@@ -43,13 +45,22 @@ DOCKERFILES = [DOCKER_DIR / "Dockerfile", DOCKER_DIR / "Dockerfile.cpu"]
 SCHEMA = Path(__file__).with_name("compose-spec.json")
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
-# max_position_embeddings of each checkpoint's config.json (its trained context).
-TRAINED_CONTEXT = {
-    "meta-llama/Llama-2-7b-chat-hf": 4096,
-    "meta-llama/Meta-Llama-3-8B-Instruct": 8192,
-    "mistralai/Mistral-7B-Instruct-v0.2": 32768,
-    "Qwen/Qwen2.5-7B-Instruct": 32768,
-    "microsoft/Phi-3-mini-4k-instruct": 4096,
+# Each checkpoint: architecture, trained context (config.json max_position_embeddings) and the
+# config.json fields that matter to vLLM or Mesa, copied into a random-weight stand-in.
+CHECKPOINTS = {
+    "meta-llama/Llama-2-7b-chat-hf": ("llama", 4096, {"rope_theta": 10000.0}),
+    "meta-llama/Meta-Llama-3-8B-Instruct": ("llama", 8192, {"rope_theta": 500000.0}),
+    "mistralai/Mistral-7B-Instruct-v0.2": (
+        "mistral",
+        32768,
+        {"rope_theta": 1000000.0, "sliding_window": None},
+    ),
+    "Qwen/Qwen2.5-7B-Instruct": (
+        "qwen2",
+        32768,
+        {"rope_theta": 1000000.0, "sliding_window": 131072, "use_sliding_window": False},
+    ),
+    "microsoft/Phi-3-mini-4k-instruct": ("phi3", 4096, {"sliding_window": 2047}),
 }
 EXPECTED_CONFIGS = {
     "llama-2-7b-chat.yaml",
@@ -71,12 +82,6 @@ def _pyproject() -> dict:
     except ModuleNotFoundError:  # Python 3.10
         tomllib = pytest.importorskip("tomli")
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
-
-
-def _vllm_pin() -> str:
-    pins = [d for d in _pyproject()["project"]["optional-dependencies"]["cuda"] if "vllm" in d]
-    assert len(pins) == 1 and pins[0].startswith("vllm=="), pins
-    return pins[0].removeprefix("vllm==")
 
 
 def _tool(name: str) -> str:
@@ -132,20 +137,18 @@ def _compose_defaults() -> dict[str, str]:
     return out
 
 
-def _serve_parser():
-    """The parser of `vllm serve` (vllm/entrypoints/cli/main.py builds it the same way)."""
+@pytest.fixture(scope="module")
+def serve_parser():
+    """The parser of `vllm serve`, built as vllm/entrypoints/cli/main.py builds it, with the
+    plugin registered (vLLM loads it before it resolves --attention-backend)."""
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    mesa_vllm.register()
     parser = FlexibleArgumentParser(description="vLLM CLI")
     subparsers = parser.add_subparsers(required=False, dest="subparser")
     ServeSubcommand().subparser_init(subparsers)
     return parser
-
-
-@pytest.fixture(scope="module")
-def serve_parser():
-    return _serve_parser()
 
 
 def _parse_serve(parser, argv: list[str]):
@@ -154,6 +157,16 @@ def _parse_serve(parser, argv: list[str]):
     args = parser.parse_args(["serve", *argv])
     validate_parsed_serve_args(args)
     return args
+
+
+def _assert_mesa_backend(name: str) -> None:
+    """`name` is what --attention-backend gets, and vLLM resolves it to the Mesa backend
+    (as EngineArgs.create_engine_config does, through AttentionConfig's validator)."""
+    from vllm.config.attention import AttentionConfig
+
+    assert name == "mesa"
+    backend = AttentionConfig.validate_backend_before(name)
+    assert backend.get_path().startswith("mesa_vllm."), backend.get_path()
 
 
 def _config(name: str) -> dict:
@@ -172,23 +185,50 @@ def test_config_parses_as_vllm_serve_does(config: Path, serve_parser):
     args = _parse_serve(serve_parser, ["--config", str(config)])
 
     assert args.served_model_name == [config.stem], "served-model-name must be the file's stem"
-    # TODO(lead): `attention_backend` stays the raw string until EngineArgs resolves it, which
-    # needs the plugin's MESA alias; test_backend_name_resolves_to_mesa checks that part.
-    assert args.attention_backend == "mesa"
+    _assert_mesa_backend(args.attention_backend)
     mesa = MesaConfig.from_additional_config(args.additional_config)
     assert mesa.train_len is not None, "set train_len explicitly in additional-config.mesa"
     assert isinstance(args.max_model_len, int) and args.max_model_len > mesa.train_len
+    # No stair position at max-model-len reaches past the trained range (the plugin warns).
+    reach = max_stair_distance(args.max_model_len, to_params(mesa))
+    assert reach < mesa.train_len, f"stair positions span {reach}; raise stair_width"
 
-    if args.model in TRAINED_CONTEXT:
-        assert mesa.train_len == TRAINED_CONTEXT[args.model]
+    if args.model in CHECKPOINTS:
+        assert mesa.train_len == CHECKPOINTS[args.model][1]
     else:
         local = ROOT / args.model
         assert local.parts[-4:-1] == ("mesa_vllm", "assets", "models"), (
-            f"{args.model}: add its trained context to TRAINED_CONTEXT"
+            f"{args.model}: add the checkpoint to CHECKPOINTS"
         )
         if (local / "config.json").is_file():
             hf = json.loads((local / "config.json").read_text())
             assert mesa.train_len == hf["max_position_embeddings"]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_config_builds_a_mesa_engine_config(config: Path, serve_parser, tmp_path_factory):
+    """vLLM and the plugin accept the whole config (max-model-len past the trained length,
+    hf-overrides, additional-config) on a random-weight stand-in of the checkpoint."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from mesa_vllm.testing.tiny_models import make_random_model
+
+    args = _parse_serve(serve_parser, ["--config", str(config)])
+    train_len = MesaConfig.from_additional_config(args.additional_config).train_len
+    arch, _, hf = CHECKPOINTS.get(args.model, ("llama", train_len, {}))
+    if (ROOT / args.model / "config.json").is_file():
+        args.model = str(ROOT / args.model)
+    else:
+        out = tmp_path_factory.mktemp(config.stem)
+        args.model = str(make_random_model(arch, out / "model", train_len=train_len, **hf))
+
+    vllm_config = AsyncEngineArgs.from_cli_args(args).create_engine_config()
+
+    assert vllm_config.model_config.max_model_len == args.max_model_len
+    assert vllm_config.model_config.get_sliding_window() is None
+    backend = vllm_config.attention_config.backend
+    assert backend is not None and backend.get_path().startswith("mesa_vllm."), backend
+    assert vllm_config.additional_config["mesa"]["train_len"] == train_len
 
 
 def test_bad_mesa_settings_in_a_config_are_caught(tmp_path, serve_parser):
@@ -200,19 +240,6 @@ def test_bad_mesa_settings_in_a_config_are_caught(tmp_path, serve_parser):
     args = _parse_serve(serve_parser, ["--config", str(bad)])
     with pytest.raises(ValueError, match="first_chunk"):
         MesaConfig.from_additional_config(args.additional_config)
-
-
-def test_backend_name_resolves_to_mesa():
-    register = getattr(importlib.import_module("mesa_vllm"), "register", None)
-    if register is None:
-        # TODO(lead): remove this skip once mesa_vllm.register() (the MESA alias of
-        # AttentionBackendEnum.CUSTOM, DESIGN.md section 2) has landed.
-        pytest.skip("mesa_vllm.register() does not exist yet")
-    register()
-    from vllm.config.attention import AttentionConfig
-
-    backend = AttentionConfig.validate_backend_before("mesa")
-    assert backend.get_path().startswith("mesa_vllm."), backend.get_path()
 
 
 # ----------------------------------------------------------------------------- compose
@@ -268,7 +295,9 @@ def _check_server(service: dict) -> None:
     assert [p["target"] for p in service["ports"]] == [8000]
     assert _mount(service, "/root/.cache/huggingface")["type"] == "bind"
     assert service["environment"]["HF_HOME"] == "/root/.cache/huggingface"
-    assert service["environment"]["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] == "1"
+    # The plugin lifts the length limit for Mesa only; this variable would lift it for any
+    # backend, so a missing plugin would serve garbage instead of failing at startup.
+    assert "VLLM_ALLOW_LONG_MAX_MODEL_LEN" not in service["environment"]
     assert any("/health" in part for part in service["healthcheck"]["test"])
 
 
@@ -282,7 +311,7 @@ def test_mesa_service(resolved, serve_parser):
     (gpu,) = mesa["deploy"]["resources"]["reservations"]["devices"]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     args = _parse_serve(serve_parser, _config_argv(mesa))
-    assert args.attention_backend == "mesa"
+    _assert_mesa_backend(args.attention_backend)
 
 
 def test_mesa_cpu_service(resolved, serve_parser):
@@ -292,7 +321,7 @@ def test_mesa_cpu_service(resolved, serve_parser):
     assert cpu["build"]["dockerfile"] == "docker/Dockerfile.cpu"
     assert "deploy" not in cpu or not cpu["deploy"].get("resources")
     args = _parse_serve(serve_parser, _config_argv(cpu))
-    assert args.attention_backend == "mesa"
+    _assert_mesa_backend(args.attention_backend)
 
 
 def test_eval_service(resolved):
@@ -372,7 +401,7 @@ def test_hadolint_catches_problems(tmp_path):
 
 
 def test_images_pin_vllm_and_the_plugin_version():
-    version, vllm_pin = _pyproject()["project"]["version"], _vllm_pin()
+    version, vllm_pin = _pyproject()["project"]["version"], mesa_vllm.VLLM_VERSION
     gpu, cpu = (p.read_text() for p in DOCKERFILES)
 
     assert re.findall(r"^FROM (\S+)", gpu, re.M) == [f"vllm/vllm-openai:v{vllm_pin}"]
