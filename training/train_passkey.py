@@ -337,12 +337,101 @@ def export(src: Path, dst: Path) -> None:
     tmod.copy_tokenizer(dst)
     if (src / "summary.json").exists():
         shutil.copy(src / "summary.json", dst / "training_summary.json")
+        summary = json.loads((src / "summary.json").read_text())
+        (dst / "MODEL_CARD.md").write_text(model_card(summary, model.config, dst))
     from safetensors.torch import load_file
 
     a, b = load_file(str(src / "model.safetensors")), load_file(str(dst / "model.safetensors"))
     same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert same, "export changed the weights"
     print(f"exported {src} -> {dst}")
+
+
+def model_card(summary: dict, config, dst: Path) -> str:
+    """MODEL_CARD.md from a training summary (all numbers are the measured ones)."""
+    a = summary["args"]
+    L = a["train_len"]
+    name = dst.name
+    size = (dst / "model.safetensors").stat().st_size
+    head_dim = config.hidden_size // config.num_attention_heads
+    theta = (getattr(config, "rope_parameters", None) or {}).get(
+        "rope_theta", getattr(config, "rope_theta", None))
+    cmd = summary["command"]
+    cmd = re.sub(r"--out \S+", f"--out out/{name}", cmd)
+    if "--time-budget" in cmd or summary["steps_run"] != a["steps"]:
+        cmd = re.sub(r" --time-budget \S+", "", cmd)
+        cmd = re.sub(r" --steps \S+", "", cmd) + f" --steps {summary['steps_run']}"
+    lines = [
+        f"# {name}",
+        "",
+        f"A {summary['params'] / 1e6:.2f}M-parameter `{summary['arch']}` trained from scratch by",
+        "`training/train_passkey.py` on synthetic passkey text (the project's own",
+        "`mesa_vllm.eval.data` prompts) at a short training length, so that long-context",
+        "extrapolation can be measured for real: within its training length it finds the",
+        "passkey; read with plain RoPE well past it, it does not.  For tests and benchmarks only.",
+        "",
+        f"- **Training length:** {L} tokens (`max_position_embeddings` = {L})",
+        f"- Architecture: `{summary['arch']}`, {config.num_hidden_layers} layers, hidden "
+        f"{config.hidden_size}, {config.num_attention_heads} heads of {head_dim} "
+        f"({config.num_key_value_heads} KV heads), MLP {config.intermediate_size}, "
+        f"vocab {config.vocab_size}, RoPE theta {theta:g}, untied embeddings",
+        f"- Weights: `model.safetensors`, bfloat16, {size:,} bytes",
+        "- Tokenizer: the project's byte-level BPE (`mesa_vllm/assets/tokenizer`), BOS added",
+        f"- Training: {summary['steps_run']} steps x {a['batch']} sequences of random length "
+        f"up to {L} (key at uniform depth; half `passkey_sample` prompts, half sentence-level "
+        f"filler), answer tokens weighted x{a['answer_weight']:g}, AdamW lr {a['lr']:g} "
+        f"(warm-up {a['warmup']}, cosine to {a['min_lr_ratio']:g}x), bf16 autocast, seed "
+        f"{a['seed']}; {summary['train_seconds']:.0f} s on {summary['device']}",
+        f"- Final training loss (weighted, last logged step): {summary['final_loss']:.4f}; "
+        f"plain LM loss {summary['final_lm_loss']:.4f}; answer-token loss "
+        f"{summary['final_answer_loss']:.2e}",
+        "",
+        "## Measured accuracy",
+        "",
+        "Greedy decoding of 7 tokens, scored by `mesa_vllm.eval.data.score` (first integer",
+        "equals the key).  The weights evaluated are the stored bfloat16 ones, computed in",
+        "float32 (HF transformers forward, positions 0..n-1, no RoPE scaling: plain RoPE past",
+        f"{L}).  `within L`: `passkey_sample` prompts with target lengths uniform up to {L}-8;",
+        "`varied`: sentence-level filler, every length; `k x L`: `passkey_sample(tok, k*L)`,",
+        "key depth uniform.  Depth bins: key position in fifths of the prompt, 0 = start.",
+        "",
+        "| prompts | tokens | correct | accuracy | by key depth (correct/n per fifth) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in summary["eval"]:
+        if r["amp_bf16"]:
+            continue
+        tag = {"within": "within L", "varied": "varied, within L"}.get(
+            r["kind"], f"{r.get('factor', 0):g} x L")
+        bins = " ".join(f"{c}/{n}" for c, n in r.get("by_depth_bin", [])) or "-"
+        toks = (f"{r['min_tokens']}-{r['max_tokens']}" if r["min_tokens"] != r["max_tokens"]
+                else str(r["min_tokens"]))
+        lines.append(f"| {tag} | {toks} | {r['correct']}/{r['n']} | {r['acc']:.2f} | {bins} |")
+    bf = [r for r in summary["eval"] if r["amp_bf16"]]
+    if bf:
+        same = all(x["correct"] == y["correct"] for x, y in
+                   zip([r for r in summary["eval"] if not r["amp_bf16"]], bf, strict=True))
+        lines += ["", "Computed in bfloat16 instead (as vLLM would): "
+                  + ("the same counts." if same else ", ".join(
+                      f"{r['kind']} {r.get('factor', '')} {r['correct']}/{r['n']}"
+                      for r in bf))]
+    lines += [
+        "",
+        "## How it was made",
+        "",
+        "```",
+        cmd,
+        f"python training/train_passkey.py --export-from out/{name} --out "
+        f"mesa_vllm/assets/models/{name}",
+        "```",
+        "",
+        f"Versions: torch {summary['versions']['torch']}, transformers "
+        f"{summary['versions']['transformers']}.  `training_summary.json` holds every number "
+        "above and the loss/accuracy curve.  `tests/unit/test_trained_models.py` re-checks",
+        f"on CPU that 20 fresh prompts within {L} tokens are answered (>= 19/20).",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:

@@ -124,6 +124,8 @@ def make_jobs(
 
 def _error_text(exc: Exception) -> str:
     msg = getattr(exc, "message", None) or str(exc)
+    if "Out of range float values" in msg:  # vLLM's JSON encoder met NaN/inf logprobs
+        msg += " (the model's logprobs are NaN/inf)"
     return f"{type(exc).__name__}: {msg}"[:300]
 
 

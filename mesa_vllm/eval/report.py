@@ -166,7 +166,7 @@ def _line_plot(results: Results, path: Path) -> Path:
                 xs,
                 ys,
                 marker=_MARKERS[i % len(_MARKERS)],
-                ms=max(4, 9 - 1.2 * i),
+                ms=max(3.5, 10 - 1.8 * i),
                 ls=_STYLES[i % len(_STYLES)],
                 lw=1.6,
                 label=m["name"],
@@ -178,7 +178,9 @@ def _line_plot(results: Results, path: Path) -> Path:
     if meta.get("train_len"):
         ax.axvline(meta["train_len"], color="gray", ls="--", lw=1, label="train length")
     if task == "ppl":
-        ax.set_yscale("log")
+        finite = [v for m in results["methods"] for v in by_length(m, task).values() if v]
+        if finite and max(finite) > 10 * min(finite):
+            ax.set_yscale("log")
         ax.set_ylabel("perplexity (lower is better)")
         ax.set_title("Perplexity vs input length")
     else:
