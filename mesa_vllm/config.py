@@ -33,10 +33,11 @@ class MesaConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_chunks_fit(self) -> MesaConfig:
-        if self.train_len is not None and self.first_chunk >= self.train_len:
+        # L - F >= 2 keeps every DynamicSplit chunk width >= 1
+        if self.train_len is not None and self.first_chunk > self.train_len - 2:
             raise ValueError(
-                f"first_chunk={self.first_chunk} must be < train_len={self.train_len} "
-                f"(allowed range: 1 .. {self.train_len - 1})"
+                f"first_chunk={self.first_chunk} must be < train_len - 1 = {self.train_len - 1} "
+                f"(allowed range: 1 .. {self.train_len - 2})"
             )
         return self
 
@@ -72,7 +73,7 @@ class MesaConfig(BaseModel):
 
 _RANGES = {
     "train_len": "an integer >= 2",
-    "first_chunk": "an integer >= 1 and < train_len",
+    "first_chunk": "an integer >= 1 and <= train_len - 2",
     "last_chunk": "an integer >= 1",
     "max_remainder": "an integer >= 0",
     "stair_width": "an integer >= 1",
@@ -83,7 +84,10 @@ _RANGES = {
 def _describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "mesa"
+        if not err["loc"]:  # a check across fields (model validator)
+            parts.append(str(err["msg"]).removeprefix("Value error, "))
+            continue
+        loc = ".".join(str(x) for x in err["loc"])
         field = str(err["loc"][0]) if err["loc"] else ""
         if err["type"] == "extra_forbidden":
             parts.append(f"mesa.{loc}: unknown field (allowed: {', '.join(_RANGES)})")

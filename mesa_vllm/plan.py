@@ -40,8 +40,8 @@ class MesaParams:
     log_n_scaling: bool = True
 
     def __post_init__(self) -> None:
-        if not 1 <= self.first_chunk < self.train_len:
-            raise ValueError(f"first_chunk must be in [1, {self.train_len - 1}]")
+        if not 1 <= self.first_chunk <= self.train_len - 2:
+            raise ValueError(f"first_chunk must be in [1, {self.train_len - 2}]")
         if self.last_chunk < 1 or self.stair_width < 1 or self.max_remainder < 0:
             raise ValueError("last_chunk >= 1, stair_width >= 1, max_remainder >= 0")
 

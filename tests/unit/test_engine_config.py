@@ -1,0 +1,91 @@
+"""Startup behaviour of an engine configured for Mesa: errors name the field, stock
+backends keep vLLM's behaviour.  Builds vLLM's real engine config (no engine is started)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory):
+    from mesa_vllm.testing.tiny_models import make_random_model
+
+    return make_random_model("llama", tmp_path_factory.mktemp("m") / "llama", train_len=64)
+
+
+def _config(model, **kw):
+    import mesa_vllm
+    from vllm.engine.arg_utils import EngineArgs
+
+    mesa_vllm.register()
+    return EngineArgs(model=str(model), dtype="float32", **kw).create_engine_config()
+
+
+def test_mesa_engine_config(tiny64):
+    cfg = _config(tiny64, attention_backend="mesa", max_model_len=4096,
+                  additional_config={"mesa": {"first_chunk": 8}})
+    assert cfg.cache_config.enable_prefix_caching is False
+    assert cfg.model_config.max_model_len == 4096
+    assert cfg.additional_config["mesa"]["train_len"] == 64
+    assert cfg.model_config.rswa_window == 64  # prompt lengths reach the attention metadata
+
+
+def test_stock_backend_keeps_vllm_length_check(tiny64, monkeypatch):
+    monkeypatch.delenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", raising=False)
+    with pytest.raises(ValueError, match="VLLM_ALLOW_LONG_MAX_MODEL_LEN"):
+        _config(tiny64, max_model_len=4096)
+    cfg = _config(tiny64, max_model_len=64)
+    assert cfg.model_config.rswa_window is None
+
+
+@pytest.mark.parametrize(
+    "mesa,needle",
+    [
+        ({"stair_width": 0}, "mesa.stair_width"),
+        ({"first_chunk": 63}, "first_chunk=63 must be < train_len - 1"),
+        ({"last_chunk": "big"}, "mesa.last_chunk"),
+        ({"log_n_scaling": "on"}, "mesa.log_n_scaling"),
+        ({"chunk": 3}, "mesa.chunk: unknown field"),
+        ({}, "first_chunk=100 must be < train_len - 1 = 63"),  # paper default vs a 64-token model
+    ],
+)
+def test_bad_mesa_config_fails_at_startup(tiny64, mesa, needle):
+    from mesa_vllm.config import MesaConfigError
+
+    with pytest.raises(MesaConfigError, match=needle.replace(".", r"\.")):
+        _config(tiny64, attention_backend="mesa", max_model_len=256,
+                additional_config={"mesa": mesa})
+
+
+def test_explicit_prefix_caching_is_refused(tiny64):
+    from mesa_vllm.config import MesaConfigError
+
+    with pytest.raises(MesaConfigError, match="--enable-prefix-caching is not supported"):
+        _config(tiny64, attention_backend="mesa", max_model_len=256, enable_prefix_caching=True,
+                additional_config={"mesa": {"first_chunk": 8}})
+
+
+def test_unsupported_rope_type_is_refused(tmp_path):
+    from mesa_vllm.config import MesaConfigError
+    from mesa_vllm.testing.tiny_models import make_random_model
+
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+            "original_max_position_embeddings": 64}
+    model = make_random_model("llama", tmp_path / "yarn", train_len=64, rope_parameters=rope)
+    with pytest.raises(MesaConfigError, match="rope type 'yarn'"):
+        _config(model, attention_backend="mesa", max_model_len=256)
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    import transformers
+
+    from mesa_vllm.config import MesaConfigError
+    from mesa_vllm.testing.tokenizer import copy_tokenizer
+
+    cfg = transformers.GPT2Config(vocab_size=512, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    copy_tokenizer(tmp_path / "gpt2")
+    with pytest.raises(MesaConfigError, match="does not support architecture 'GPT2LMHeadModel'"):
+        _config(tmp_path / "gpt2", attention_backend="mesa", max_model_len=64)

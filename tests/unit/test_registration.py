@@ -1,0 +1,72 @@
+"""The plugin entry point: idempotent, safe in every process, loud on the wrong vLLM."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+
+def test_register_is_idempotent():
+    import mesa_vllm
+    from vllm import ModelRegistry
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES, AttentionBackendEnum
+
+    mesa_vllm.register()
+    patched = EngineArgs.create_engine_config
+    mesa_vllm.register()
+    assert EngineArgs.create_engine_config is patched  # wrapped once, not twice
+    assert AttentionBackendEnum["MESA"] is AttentionBackendEnum.CUSTOM
+    assert _ATTN_OVERRIDES[AttentionBackendEnum.CUSTOM].startswith("mesa_vllm.")
+    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM"):
+        entry = ModelRegistry.models[arch]
+        assert entry.module_name == "mesa_vllm.models.mesa_models"
+    assert AttentionBackendEnum.CUSTOM.get_class().__name__ == "MesaAttentionBackend"
+
+
+def test_backend_pickles_as_custom():
+    import mesa_vllm
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    mesa_vllm.register()
+    assert pickle.loads(pickle.dumps(AttentionBackendEnum["MESA"])) is AttentionBackendEnum.CUSTOM
+
+
+def test_fresh_process_unpickles_before_plugins_load():
+    """The spawned engine core unpickles the config before loading plugins (DESIGN.md 2)."""
+    import mesa_vllm
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    mesa_vllm.register()
+    blob = pickle.dumps(AttentionBackendEnum["MESA"])
+    code = (
+        "import pickle, sys; b = pickle.loads(sys.stdin.buffer.read()); "
+        "from vllm.plugins import load_general_plugins; load_general_plugins(); "
+        "from vllm.v1.attention.backends.registry import AttentionBackendEnum as E; "
+        "print('RESULT', b.name, E['MESA'].name, E.CUSTOM.get_path())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True,
+                         timeout=120, check=True).stdout.decode()
+    line = [x for x in out.splitlines() if x.startswith("RESULT ")][-1]
+    assert line.split()[1:] == ["CUSTOM", "CUSTOM", "mesa_vllm.attention.backend.MesaAttentionBackend"]
+
+
+def test_version_gate_refuses_other_vllm():
+    from mesa_vllm import check_vllm_version
+
+    check_vllm_version("0.26.0")
+    check_vllm_version("0.26.0+cpu")
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.26\.0 only, found vLLM 0\.27\.1"):
+        check_vllm_version("0.27.1")
+
+
+def test_import_does_no_torch_work():
+    code = "import sys, mesa_vllm; print('torch' in sys.modules, 'vllm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
+                         check=True).stdout.decode().split()
+    assert out == ["False", "False"]
