@@ -25,12 +25,22 @@ HERE = Path(__file__).resolve().parent
 def _engine(model: Path, mesa: bool, max_len: int, train_len: int):
     from vllm import LLM
 
-    kw = dict(model=str(model), dtype="float32", enforce_eager=True, max_model_len=max_len,
-              gpu_memory_utilization=0.2, enable_prefix_caching=False, seed=0,
-              max_num_batched_tokens=max_len, max_num_seqs=1)
+    kw = dict(
+        model=str(model),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=max_len,
+        gpu_memory_utilization=0.2,
+        enable_prefix_caching=False,
+        seed=0,
+        max_num_batched_tokens=max_len,
+        max_num_seqs=1,
+    )
     if mesa:
-        kw.update(attention_backend="mesa", additional_config={"mesa": {
-            "first_chunk": 32, "last_chunk": 128, "stair_width": 100}})
+        kw.update(
+            attention_backend="mesa",
+            additional_config={"mesa": {"first_chunk": 32, "last_chunk": 128, "stair_width": 100}},
+        )
         kw.pop("enable_prefix_caching")
     else:
         kw["hf_overrides"] = {"max_position_embeddings": max_len}
@@ -62,8 +72,13 @@ def main() -> int:
 
     L = args.train_len
     model = make_random_model(
-        "llama", Path.home() / ".cache" / "mesa_vllm" / f"bench-llama-{L}", train_len=L,
-        hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+        "llama",
+        Path.home() / ".cache" / "mesa_vllm" / f"bench-llama-{L}",
+        train_len=L,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
         num_key_value_heads=8,
     )
     mults = [float(x) for x in args.multiples.split(",")]

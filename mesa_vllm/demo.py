@@ -27,11 +27,15 @@ DEMO_MESA = {"first_chunk": 32, "last_chunk": 128, "stair_width": 100}
 def cpu_server_args(max_model_len: int) -> list[str]:
     """Server flags that keep a CPU server small and quick to start."""
     return [
-        "--max-model-len", str(max_model_len),
-        "--dtype", "float32",
+        "--max-model-len",
+        str(max_model_len),
+        "--dtype",
+        "float32",
         "--enforce-eager",
-        "--gpu-memory-utilization", "0.15",
-        "--max-num-seqs", "16",
+        "--gpu-memory-utilization",
+        "0.15",
+        "--max-num-seqs",
+        "16",
     ]
 
 
@@ -65,15 +69,19 @@ def main(argv: list[str] | None = None) -> int:
         print("note: no trained model bundled; using a random-weight Llama (answer is noise)")
     mesa = {"mesa": {**DEMO_MESA, "train_len": train_len}}
     server_args = [
-        "--attention-backend", "mesa",
-        "--additional-config", json.dumps(mesa),
+        "--attention-backend",
+        "mesa",
+        "--additional-config",
+        json.dumps(mesa),
         *cpu_server_args(args.max_model_len),
     ]
     print(f"model: {model} (trained length {train_len} tokens)")
     print(f"starting vLLM with --attention-backend mesa, max-model-len {args.max_model_len} ...")
     t0 = time.time()
     try:
-        with LocalServer(str(model), server_args, log_path=args.log, served_name="mesa-demo") as srv:
+        with LocalServer(
+            str(model), server_args, log_path=args.log, served_name="mesa-demo"
+        ) as srv:
             print(f"server ready in {time.time() - t0:.0f} s at {srv.base_url}")
             from openai import OpenAI
 

@@ -57,7 +57,7 @@ def model_train_len(hf_text_config: Any) -> int:
     if not isinstance(value, int) or value < 2:
         raise MesaConfigError(
             "mesa.train_len: the model config has no max_position_embeddings; set "
-            "train_len in --additional-config '{\"mesa\": {\"train_len\": N}}'"
+            'train_len in --additional-config \'{"mesa": {"train_len": N}}\''
         )
     return value
 
@@ -123,7 +123,9 @@ def apply(vllm_config: Any, prefix_caching_explicit: bool) -> MesaConfig:
     params = to_params(mesa)
     logger.info(
         "Mesa configuration: %s; max_model_len=%d (%.1fx the training length)",
-        mesa.model_dump(), max_len, max_len / mesa.train_len,
+        mesa.model_dump(),
+        max_len,
+        max_len / mesa.train_len,
     )
     if max_len > mesa.train_len:
         reach = max_stair_distance(max_len, params)
@@ -132,7 +134,10 @@ def apply(vllm_config: Any, prefix_caching_explicit: bool) -> MesaConfig:
                 "Mesa: at max_model_len=%d the stair positions span %d > train_len=%d; "
                 "raise mesa.stair_width (now %d) to at least %d to keep every relative "
                 "position inside the trained range",
-                max_len, reach, mesa.train_len, mesa.stair_width,
+                max_len,
+                reach,
+                mesa.train_len,
+                mesa.stair_width,
                 _min_stair_width(max_len, params),
             )
     return mesa

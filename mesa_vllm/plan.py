@@ -181,9 +181,7 @@ def plan_request(
         if segs and kind == "causal" and segs[-1].kind == "causal":
             segs[-1] = Segment("causal", segs[-1].q_start, end)
         else:
-            segs.append(
-                Segment(kind, p, end, params.first_chunk, s, a, params.stair_width)
-            )
+            segs.append(Segment(kind, p, end, params.first_chunk, s, a, params.stair_width))
         p = end
     return segs
 

@@ -60,8 +60,18 @@ def cli_server(model: Path, args: list[str], log_path: Path, served_name: str = 
 
     class CliServer(LocalServer):
         def command(self) -> list[str]:
-            argv = [str(exe), "serve", str(model), "--served-model-name", served_name,
-                    "--host", self.host, "--port", str(self.port), *args]
+            argv = [
+                str(exe),
+                "serve",
+                str(model),
+                "--served-model-name",
+                served_name,
+                "--host",
+                self.host,
+                "--port",
+                str(self.port),
+                *args,
+            ]
             return ["bash", "-c", "exec " + shlex.join(argv)]
 
     return CliServer(str(model), [], log_path=log_path, served_name=served_name, timeout=400)

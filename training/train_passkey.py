@@ -336,7 +336,7 @@ def export(src: Path, dst: Path) -> None:
     model.save_pretrained(dst, safe_serialization=True)
     tmod.copy_tokenizer(dst)
     if (src / "summary.json").exists():
-        shutil.copy(src / "summary.json", dst / "training_summary.json")
+        shutil.copyfile(src / "summary.json", dst / "training_summary.json")
         summary = json.loads((src / "summary.json").read_text())
         (dst / "MODEL_CARD.md").write_text(model_card(summary, model.config, dst))
     from safetensors.torch import load_file
@@ -368,7 +368,9 @@ def model_card(summary: dict, config, dst: Path) -> str:
         "`training/train_passkey.py` on synthetic passkey text (the project's own",
         "`mesa_vllm.eval.data` prompts) at a short training length, so that long-context",
         "extrapolation can be measured for real: within its training length it finds the",
-        "passkey; read with plain RoPE well past it, it does not.  For tests and benchmarks only.",
+        "passkey; read with plain RoPE past it (positions simply continue) it loses keys that",
+        "lie far before the question, so accuracy falls with length (table below; depth bin 0",
+        "holds the keys farthest from the question).  For tests and benchmarks only.",
         "",
         f"- **Training length:** {L} tokens (`max_position_embeddings` = {L})",
         f"- Architecture: `{summary['arch']}`, {config.num_hidden_layers} layers, hidden "
@@ -424,6 +426,9 @@ def model_card(summary: dict, config, dst: Path) -> str:
         f"python training/train_passkey.py --export-from out/{name} --out "
         f"mesa_vllm/assets/models/{name}",
         "```",
+        "",
+        "Training ran on CUDA (bf16 autocast); GPU kernels are not bitwise deterministic, so a",
+        "re-run gives a model of the same quality, not the same bytes.",
         "",
         f"Versions: torch {summary['versions']['torch']}, transformers "
         f"{summary['versions']['transformers']}.  `training_summary.json` holds every number "

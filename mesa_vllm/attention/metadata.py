@@ -30,7 +30,8 @@ class SegmentWork:
 
     rows [q_lo, q_hi) of the batch's query tensor; ``key_slots`` [nk] int64 flat cache slots;
     ``key_pos`` [nk] / ``query_pos`` [nq] int64 rebased positions; ``q_scale`` [nq] fp32 or
-    None; ``mask`` [nq, nk] bool (True = attend) or None when every query sees every key.
+    None; ``mask`` [nq, nk] bool (True = attend), or None when every query sees every key or
+    when ``causal`` (nq == nk: plain top-left causal, no mask materialised).
     """
 
     kind: str
@@ -41,6 +42,7 @@ class SegmentWork:
     query_pos: torch.Tensor
     q_scale: torch.Tensor | None
     mask: torch.Tensor | None
+    causal: bool = False
 
 
 @dataclass
@@ -74,7 +76,7 @@ def segment_tensors(
             min=1.0,
         )
     mask = None
-    if seg.q_end - seg.q_start > 1:
+    if 1 < qidx.numel() < kidx.numel():
         mask = kidx[None, :] <= qidx[:, None]
     return kidx, kpos, qpos, scale, mask
 
@@ -136,8 +138,9 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
                 slots = block_table[r, kidx // self.block_size].to(torch.int64) * self.block_size
                 slots = slots + kidx % self.block_size
                 lo = qsl[r] + (seg.q_start - ctx)
+                nq = seg.q_end - seg.q_start
+                causal = 1 < nq == kidx.numel()
                 segments.append(
-                    SegmentWork(seg.kind, lo, lo + seg.q_end - seg.q_start, slots, kpos, qpos,
-                                scale, mask)
+                    SegmentWork(seg.kind, lo, lo + nq, slots, kpos, qpos, scale, mask, causal)
                 )
         return MesaMetadata(cm.num_actual_tokens, cm.slot_mapping, segments)

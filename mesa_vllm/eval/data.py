@@ -21,7 +21,9 @@ TASK = (
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
-NEEDLE_SENTENCE = "The special magic number is {key}. Remember it. {key} is the special magic number."
+NEEDLE_SENTENCE = (
+    "The special magic number is {key}. Remember it. {key} is the special magic number."
+)
 NEEDLE_QUESTION = "What is the special magic number? The special magic number is"
 HAYSTACK = [
     "The quick brown fox jumps over the lazy dog.",
@@ -50,8 +52,16 @@ def _count(tok: Tokenizer, text: str) -> int:
     return len(tok.encode(text))
 
 
-def _fill(tok: Tokenizer, head: str, needle: str, tail: str, fillers: list[str],
-          target_tokens: int, depth: float, rng: random.Random) -> tuple[str, int]:
+def _fill(
+    tok: Tokenizer,
+    head: str,
+    needle: str,
+    tail: str,
+    fillers: list[str],
+    target_tokens: int,
+    depth: float,
+    rng: random.Random,
+) -> tuple[str, int]:
     """Insert filler sentences around ``needle`` until the prompt is about target_tokens."""
     fixed = _count(tok, " ".join([head, needle, tail]))
     per = {f: max(1, _count(tok, " " + f) - (1 if _count(tok, "") else 0)) for f in set(fillers)}
@@ -70,24 +80,43 @@ def _fill(tok: Tokenizer, head: str, needle: str, tail: str, fillers: list[str],
     return text, _count(tok, text)
 
 
-def passkey_sample(tok: Tokenizer, target_tokens: int, depth: float | None = None,
-                   rng: random.Random | None = None, key_digits: int = 5) -> Sample:
+def passkey_sample(
+    tok: Tokenizer,
+    target_tokens: int,
+    depth: float | None = None,
+    rng: random.Random | None = None,
+    key_digits: int = 5,
+) -> Sample:
     """One passkey prompt of about ``target_tokens`` tokens, key at ``depth`` in [0, 1]."""
     rng = rng or random.Random(0)
     depth = rng.random() if depth is None else depth
     key = str(rng.randrange(10 ** (key_digits - 1), 10**key_digits))
-    text, n = _fill(tok, TASK, KEY_SENTENCE.format(key=key), QUESTION, [FILLER],
-                    target_tokens, depth, rng)
+    text, n = _fill(
+        tok, TASK, KEY_SENTENCE.format(key=key), QUESTION, [FILLER], target_tokens, depth, rng
+    )
     return Sample(text, key, n, depth)
 
 
-def needle_sample(tok: Tokenizer, target_tokens: int, depth: float,
-                  rng: random.Random | None = None, key_digits: int = 7) -> Sample:
+def needle_sample(
+    tok: Tokenizer,
+    target_tokens: int,
+    depth: float,
+    rng: random.Random | None = None,
+    key_digits: int = 7,
+) -> Sample:
     """A needle-in-a-haystack prompt: varied haystack sentences, needle at ``depth``."""
     rng = rng or random.Random(0)
     key = str(rng.randrange(10 ** (key_digits - 1), 10**key_digits))
-    text, n = _fill(tok, TASK, NEEDLE_SENTENCE.format(key=key), NEEDLE_QUESTION, HAYSTACK,
-                    target_tokens, depth, rng)
+    text, n = _fill(
+        tok,
+        TASK,
+        NEEDLE_SENTENCE.format(key=key),
+        NEEDLE_QUESTION,
+        HAYSTACK,
+        target_tokens,
+        depth,
+        rng,
+    )
     return Sample(text, key, n, depth)
 
 
@@ -95,8 +124,9 @@ def filler_text(tok: Tokenizer, target_tokens: int, rng: random.Random | None = 
     """Passkey-style text without a question, for perplexity (about target_tokens tokens)."""
     rng = rng or random.Random(0)
     key = str(rng.randrange(10000, 100000))
-    text, _ = _fill(tok, TASK, KEY_SENTENCE.format(key=key), "", [FILLER], target_tokens,
-                    rng.random(), rng)
+    text, _ = _fill(
+        tok, TASK, KEY_SENTENCE.format(key=key), "", [FILLER], target_tokens, rng.random(), rng
+    )
     return text.rstrip()
 
 

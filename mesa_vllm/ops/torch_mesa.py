@@ -40,6 +40,7 @@ def run_segments(
             k.transpose(0, 1),
             v.transpose(0, 1),
             attn_mask=seg.mask,
+            is_causal=seg.causal,
             scale=scale,
             enable_gqa=True,
         )

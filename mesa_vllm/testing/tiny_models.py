@@ -53,8 +53,9 @@ def tiny_config(arch: str, train_len: int = 256, **overrides: Any):
     return getattr(transformers, ARCHS[arch][0])(**kw)
 
 
-def make_random_model(arch: str, out_dir: str | Path, train_len: int = 256, seed: int = 0,
-                      **overrides: Any) -> Path:
+def make_random_model(
+    arch: str, out_dir: str | Path, train_len: int = 256, seed: int = 0, **overrides: Any
+) -> Path:
     """Write a seeded random checkpoint of ``arch`` to ``out_dir``; reuse it if present."""
     import torch
     import transformers

@@ -63,7 +63,7 @@ def chunked_llm(tiny_llama):
 def _prompt_logprobs(llm, prompts: list[list[int]], max_tokens: int = 1):
     from vllm import SamplingParams
 
-    sp = SamplingParams(temperature=0, max_tokens=max_tokens, prompt_logprobs=0)
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, prompt_logprobs=0, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
     result = []
     for p, o in zip(prompts, outs, strict=True):
@@ -82,8 +82,7 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     err = (got - want).abs()
     worst = int(err.argmax())
     assert float(err.max()) <= ATOL, (
-        f"{what}: max |dlogprob| {float(err.max()):.2e} at prompt index {worst + 1} "
-        f"(seed {SEED})"
+        f"{what}: max |dlogprob| {float(err.max()):.2e} at prompt index {worst + 1} (seed {SEED})"
     )
 
 
@@ -97,7 +96,7 @@ def test_layers_use_mesa_backend(mesa_llm):
 def test_prompt_logprobs_match_dense_oracle(mesa_llm, tiny_llama, multiple):
     rng = random.Random(SEED + int(multiple * 10))
     prompt = _prompt(int(multiple * TRAIN_LEN), rng)
-    (got, _), = _prompt_logprobs(mesa_llm, [prompt])
+    ((got, _),) = _prompt_logprobs(mesa_llm, [prompt])
     _assert_close(got, _oracle_logprobs(tiny_llama, prompt), f"T={len(prompt)}")
 
 
@@ -129,7 +128,8 @@ def test_chunked_prefill_and_preemption_match_oracle(chunked_llm, tiny_llama):
     for prompt, (got, _) in zip(prompts, results, strict=True):
         _assert_close(got, _oracle_logprobs(tiny_llama, prompt), f"chunked T={len(prompt)}")
     preemptions = sum(
-        getattr(m, "value", 0) for m in chunked_llm.get_metrics()
+        getattr(m, "value", 0)
+        for m in chunked_llm.get_metrics()
         if m.name == "vllm:num_preemptions"
     )
     assert preemptions > 0, "KV cache was not small enough to force a preemption"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import urllib.error
 import urllib.request
 
 import pytest
@@ -19,10 +20,17 @@ MAX_LEN = 32 * TRAIN_LEN
 def server(tiny_llama, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     args = [
-        "--attention-backend", "mesa",
-        "--max-model-len", str(MAX_LEN),
-        "--additional-config", json.dumps({"mesa": MESA_SMALL}),
-        "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.12",
+        "--attention-backend",
+        "mesa",
+        "--max-model-len",
+        str(MAX_LEN),
+        "--additional-config",
+        json.dumps({"mesa": MESA_SMALL}),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--gpu-memory-utilization",
+        "0.12",
     ]
     srv = cli_server(tiny_llama, args, log)
     with srv:
@@ -61,15 +69,19 @@ def test_layers_run_mesa_backend(server):
 
 
 def test_completion(client):
-    r = client.completions.create(model="tiny", prompt="The pass key is", max_tokens=5,
-                                  temperature=0)
+    r = client.completions.create(
+        model="tiny", prompt="The pass key is", max_tokens=5, temperature=0
+    )
     assert r.choices[0].finish_reason in ("length", "stop")
     assert r.usage.completion_tokens >= 1
 
 
 def test_completion_stream(client):
-    chunks = list(client.completions.create(model="tiny", prompt="The grass is", max_tokens=6,
-                                            temperature=0, stream=True))
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt="The grass is", max_tokens=6, temperature=0, stream=True
+        )
+    )
     assert len(chunks) >= 2
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
 
@@ -78,8 +90,9 @@ def test_chat(client):
     msgs = [{"role": "user", "content": "What is the pass key?"}]
     r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=5, temperature=0)
     assert r.choices[0].message.role == "assistant"
-    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=5,
-                                            temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=5, temperature=0, stream=True
+    )
     deltas = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert "".join(deltas) == r.choices[0].message.content
 
@@ -87,8 +100,7 @@ def test_chat(client):
 @pytest.mark.parametrize("multiple", [2, 16])
 def test_prompt_longer_than_training_length(client, multiple):
     ids = _long_prompt_ids(multiple * TRAIN_LEN)
-    r = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0,
-                                  logprobs=1)
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0, logprobs=1)
     assert r.usage.prompt_tokens == multiple * TRAIN_LEN
     assert r.usage.completion_tokens == 8
     lps = r.choices[0].logprobs.token_logprobs
@@ -100,3 +112,48 @@ def test_greedy_is_deterministic_across_requests(client):
     a = client.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0)
     b = client.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0)
     assert a.choices[0].text == b.choices[0].text
+
+
+def _post_raw(base_url: str, path: str, body: bytes) -> tuple[int, str]:
+    req = urllib.request.Request(
+        base_url + path, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+BAD_REQUESTS = {
+    "prompt longer than max_model_len": (
+        json.dumps({"model": "tiny", "prompt": [5] * (MAX_LEN + 10), "max_tokens": 4}).encode(),
+        "maximum context length",
+    ),
+    "empty prompt": (
+        json.dumps({"model": "tiny", "prompt": "", "max_tokens": 4}).encode(),
+        "prompt",
+    ),
+    "max_tokens past the limit": (
+        json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": MAX_LEN * 4}).encode(),
+        "max_tokens",
+    ),
+    "negative max_tokens": (
+        json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": -1}).encode(),
+        "max_tokens",
+    ),
+    "malformed JSON": (b'{"model": "tiny", "prompt": "hi", ', "JSON"),
+    "non-UTF-8 bytes": (b'{"model": "tiny", "prompt": "\xff\xfe\xfa", "max_tokens": 2}', ""),
+    "unknown model": (json.dumps({"model": "nope", "prompt": "hi"}).encode(), "nope"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_gets_4xx_and_server_keeps_serving(server, client, case):
+    body, reason = BAD_REQUESTS[case]
+    status, text = _post_raw(server.base_url, "/completions", body)
+    assert 400 <= status < 500, f"{case}: HTTP {status}: {text[:300]}"
+    assert reason.lower() in text.lower(), f"{case}: reason not in {text[:300]}"
+    assert server.alive()
+    r = client.completions.create(model="tiny", prompt="The sky is", max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3

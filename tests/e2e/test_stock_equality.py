@@ -17,13 +17,17 @@ CASES = {
     "llama": {},
     "llama3-rope": {
         "rope_parameters": {
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
             "original_max_position_embeddings": 32,
         }
     },
-    "linear-rope": {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0,
-                                        "factor": 2.0}},
+    "linear-rope": {
+        "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    },
     "mistral": {},
     "qwen2": {},
     "phi3": {},
@@ -51,8 +55,9 @@ def test_short_sequences_equal_stock(case, model_root):
     from mesa_vllm.testing.tiny_models import make_random_model
 
     arch = case.split("-")[0] if case in ("mistral", "qwen2", "phi3") else "llama"
-    model = make_random_model(arch, model_root / f"eq-{case}", train_len=TRAIN_LEN,
-                              seed=3, **CASES[case])
+    model = make_random_model(
+        arch, model_root / f"eq-{case}", train_len=TRAIN_LEN, seed=3, **CASES[case]
+    )
     stock, mesa = _run(model, mesa=False), _run(model, mesa=True)
     for (s_tok, s_lp), (m_tok, m_lp) in zip(stock, mesa, strict=True):
         assert m_tok == s_tok, f"{case}: greedy tokens differ (seed {SEED})"

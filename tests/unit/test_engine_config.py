@@ -16,16 +16,21 @@ def tiny64(tmp_path_factory):
 
 
 def _config(model, **kw):
-    import mesa_vllm
     from vllm.engine.arg_utils import EngineArgs
+
+    import mesa_vllm
 
     mesa_vllm.register()
     return EngineArgs(model=str(model), dtype="float32", **kw).create_engine_config()
 
 
 def test_mesa_engine_config(tiny64):
-    cfg = _config(tiny64, attention_backend="mesa", max_model_len=4096,
-                  additional_config={"mesa": {"first_chunk": 8}})
+    cfg = _config(
+        tiny64,
+        attention_backend="mesa",
+        max_model_len=4096,
+        additional_config={"mesa": {"first_chunk": 8}},
+    )
     assert cfg.cache_config.enable_prefix_caching is False
     assert cfg.model_config.max_model_len == 4096
     assert cfg.additional_config["mesa"]["train_len"] == 64
@@ -55,24 +60,34 @@ def test_bad_mesa_config_fails_at_startup(tiny64, mesa, needle):
     from mesa_vllm.config import MesaConfigError
 
     with pytest.raises(MesaConfigError, match=needle.replace(".", r"\.")):
-        _config(tiny64, attention_backend="mesa", max_model_len=256,
-                additional_config={"mesa": mesa})
+        _config(
+            tiny64, attention_backend="mesa", max_model_len=256, additional_config={"mesa": mesa}
+        )
 
 
 def test_explicit_prefix_caching_is_refused(tiny64):
     from mesa_vllm.config import MesaConfigError
 
     with pytest.raises(MesaConfigError, match="--enable-prefix-caching is not supported"):
-        _config(tiny64, attention_backend="mesa", max_model_len=256, enable_prefix_caching=True,
-                additional_config={"mesa": {"first_chunk": 8}})
+        _config(
+            tiny64,
+            attention_backend="mesa",
+            max_model_len=256,
+            enable_prefix_caching=True,
+            additional_config={"mesa": {"first_chunk": 8}},
+        )
 
 
 def test_unsupported_rope_type_is_refused(tmp_path):
     from mesa_vllm.config import MesaConfigError
     from mesa_vllm.testing.tiny_models import make_random_model
 
-    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-            "original_max_position_embeddings": 64}
+    rope = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     model = make_random_model("llama", tmp_path / "yarn", train_len=64, rope_parameters=rope)
     with pytest.raises(MesaConfigError, match="rope type 'yarn'"):
         _config(model, attention_backend="mesa", max_model_len=256)

@@ -38,24 +38,38 @@ def test_log_n_scale():
 
 
 params_st = st.builds(
-    lambda L, F, Lc, M, E: MesaParams(train_len=L, first_chunk=min(F, L - 2), last_chunk=Lc,
-                                      max_remainder=M, stair_width=E),
-    st.integers(8, 48), st.integers(1, 20), st.integers(1, 40), st.integers(0, 30),
+    lambda L, F, Lc, M, E: MesaParams(
+        train_len=L, first_chunk=min(F, L - 2), last_chunk=Lc, max_remainder=M, stair_width=E
+    ),
+    st.integers(8, 48),
+    st.integers(1, 20),
+    st.integers(1, 40),
+    st.integers(0, 30),
     st.integers(1, 9),
 )
 
 
 @settings(max_examples=60, deadline=None)
-@given(params=params_st, T=st.integers(1, 300), gen=st.integers(0, 40),
-       cut=st.integers(0, 400), data=st.data())
+@given(
+    params=params_st,
+    T=st.integers(1, 300),
+    gen=st.integers(0, 40),
+    cut=st.integers(0, 400),
+    data=st.data(),
+)
 def test_segments_match_reference(params, T, gen, cut, data):
     """Every query's key set and positions equal the dense reference, wherever the scheduler
     cuts the step ([q0, q1) is an arbitrary window of the sequence)."""
     S = T + gen
     q0 = min(cut, S - 1)
     q1 = data.draw(st.integers(q0 + 1, S))
-    L, F, Lc, Mm, E = (params.train_len, params.first_chunk, params.last_chunk,
-                       params.max_remainder, params.stair_width)
+    L, F, Lc, Mm, E = (
+        params.train_len,
+        params.first_chunk,
+        params.last_chunk,
+        params.max_remainder,
+        params.stair_width,
+    )
     mask, qpos, kpos = reference_positions(T, S, L, F, Lc, Mm, E)
     if T > L:
         plan = dynamic_split(T, params)
@@ -64,6 +78,8 @@ def test_segments_match_reference(params, T, gen, cut, data):
     covered = []
     for seg in plan_request(T, q0, q1, params):
         kidx, kp, qp, scale, m = segment_tensors(seg, params)
+        if m is None and len(kidx) == seg.q_end - seg.q_start > 1:  # plain causal, no mask
+            m = kidx[None, :] <= torch.arange(seg.q_start, seg.q_end)[:, None]
         for i, p in enumerate(range(seg.q_start, seg.q_end)):
             covered.append(p)
             allowed = kidx[m[i]] if m is not None else kidx

@@ -12,10 +12,11 @@ pytestmark = pytest.mark.unit
 
 
 def test_register_is_idempotent():
-    import mesa_vllm
     from vllm import ModelRegistry
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES, AttentionBackendEnum
+
+    import mesa_vllm
 
     mesa_vllm.register()
     patched = EngineArgs.create_engine_config
@@ -30,8 +31,9 @@ def test_register_is_idempotent():
 
 
 def test_backend_pickles_as_custom():
-    import mesa_vllm
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    import mesa_vllm
 
     mesa_vllm.register()
     assert pickle.loads(pickle.dumps(AttentionBackendEnum["MESA"])) is AttentionBackendEnum.CUSTOM
@@ -39,8 +41,9 @@ def test_backend_pickles_as_custom():
 
 def test_fresh_process_unpickles_before_plugins_load():
     """The spawned engine core unpickles the config before loading plugins (DESIGN.md 2)."""
-    import mesa_vllm
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    import mesa_vllm
 
     mesa_vllm.register()
     blob = pickle.dumps(AttentionBackendEnum["MESA"])
@@ -50,10 +53,15 @@ def test_fresh_process_unpickles_before_plugins_load():
         "from vllm.v1.attention.backends.registry import AttentionBackendEnum as E; "
         "print('RESULT', b.name, E['MESA'].name, E.CUSTOM.get_path())"
     )
-    out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True,
-                         timeout=120, check=True).stdout.decode()
+    out = subprocess.run(
+        [sys.executable, "-c", code], input=blob, capture_output=True, timeout=120, check=True
+    ).stdout.decode()
     line = [x for x in out.splitlines() if x.startswith("RESULT ")][-1]
-    assert line.split()[1:] == ["CUSTOM", "CUSTOM", "mesa_vllm.attention.backend.MesaAttentionBackend"]
+    assert line.split()[1:] == [
+        "CUSTOM",
+        "CUSTOM",
+        "mesa_vllm.attention.backend.MesaAttentionBackend",
+    ]
 
 
 def test_version_gate_refuses_other_vllm():
@@ -67,6 +75,9 @@ def test_version_gate_refuses_other_vllm():
 
 def test_import_does_no_torch_work():
     code = "import sys, mesa_vllm; print('torch' in sys.modules, 'vllm' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
-                         check=True).stdout.decode().split()
+    out = (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, check=True)
+        .stdout.decode()
+        .split()
+    )
     assert out == ["False", "False"]

@@ -1,0 +1,543 @@
+"""Triton kernels of Mesa attention over vLLM's paged KV cache (keys cached unrotated).
+
+Every plan segment is bottom-right-aligned causal attention over a *key list*: a middle
+segment with queries [qs, qe) reads keys [0, F) then [s, qe); causal and stair segments read
+[0, qe).  List index t maps to cache index j = t, or s + (t - F) for t >= F in a middle
+segment; query p sees list entries t <= qt(p) (qt = p, or F + p - s in a middle segment).
+Positions are monotone along the list with steps 0 or 1: t for causal and middle, the stair
+rule for stair.  They are rebased by pos(key 0) so angles stay below ~L, computed in fp32 in
+the kernel (exact product + Cody-Waite reduction to [-pi, pi]) and applied to queries once
+per tile and to keys as they are loaded, neox style, on the first ``rotary_dim`` dims.
+
+``mesa_prefill`` is a flash-attention kernel over (query tile, KV head) programs, the G query
+heads of a KV head packed into the tile's rows; a tile reads only its key list (first chunk +
+own chunk for middle segments: O(T (F + C)) work).  ``mesa_decode`` is split-KV
+flash-decoding for single-query segments, with a reduction kernel; it does no host sync and
+its launch shapes depend only on host ints, so it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from mesa_vllm.plan import MesaParams, Segment
+
+KIND_CODES = {"causal": 0, "middle": 1, "stair": 2}
+_LOG2E = 1.4426950408889634
+_C1 = 6.28125  # 2*pi = C1 + C2 + C3, k * C1 exact for k < 2**16
+_C2 = float(np.float32(2 * math.pi - _C1))
+_TWO_PI_A = tl.constexpr(_C1)
+_TWO_PI_B = tl.constexpr(_C2)
+_TWO_PI_C = tl.constexpr(2 * math.pi - _C1 - _C2)
+_INV_TWO_PI = tl.constexpr(1.0 / (2 * math.pi))
+_NEG_BIG = tl.constexpr(-1.0e30)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------- host-side tables
+
+
+@dataclass
+class SegmentTable:
+    """Segments of one step on the device, int32 [num_segments] each.
+
+    q_lo: row of the segment's first query in the packed query tensor; q_len: its number of
+    queries; q_abs: absolute token index of the first query; kind: 0 causal, 1 middle,
+    2 stair; chunk_start: s (middle); anchor: A (stair); req: block-table row.  tile_seg /
+    tile_q0 (int32 [num_tiles]): per prefill program, the segment and the offset of its first
+    query (multiples of ``block_q``), longest key list first.  F, E, L, log_n: Mesa scalars.
+    """
+
+    q_lo: torch.Tensor
+    q_len: torch.Tensor
+    q_abs: torch.Tensor
+    kind: torch.Tensor
+    chunk_start: torch.Tensor
+    anchor: torch.Tensor
+    req: torch.Tensor
+    tile_seg: torch.Tensor
+    tile_q0: torch.Tensor
+    block_q: int
+    first_chunk: int
+    stair_width: int
+    train_len: int
+    log_n: bool
+
+    @property
+    def num_segments(self) -> int:
+        return self.q_lo.shape[0]
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tile_seg.shape[0]
+
+
+def build_segment_table(
+    entries: Sequence[tuple[int, int, Segment]],
+    params: MesaParams,
+    block_q: int,
+    device: torch.device | str = "cpu",
+) -> SegmentTable:
+    """Segment table from ``(req, q_lo, segment)`` triples (req: block-table row; q_lo: row of
+    ``segment.q_start`` in the packed query tensor).  One host->device copy."""
+    n = len(entries)
+    cols = np.zeros((7, n), dtype=np.int64)
+    for i, (req, q_lo, seg) in enumerate(entries):
+        cols[:, i] = (q_lo, seg.q_end - seg.q_start, seg.q_start, KIND_CODES[seg.kind],
+                      seg.chunk_start, seg.anchor, req)
+    q_len, q_abs, kind, s = cols[1], cols[2], cols[3], cols[4]
+    n_tiles = -(-q_len // block_q)
+    tile_seg = np.repeat(np.arange(n), n_tiles)
+    starts = np.cumsum(n_tiles) - n_tiles
+    tile_q0 = (np.arange(tile_seg.size) - np.repeat(starts, n_tiles)) * block_q
+    # Work of a tile ~ list index of its last query: schedule the longest first.
+    last = q_abs[tile_seg] + np.minimum(tile_q0 + block_q, q_len[tile_seg]) - 1
+    F = params.first_chunk
+    work = np.where(kind[tile_seg] == 1, F + last - s[tile_seg], last)
+    order = np.argsort(-work, kind="stable")
+    packed = np.concatenate([cols.reshape(-1), tile_seg[order], tile_q0[order]])
+    t = torch.from_numpy(packed.astype(np.int32)).to(device, non_blocking=True)
+    parts = list(t[: 7 * n].view(7, n)) + [t[7 * n : 7 * n + tile_seg.size], t[7 * n + tile_seg.size :]]
+    return SegmentTable(*parts, block_q=block_q, first_chunk=F, stair_width=params.stair_width,
+                        train_len=params.train_len, log_n=params.log_n_scaling)
+
+
+def split_prefill_decode(
+    entries: Sequence[tuple[int, int, Segment]],
+) -> tuple[list[tuple[int, int, Segment]], list[tuple[int, int, Segment]]]:
+    """Split entries into (prefill, decode): decode takes every single-query segment."""
+    pre = [e for e in entries if e[2].q_end - e[2].q_start > 1]
+    dec = [e for e in entries if e[2].q_end - e[2].q_start == 1]
+    return pre, dec
+
+
+def default_block_q(num_queries_per_kv: int, block_m: int = 128) -> int:
+    """Queries per prefill tile: the tile's rows are block_q queries x G heads <= block_m."""
+    return max(1, block_m // num_queries_per_kv)
+
+
+def decode_num_splits(
+    max_seq_len: int, num_rows: int, num_kv_heads: int, num_sms: int = 132,
+    min_keys: int = 512, max_splits: int = 64,
+) -> int:
+    """Split-KV count from host ints: enough programs for ~2 waves, >= min_keys per split.
+    For CUDA graphs call it with the captured batch size and max_model_len."""
+    want = -(-2 * num_sms // max(1, num_rows * num_kv_heads))
+    return int(max(1, min(want, -(-max_seq_len // min_keys), max_splits)))
+
+
+# ---------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _cos_sin(pos, inv_freq, FAST_TRIG: tl.constexpr):
+    """pos int32 [R] (rebased), inv_freq fp32 [H] -> cos, sin fp32 [R, H] of pos * inv_freq."""
+    x = pos.to(tl.float32)[:, None] + tl.zeros_like(inv_freq)[None, :]
+    w = inv_freq[None, :] + tl.zeros_like(x)
+    ang = x * w
+    err = tl.fma(x, w, -ang)  # exact residual of the product
+    k = tl.floor(ang * _INV_TWO_PI + 0.5)
+    r = tl.fma(k, -_TWO_PI_A, ang)
+    r = tl.fma(k, -_TWO_PI_B, r)
+    r = tl.fma(k, -_TWO_PI_C, r) + err
+    if FAST_TRIG:
+        return libdevice.fast_cosf(r), libdevice.fast_sinf(r)
+    return tl.cos(r), tl.sin(r)
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """acc + a @ b; UPCAST (interpreter, whose bf16 dot is wrong) multiplies in fp32 after the
+    operands were rounded to their dtype, like the tensor cores do."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _mask2(rows_ok, cols, N: tl.constexpr, BLOCK: tl.constexpr):
+    """[R, BLOCK] load mask: rows_ok [R] and cols < N; a column mask only when N < BLOCK."""
+    if N == BLOCK:
+        return tl.broadcast_to(rows_ok[:, None], (rows_ok.shape[0], BLOCK))  # stays vectorized
+    return rows_ok[:, None] & (cols < N)[None, :]
+
+
+@triton.jit
+def _stair(j, A, E):
+    """Stair position of token index j for anchor A and width E (int32)."""
+    return tl.where(j >= A, j, A - 1 - tl.maximum(A - 1 - j, 0) // E)
+
+
+@triton.jit
+def _attend_block(
+    acc, l_i, m_i, q1, q2, q3, qt, t0, t_end,
+    K, V, BT, req, kind, F, s, A, E, base, hkv, inv,
+    s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
+    BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+    FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One BLOCK_N slice [t0, t0 + BLOCK_N) of the key list into the online softmax.
+
+    acc fp32 [M, BLOCK_D]; l_i, m_i fp32 [M] (log2 domain); q1/q2 [M, BLOCK_HALF], q3
+    [M, BLOCK_REST] rotated and pre-scaled; qt int32 [M] last visible list index per row;
+    list entries >= t_end are not loaded.  MASK applies t <= qt (diagonal slices only).
+    """
+    t = t0 + tl.arange(0, BLOCK_N)
+    dh = tl.arange(0, BLOCK_HALF)
+    dd = tl.arange(0, BLOCK_D)
+    kmask = t < t_end
+    j = tl.where((kind == 1) & (t >= F), s + t - F, t)
+    page = tl.load(BT + req * s_bt + j // PAGE, mask=kmask, other=0).to(tl.int64)
+    slot = (j % PAGE).to(tl.int64)
+    k_row = K + page * s_kb + slot * s_kt + hkv * s_kh
+    hm = _mask2(kmask, dh, HALF, BLOCK_HALF)
+    k1 = tl.load(k_row[:, None] + dh[None, :], mask=hm, other=0.0).to(tl.float32)
+    k2 = tl.load(k_row[:, None] + HALF + dh[None, :], mask=hm, other=0.0).to(tl.float32)
+    kpos = tl.where(kind == 2, _stair(t, A, E), t) - base
+    ck, sk = _cos_sin(kpos, inv, FAST_TRIG)
+    k1r = (k1 * ck - k2 * sk).to(DOT_DTYPE)
+    k2r = (k2 * ck + k1 * sk).to(DOT_DTYPE)
+    qk = tl.zeros([q1.shape[0], BLOCK_N], dtype=tl.float32)
+    qk = _dot(q1, tl.trans(k1r), qk, UPCAST, PREC)
+    qk = _dot(q2, tl.trans(k2r), qk, UPCAST, PREC)
+    if REST > 0:
+        dr = tl.arange(0, BLOCK_REST)
+        rm = _mask2(kmask, dr, REST, BLOCK_REST)
+        k3 = tl.load(k_row[:, None] + 2 * HALF + dr[None, :], mask=rm, other=0.0)
+        qk = _dot(q3, tl.trans(k3.to(DOT_DTYPE)), qk, UPCAST, PREC)
+    if MASK:
+        qk = tl.where((t[None, :] <= qt[:, None]) & kmask[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_row = V + page * s_vb + slot * s_vt + hkv * s_vh
+    v = tl.load(v_row[:, None] + dd[None, :], mask=_mask2(kmask, dd, HEAD, BLOCK_D), other=0.0)
+    acc = acc * alpha[:, None]
+    acc = _dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, UPCAST, PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _load_query(
+    Q, rows_q, head, row_ok, p, qpos, is_stair, inv, s_qn, s_qh, qk_scale, inv_log_L,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
+    BLOCK_REST: tl.constexpr, LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    """Rotated, scaled query rows: q1, q2 [M, BLOCK_HALF], q3 [M, BLOCK_REST] in DOT_DTYPE.
+
+    rows_q int32 [M] rows of Q, head int32 [M], p int32 [M] absolute index, qpos [M] rebased
+    position; the scale is qk_scale (softmax scale * log2 e) times log-n for stair rows."""
+    dh = tl.arange(0, BLOCK_HALF)
+    q_row = Q + rows_q.to(tl.int64) * s_qn + head * s_qh
+    hm = _mask2(row_ok, dh, HALF, BLOCK_HALF)
+    q1 = tl.load(q_row[:, None] + dh[None, :], mask=hm, other=0.0).to(tl.float32)
+    q2 = tl.load(q_row[:, None] + HALF + dh[None, :], mask=hm, other=0.0).to(tl.float32)
+    cq, sq = _cos_sin(qpos, inv, FAST_TRIG)
+    sc = tl.zeros_like(p.to(tl.float32)) + qk_scale
+    if LOG_N:
+        ln = tl.log((p + 1).to(tl.float32)) * inv_log_L
+        sc = tl.where(is_stair, tl.maximum(ln, 1.0), 1.0) * qk_scale
+    q1r = ((q1 * cq - q2 * sq) * sc[:, None]).to(DOT_DTYPE)
+    q2r = ((q2 * cq + q1 * sq) * sc[:, None]).to(DOT_DTYPE)
+    q3 = tl.zeros([q1.shape[0], BLOCK_REST], dtype=DOT_DTYPE)
+    if REST > 0:
+        dr = tl.arange(0, BLOCK_REST)
+        q3 = tl.load(q_row[:, None] + 2 * HALF + dr[None, :],
+                     mask=_mask2(row_ok, dr, REST, BLOCK_REST), other=0.0).to(tl.float32)
+        q3 = (q3 * sc[:, None]).to(DOT_DTYPE)
+    return q1r, q2r, q3
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, K, V, O, BT, TILE_SEG, TILE_Q0,
+    SEG_QLO, SEG_QLEN, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_REQ, INV_FREQ,
+    qk_scale, inv_log_L, F, E,
+    s_qn, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_on, s_oh, s_bt,
+    G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
+    BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    hkv = tl.program_id(1)
+    seg = tl.load(TILE_SEG + tile)
+    q0 = tl.load(TILE_Q0 + tile)
+    q_lo = tl.load(SEG_QLO + seg)
+    q_len = tl.load(SEG_QLEN + seg)
+    q_abs = tl.load(SEG_QABS + seg)
+    kind = tl.load(SEG_KIND + seg)
+    s = tl.load(SEG_CHUNK + seg)
+    A = tl.load(SEG_ANCHOR + seg)
+    req = tl.load(SEG_REQ + seg)
+
+    rows = tl.arange(0, BLOCK_M)
+    qi = q0 + rows // G
+    head = hkv * G + rows % G
+    row_ok = (rows < BLOCK_Q * G) & (qi < q_len)
+    p = q_abs + qi
+    qt = tl.where(kind == 1, F + p - s, p)  # list index of the query = its last key
+    base = tl.where(kind == 2, A - 1 - tl.maximum(A - 1, 0) // E, 0)  # pos(key 0)
+    qpos = tl.where(kind == 2, _stair(p, A, E), qt) - base
+    inv = tl.load(INV_FREQ + tl.arange(0, BLOCK_HALF), mask=tl.arange(0, BLOCK_HALF) < HALF,
+                  other=0.0)
+    q1, q2, q3 = _load_query(Q, q_lo + qi, head, row_ok, p, qpos, kind == 2, inv, s_qn, s_qh,
+                             qk_scale, inv_log_L, HALF, BLOCK_HALF, REST, BLOCK_REST, LOG_N,
+                             FAST_TRIG, DOT_DTYPE)
+
+    p_first = q_abs + q0
+    p_last = q_abs + tl.minimum(q0 + BLOCK_Q, q_len) - 1
+    qt_first = tl.where(kind == 1, F + p_first - s, p_first)
+    t_end = tl.where(kind == 1, F + p_last - s, p_last) + 1
+    n_full = ((qt_first + 1) // BLOCK_N) * BLOCK_N  # slices every row sees entirely
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + _NEG_BIG
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for t0 in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q1, q2, q3, qt, t0, t_end, K, V, BT, req, kind, F, s, A, E, base,
+            hkv, inv, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF, REST,
+            BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, False, FAST_TRIG, DOT_DTYPE, PREC, UPCAST)
+    for t0 in range(n_full, t_end, BLOCK_N):
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q1, q2, q3, qt, t0, t_end, K, V, BT, req, kind, F, s, A, E, base,
+            hkv, inv, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF, REST,
+            BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, True, FAST_TRIG, DOT_DTYPE, PREC, UPCAST)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    dd = tl.arange(0, BLOCK_D)
+    o_row = O + (q_lo + qi).to(tl.int64) * s_on + head * s_oh
+    tl.store(o_row[:, None] + dd[None, :], out.to(O.dtype.element_ty),
+             mask=_mask2(row_ok, dd, HEAD, BLOCK_D))
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, BT, M_WS, L_WS, ACC_WS,
+    SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_REQ, INV_FREQ,
+    qk_scale, inv_log_L, F, E, num_splits,
+    s_qn, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
+    BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    seg = tl.program_id(0)
+    hkv = tl.program_id(1)
+    split = tl.program_id(2)
+    q_lo = tl.load(SEG_QLO + seg)
+    p_abs = tl.load(SEG_QABS + seg)
+    kind = tl.load(SEG_KIND + seg)
+    s = tl.load(SEG_CHUNK + seg)
+    A = tl.load(SEG_ANCHOR + seg)
+    req = tl.load(SEG_REQ + seg)
+
+    rows = tl.arange(0, BLOCK_G)
+    head = hkv * G + rows
+    row_ok = rows < G
+    p = tl.zeros([BLOCK_G], dtype=tl.int32) + p_abs
+    qt = tl.where(kind == 1, F + p - s, p)
+    base = tl.where(kind == 2, A - 1 - tl.maximum(A - 1, 0) // E, 0)
+    qpos = tl.where(kind == 2, _stair(p, A, E), qt) - base
+    inv = tl.load(INV_FREQ + tl.arange(0, BLOCK_HALF), mask=tl.arange(0, BLOCK_HALF) < HALF,
+                  other=0.0)
+    q1, q2, q3 = _load_query(Q, q_lo + rows * 0, head, row_ok, p, qpos, kind == 2, inv, s_qn,
+                             s_qh, qk_scale, inv_log_L, HALF, BLOCK_HALF, REST, BLOCK_REST,
+                             LOG_N, FAST_TRIG, DOT_DTYPE)
+
+    n_keys = tl.where(kind == 1, F + p_abs - s, p_abs) + 1
+    per_split = tl.cdiv(tl.cdiv(n_keys, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, n_keys)
+    m_i = tl.zeros([BLOCK_G], dtype=tl.float32) + _NEG_BIG
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for t0 in range(lo, hi, BLOCK_N):
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q1, q2, q3, qt, t0, hi, K, V, BT, req, kind, F, s, A, E, base,
+            hkv, inv, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF, REST,
+            BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, True, FAST_TRIG, DOT_DTYPE, PREC, UPCAST)
+
+    idx = (seg * (G * tl.num_programs(1)) + head) * num_splits + split  # [rows, Hq, splits]
+    tl.store(M_WS + idx, m_i, mask=row_ok)
+    tl.store(L_WS + idx, l_i, mask=row_ok)
+    dd = tl.arange(0, BLOCK_D)
+    tl.store(ACC_WS + idx.to(tl.int64)[:, None] * BLOCK_D + dd[None, :], acc,
+             mask=row_ok[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    O, M_WS, L_WS, ACC_WS, SEG_QLO, num_splits, s_on, s_oh,
+    HEAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    seg = tl.program_id(0)
+    head = tl.program_id(1)
+    sp = tl.arange(0, BLOCK_S)
+    ok = sp < num_splits
+    base = (seg * tl.num_programs(1) + head) * num_splits
+    m = tl.load(M_WS + base + sp, mask=ok, other=_NEG_BIG)
+    l_s = tl.load(L_WS + base + sp, mask=ok, other=0.0)
+    w = tl.exp2(m - tl.max(m, 0))
+    dd = tl.arange(0, BLOCK_D)
+    acc = tl.load(ACC_WS + (base + sp).to(tl.int64)[:, None] * BLOCK_D + dd[None, :],
+                  mask=ok[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l_s * w, 0)
+    q_lo = tl.load(SEG_QLO + seg)
+    tl.store(O + q_lo.to(tl.int64) * s_on + head * s_oh + dd, out.to(O.dtype.element_ty),
+             mask=dd < HEAD)
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def _common(query, key_cache, value_cache, inv_freq, rotary_dim):
+    n, Hq, D = query.shape
+    Hkv = key_cache.shape[2]
+    if Hq % Hkv or key_cache.shape[3] != D or value_cache.shape != key_cache.shape:
+        raise ValueError(f"shapes: query {tuple(query.shape)}, cache {tuple(key_cache.shape)}")
+    if query.stride(-1) != 1 or key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
+        raise ValueError("query and caches need a contiguous last dimension")
+    rd = rotary_dim if rotary_dim is not None else 2 * inv_freq.shape[0]
+    if rd % 2 or rd > D or inv_freq.shape[0] != rd // 2 or inv_freq.dtype != torch.float32:
+        raise ValueError(f"inv_freq must be fp32 [rotary_dim // 2] (rotary_dim={rd}, D={D})")
+    half, rest = rd // 2, D - rd
+    interp = _interpreting()
+    half_dtype = query.dtype in (torch.float16, torch.bfloat16)
+    dot_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(query.dtype,
+                                                                          tl.float32)
+    return dict(
+        G=Hq // Hkv, HALF=half, BLOCK_HALF=max(16, triton.next_power_of_2(half)), REST=rest,
+        BLOCK_REST=max(16, triton.next_power_of_2(max(rest, 1))), HEAD=D,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), PAGE=key_cache.shape[1],
+        DOT_DTYPE=dot_dtype, PREC="ieee" if not half_dtype else "tf32", UPCAST=interp,
+    ), Hkv, interp
+
+
+def mesa_prefill(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    table: SegmentTable,
+    inv_freq: torch.Tensor,
+    scale: float,
+    output: torch.Tensor,
+    *,
+    rotary_dim: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    fast_trig: bool | None = None,
+) -> torch.Tensor:
+    """Mesa attention of every query row listed in ``table`` (any segment kinds and lengths).
+
+    query [n, Hq, D] fp16/bf16/fp32, unrotated; key_cache / value_cache [num_blocks,
+    block_size, Hkv, D] (keys unrotated, Hq % Hkv == 0); block_table int32 [num_reqs,
+    max_blocks]; inv_freq fp32 [rotary_dim // 2] (neox pairing, rotary_dim <= D, default
+    2 * len(inv_freq)); output [n, Hq, D] (rows not in ``table`` are left untouched).
+    Returns ``output``.
+    """
+    if table.num_tiles == 0:
+        return output
+    meta, Hkv, interp = _common(query, key_cache, value_cache, inv_freq, rotary_dim)
+    G = meta["G"]
+    block_m = max(16, triton.next_power_of_2(table.block_q * G))
+    if fast_trig is None:
+        fast_trig = not interp
+    if block_n is None:
+        block_n = 16 if interp else (64 if meta["BLOCK_D"] <= 128 else 32)
+    grid = (table.num_tiles, Hkv)
+    _prefill_kernel[grid](
+        query, key_cache, value_cache, output, block_table, table.tile_seg, table.tile_q0,
+        table.q_lo, table.q_len, table.q_abs, table.kind, table.chunk_start, table.anchor,
+        table.req, inv_freq,
+        scale * _LOG2E, 1.0 / math.log(table.train_len), table.first_chunk, table.stair_width,
+        query.stride(0), query.stride(1), *key_cache.stride()[:3], *value_cache.stride()[:3],
+        output.stride(0), output.stride(1), block_table.stride(0),
+        BLOCK_Q=table.block_q, BLOCK_M=block_m, BLOCK_N=block_n, LOG_N=table.log_n,
+        FAST_TRIG=fast_trig, num_warps=num_warps or (4 if block_m <= 64 else 8),
+        num_stages=num_stages or 2, **meta,
+    )
+    return output
+
+
+def mesa_decode(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    table: SegmentTable,
+    inv_freq: torch.Tensor,
+    scale: float,
+    output: torch.Tensor,
+    num_splits: int,
+    *,
+    rotary_dim: int | None = None,
+    workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    fast_trig: bool | None = None,
+) -> torch.Tensor:
+    """Split-KV decode: every segment of ``table`` must hold exactly one query.
+
+    Shapes as ``mesa_prefill``; ``num_splits`` a host int (``decode_num_splits``).  workspace:
+    (m, l fp32 [num_segments * Hq * num_splits], acc fp32 [num_segments * Hq * num_splits,
+    BLOCK_D]) or None to allocate.  No host sync, grid from host ints: CUDA-graph safe when
+    ``table`` and ``workspace`` live in persistent buffers.  Returns ``output``.
+    """
+    n_seg = table.num_segments
+    if n_seg == 0:
+        return output
+    meta, Hkv, interp = _common(query, key_cache, value_cache, inv_freq, rotary_dim)
+    Hq = query.shape[1]
+    if workspace is None:
+        size = n_seg * Hq * num_splits
+        dev = query.device
+        workspace = (torch.empty(size, dtype=torch.float32, device=dev),
+                     torch.empty(size, dtype=torch.float32, device=dev),
+                     torch.empty(size, meta["BLOCK_D"], dtype=torch.float32, device=dev))
+    m_ws, l_ws, acc_ws = workspace
+    if fast_trig is None:
+        fast_trig = not interp
+    if block_n is None:
+        block_n = 16 if interp else 64
+    _decode_kernel[(n_seg, Hkv, num_splits)](
+        query, key_cache, value_cache, block_table, m_ws, l_ws, acc_ws,
+        table.q_lo, table.q_abs, table.kind, table.chunk_start, table.anchor, table.req,
+        inv_freq, scale * _LOG2E, 1.0 / math.log(table.train_len), table.first_chunk,
+        table.stair_width, num_splits,
+        query.stride(0), query.stride(1), *key_cache.stride()[:3], *value_cache.stride()[:3],
+        block_table.stride(0),
+        BLOCK_G=max(16, triton.next_power_of_2(meta["G"])), BLOCK_N=block_n, LOG_N=table.log_n,
+        FAST_TRIG=fast_trig, num_warps=num_warps or 4, **meta,
+    )
+    _decode_reduce_kernel[(n_seg, Hq)](
+        output, m_ws, l_ws, acc_ws, table.q_lo, num_splits, output.stride(0), output.stride(1),
+        HEAD=meta["HEAD"], BLOCK_D=meta["BLOCK_D"],
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+    )
+    return output
