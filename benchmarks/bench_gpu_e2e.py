@@ -76,7 +76,7 @@ def correctness(workdir: Path) -> dict:
         kw = dict(
             model=str(model),
             dtype="bfloat16",
-            max_model_len=8192,
+            max_model_len=8192 if backend == "mesa" else 256,
             enforce_eager=True,
             gpu_memory_utilization=0.3,
             attention_backend=backend,

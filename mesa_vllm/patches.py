@@ -9,7 +9,10 @@
    past the trained length without ``VLLM_ALLOW_LONG_MAX_MODEL_LEN`` (Mesa never feeds vLLM's
    rotary such positions), (b) turn prefix caching off before the engine is sized, and
    (c) validate its config at startup.  What: only when the Mesa backend is selected; stock
-   backends go through untouched.  Goes when: vLLM offers a backend config hook.
+   backends go through untouched.  It also pins vLLM's V1 model runner
+   (``VLLM_USE_V2_MODEL_RUNNER=0``, inherited by the engine processes) for Mesa: the CPU
+   platform only has V1, and one runner keeps one tested path.  Goes when: vLLM offers a
+   backend config hook and Mesa is validated on Model Runner V2.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def patch_create_engine_config() -> None:
             selected = getattr(self.attention_config, "backend", None)
         if not is_mesa_backend(selected):
             return original(self, *args, **kwargs)
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         explicit_prefix_caching = self.enable_prefix_caching is True
         if not explicit_prefix_caching:
             self.enable_prefix_caching = False
