@@ -21,7 +21,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_MODEL = ASSETS / "models" / "passkey-llama"
 RANDOM_MODEL = Path.home() / ".cache" / "mesa_vllm" / "random-llama-256"
 # Mesa settings for the bundled 256-token model: see the model card and README.
-DEMO_MESA = {"first_chunk": 32, "last_chunk": 128, "stair_width": 100}
+DEMO_MESA = {"first_chunk": 32, "last_chunk": 64, "max_remainder": 32, "stair_width": 64}
 
 
 def cpu_server_args(max_model_len: int) -> list[str]:

@@ -100,11 +100,6 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
                 raise ValueError(f"Mesa backend does not support {name}={value!r}")
         if kv_cache_dtype not in MesaAttentionBackend.supported_kv_cache_dtypes:
             raise ValueError(f"Mesa backend does not support kv_cache_dtype={kv_cache_dtype!r}")
-        if mesa_rope is None:
-            raise ValueError(
-                "Mesa backend needs the model's RoPE (mesa_rope); load the model through a "
-                "Mesa-registered architecture (mesa_vllm.models)"
-            )
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
@@ -152,6 +147,11 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
             raise NotImplementedError("Mesa backend: fused output quantization")
         if attn_metadata is None:  # profiling / warm-up run
             return output.fill_(0)
+        if self.rope is None:  # a layer built by vLLM's selector, not by mesa_vllm.models
+            raise ValueError(
+                "Mesa backend needs the model's RoPE (mesa_rope); load the model through a "
+                "Mesa-registered architecture (mesa_vllm.models)"
+            )
         run_segments(
             query,
             kv_cache[0].view(-1, self.num_kv_heads, self.head_size),

@@ -95,8 +95,15 @@ def build_segment_table(
     n = len(entries)
     cols = np.zeros((7, n), dtype=np.int64)
     for i, (req, q_lo, seg) in enumerate(entries):
-        cols[:, i] = (q_lo, seg.q_end - seg.q_start, seg.q_start, KIND_CODES[seg.kind],
-                      seg.chunk_start, seg.anchor, req)
+        cols[:, i] = (
+            q_lo,
+            seg.q_end - seg.q_start,
+            seg.q_start,
+            KIND_CODES[seg.kind],
+            seg.chunk_start,
+            seg.anchor,
+            req,
+        )
     q_len, q_abs, kind, s = cols[1], cols[2], cols[3], cols[4]
     n_tiles = -(-q_len // block_q)
     tile_seg = np.repeat(np.arange(n), n_tiles)
@@ -109,9 +116,16 @@ def build_segment_table(
     order = np.argsort(-work, kind="stable")
     packed = np.concatenate([cols.reshape(-1), tile_seg[order], tile_q0[order]])
     t = torch.from_numpy(packed.astype(np.int32)).to(device, non_blocking=True)
-    parts = list(t[: 7 * n].view(7, n)) + [t[7 * n : 7 * n + tile_seg.size], t[7 * n + tile_seg.size :]]
-    return SegmentTable(*parts, block_q=block_q, first_chunk=F, stair_width=params.stair_width,
-                        train_len=params.train_len, log_n=params.log_n_scaling)
+    nt = tile_seg.size
+    parts = list(t[: 7 * n].view(7, n)) + [t[7 * n : 7 * n + nt], t[7 * n + nt :]]
+    return SegmentTable(
+        *parts,
+        block_q=block_q,
+        first_chunk=F,
+        stair_width=params.stair_width,
+        train_len=params.train_len,
+        log_n=params.log_n_scaling,
+    )
 
 
 def split_prefill_decode(
@@ -129,16 +143,28 @@ def default_block_q(num_queries_per_kv: int, block_m: int = 128) -> int:
 
 
 def decode_num_splits(
-    max_seq_len: int, num_rows: int, num_kv_heads: int, num_sms: int = 132,
-    min_keys: int = 512, max_splits: int = 64,
+    max_seq_len: int,
+    num_rows: int,
+    num_kv_heads: int,
+    target_programs: int = 1024,
+    keys_per_split: int = 1024,
+    min_keys: int = 256,
+    max_splits: int = 128,
 ) -> int:
-    """Split-KV count from host ints: enough programs for ~2 waves, >= min_keys per split.
-    For CUDA graphs call it with the captured batch size and max_model_len."""
-    want = -(-2 * num_sms // max(1, num_rows * num_kv_heads))
+    """Split-KV count from host ints only (CUDA graphs: pass the captured batch size and
+    max_model_len).  At least ~``target_programs`` programs and one split per
+    ``keys_per_split`` keys, never under ``min_keys`` keys per split, at most ``max_splits``.
+    Fitted on an H200 (benchmarks/kernels_h200.md): 32 KV heads, 1 row: 16 / 32 / 128 splits
+    at 4k / 32k / 128k; 8 KV heads: 128 at 32k and 128k."""
+    want = max(
+        -(-target_programs // max(1, num_rows * num_kv_heads)), -(-max_seq_len // keys_per_split)
+    )
     return int(max(1, min(want, -(-max_seq_len // min_keys), max_splits)))
 
 
 # ---------------------------------------------------------------- device helpers
+# Triton kernels take long flat argument lists; one per line would triple this section.
+# fmt: off
 
 
 @triton.jit
@@ -183,19 +209,23 @@ def _stair(j, A, E):
 @triton.jit
 def _attend_block(
     acc, l_i, m_i, q1, q2, q3, qt, t0, t_end,
-    K, V, BT, req, kind, F, s, A, E, base, hkv, inv,
+    K, V, BT, req, kind, F, s, A, E, base, hkv, inv, ci, si,
     s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
     BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
     FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr,
 ):
     """One BLOCK_N slice [t0, t0 + BLOCK_N) of the key list into the online softmax.
 
     acc fp32 [M, BLOCK_D]; l_i, m_i fp32 [M] (log2 domain); q1/q2 [M, BLOCK_HALF], q3
     [M, BLOCK_REST] rotated and pre-scaled; qt int32 [M] last visible list index per row;
     list entries >= t_end are not loaded.  MASK applies t <= qt (diagonal slices only).
+    ANGLE_ADD: where the slice's positions are contiguous (all but stair keys below the
+    anchor), cos/sin come from angle addition with ci/si = cos/sin(i * inv_freq) [BLOCK_N,
+    BLOCK_HALF] fp32 (loop-invariant) and one [BLOCK_HALF] cos/sin of the slice's first
+    position, instead of BLOCK_N * BLOCK_HALF trig evaluations.
     """
     t = t0 + tl.arange(0, BLOCK_N)
     dh = tl.arange(0, BLOCK_HALF)
@@ -209,7 +239,15 @@ def _attend_block(
     k1 = tl.load(k_row[:, None] + dh[None, :], mask=hm, other=0.0).to(tl.float32)
     k2 = tl.load(k_row[:, None] + HALF + dh[None, :], mask=hm, other=0.0).to(tl.float32)
     kpos = tl.where(kind == 2, _stair(t, A, E), t) - base
-    ck, sk = _cos_sin(kpos, inv, FAST_TRIG)
+    if ANGLE_ADD:
+        if (kind != 2) | (t0 >= A):
+            c0, s0 = _cos_sin(tl.zeros([1], dtype=tl.int32) + (t0 - base), inv, FAST_TRIG)
+            ck = c0 * ci - s0 * si
+            sk = s0 * ci + c0 * si
+        else:
+            ck, sk = _cos_sin(kpos, inv, FAST_TRIG)
+    else:
+        ck, sk = _cos_sin(kpos, inv, FAST_TRIG)
     k1r = (k1 * ck - k2 * sk).to(DOT_DTYPE)
     k2r = (k2 * ck + k1 * sk).to(DOT_DTYPE)
     qk = tl.zeros([q1.shape[0], BLOCK_N], dtype=tl.float32)
@@ -231,6 +269,16 @@ def _attend_block(
     acc = acc * alpha[:, None]
     acc = _dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, UPCAST, PREC)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _angle_table(inv, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                 FAST_TRIG: tl.constexpr, ANGLE_ADD: tl.constexpr):
+    """cos/sin(i * inv_freq) fp32 [BLOCK_N, BLOCK_HALF] for i < BLOCK_N (zeros if unused)."""
+    if ANGLE_ADD:
+        return _cos_sin(tl.arange(0, BLOCK_N), inv, FAST_TRIG)
+    z = tl.zeros([BLOCK_N, BLOCK_HALF], dtype=tl.float32)
+    return z, z
 
 
 @triton.jit
@@ -270,7 +318,7 @@ def _load_query(
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, O, BT, TILE_SEG, TILE_Q0,
+    Q, K, V, Out, BT, TILE_SEG, TILE_Q0,
     SEG_QLO, SEG_QLEN, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_REQ, INV_FREQ,
     qk_scale, inv_log_L, F, E,
     s_qn, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_on, s_oh, s_bt,
@@ -278,7 +326,7 @@ def _prefill_kernel(
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
     BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr,
 ):
     tile = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -312,24 +360,27 @@ def _prefill_kernel(
     t_end = tl.where(kind == 1, F + p_last - s, p_last) + 1
     n_full = ((qt_first + 1) // BLOCK_N) * BLOCK_N  # slices every row sees entirely
 
+    ci, si = _angle_table(inv, BLOCK_N, BLOCK_HALF, FAST_TRIG, ANGLE_ADD)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + _NEG_BIG
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for t0 in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _attend_block(
             acc, l_i, m_i, q1, q2, q3, qt, t0, t_end, K, V, BT, req, kind, F, s, A, E, base,
-            hkv, inv, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF, REST,
-            BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, False, FAST_TRIG, DOT_DTYPE, PREC, UPCAST)
+            hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF, REST,
+            BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, False, FAST_TRIG, DOT_DTYPE, PREC, UPCAST,
+            ANGLE_ADD)
     for t0 in range(n_full, t_end, BLOCK_N):
         acc, l_i, m_i = _attend_block(
             acc, l_i, m_i, q1, q2, q3, qt, t0, t_end, K, V, BT, req, kind, F, s, A, E, base,
-            hkv, inv, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF, REST,
-            BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, True, FAST_TRIG, DOT_DTYPE, PREC, UPCAST)
+            hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF, REST,
+            BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, True, FAST_TRIG, DOT_DTYPE, PREC, UPCAST,
+            ANGLE_ADD)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     dd = tl.arange(0, BLOCK_D)
-    o_row = O + (q_lo + qi).to(tl.int64) * s_on + head * s_oh
-    tl.store(o_row[:, None] + dd[None, :], out.to(O.dtype.element_ty),
+    o_row = Out + (q_lo + qi).to(tl.int64) * s_on + head * s_oh
+    tl.store(o_row[:, None] + dd[None, :], out.to(Out.dtype.element_ty),
              mask=_mask2(row_ok, dd, HEAD, BLOCK_D))
 
 
@@ -343,7 +394,7 @@ def _decode_kernel(
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
     BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr,
 ):
     seg = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -372,14 +423,16 @@ def _decode_kernel(
     per_split = tl.cdiv(tl.cdiv(n_keys, num_splits), BLOCK_N) * BLOCK_N
     lo = split * per_split
     hi = tl.minimum(lo + per_split, n_keys)
+    ci, si = _angle_table(inv, BLOCK_N, BLOCK_HALF, FAST_TRIG, ANGLE_ADD)
     m_i = tl.zeros([BLOCK_G], dtype=tl.float32) + _NEG_BIG
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for t0 in range(lo, hi, BLOCK_N):
         acc, l_i, m_i = _attend_block(
             acc, l_i, m_i, q1, q2, q3, qt, t0, hi, K, V, BT, req, kind, F, s, A, E, base,
-            hkv, inv, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF, REST,
-            BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, True, FAST_TRIG, DOT_DTYPE, PREC, UPCAST)
+            hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF, REST,
+            BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, True, FAST_TRIG, DOT_DTYPE, PREC, UPCAST,
+            ANGLE_ADD)
 
     idx = (seg * (G * tl.num_programs(1)) + head) * num_splits + split  # [rows, Hq, splits]
     tl.store(M_WS + idx, m_i, mask=row_ok)
@@ -391,7 +444,7 @@ def _decode_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    O, M_WS, L_WS, ACC_WS, SEG_QLO, num_splits, s_on, s_oh,
+    Out, M_WS, L_WS, ACC_WS, SEG_QLO, num_splits, s_on, s_oh,
     HEAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     seg = tl.program_id(0)
@@ -407,10 +460,11 @@ def _decode_reduce_kernel(
                   mask=ok[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l_s * w, 0)
     q_lo = tl.load(SEG_QLO + seg)
-    tl.store(O + q_lo.to(tl.int64) * s_on + head * s_oh + dd, out.to(O.dtype.element_ty),
+    tl.store(Out + q_lo.to(tl.int64) * s_on + head * s_oh + dd, out.to(Out.dtype.element_ty),
              mask=dd < HEAD)
 
 
+# fmt: on
 # ---------------------------------------------------------------- launchers
 
 
@@ -427,14 +481,35 @@ def _common(query, key_cache, value_cache, inv_freq, rotary_dim):
     half, rest = rd // 2, D - rd
     interp = _interpreting()
     half_dtype = query.dtype in (torch.float16, torch.bfloat16)
-    dot_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(query.dtype,
-                                                                          tl.float32)
-    return dict(
-        G=Hq // Hkv, HALF=half, BLOCK_HALF=max(16, triton.next_power_of_2(half)), REST=rest,
-        BLOCK_REST=max(16, triton.next_power_of_2(max(rest, 1))), HEAD=D,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), PAGE=key_cache.shape[1],
-        DOT_DTYPE=dot_dtype, PREC="ieee" if not half_dtype else "tf32", UPCAST=interp,
-    ), Hkv, interp
+    dot_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(
+        query.dtype, tl.float32
+    )
+    return (
+        dict(
+            G=Hq // Hkv,
+            HALF=half,
+            BLOCK_HALF=max(16, triton.next_power_of_2(half)),
+            REST=rest,
+            BLOCK_REST=max(16, triton.next_power_of_2(max(rest, 1))),
+            HEAD=D,
+            BLOCK_D=max(16, triton.next_power_of_2(D)),
+            PAGE=key_cache.shape[1],
+            DOT_DTYPE=dot_dtype,
+            PREC="ieee" if not half_dtype else "tf32",
+            UPCAST=interp,
+        ),
+        Hkv,
+        interp,
+    )
+
+
+def _strides(query, key_cache, value_cache) -> tuple[int, ...]:
+    return (query.stride(0), query.stride(1), *key_cache.stride()[:3], *value_cache.stride()[:3])
+
+
+def _scalars(table: SegmentTable, scale: float) -> tuple:
+    """qk_scale (softmax scale * log2 e), 1 / ln L, F, E."""
+    return scale * _LOG2E, 1.0 / math.log(table.train_len), table.first_chunk, table.stair_width
 
 
 def mesa_prefill(
@@ -452,6 +527,7 @@ def mesa_prefill(
     num_warps: int | None = None,
     num_stages: int | None = None,
     fast_trig: bool | None = None,
+    angle_add: bool = True,
 ) -> torch.Tensor:
     """Mesa attention of every query row listed in ``table`` (any segment kinds and lengths).
 
@@ -459,29 +535,28 @@ def mesa_prefill(
     block_size, Hkv, D] (keys unrotated, Hq % Hkv == 0); block_table int32 [num_reqs,
     max_blocks]; inv_freq fp32 [rotary_dim // 2] (neox pairing, rotary_dim <= D, default
     2 * len(inv_freq)); output [n, Hq, D] (rows not in ``table`` are left untouched).
+    Defaults (BLOCK_N 64, 8 warps, 2 stages, fast trig, angle addition) come from the H200
+    sweep in benchmarks/kernels_h200.md; tiles of 256 rows / 16 warps were 3% faster there.
     Returns ``output``.
     """
     if table.num_tiles == 0:
         return output
     meta, Hkv, interp = _common(query, key_cache, value_cache, inv_freq, rotary_dim)
-    G = meta["G"]
-    block_m = max(16, triton.next_power_of_2(table.block_q * G))
-    if fast_trig is None:
-        fast_trig = not interp
+    block_m = max(16, triton.next_power_of_2(table.block_q * meta["G"]))
     if block_n is None:
-        block_n = 16 if interp else (64 if meta["BLOCK_D"] <= 128 else 32)
-    grid = (table.num_tiles, Hkv)
-    _prefill_kernel[grid](
+        wide = meta["BLOCK_D"] > 128 or query.dtype == torch.float32
+        block_n = 16 if interp else (32 if wide else 64)
+    seg = (table.q_lo, table.q_len, table.q_abs, table.kind, table.chunk_start, table.anchor)
+    _prefill_kernel[(table.num_tiles, Hkv)](
         query, key_cache, value_cache, output, block_table, table.tile_seg, table.tile_q0,
-        table.q_lo, table.q_len, table.q_abs, table.kind, table.chunk_start, table.anchor,
-        table.req, inv_freq,
-        scale * _LOG2E, 1.0 / math.log(table.train_len), table.first_chunk, table.stair_width,
-        query.stride(0), query.stride(1), *key_cache.stride()[:3], *value_cache.stride()[:3],
-        output.stride(0), output.stride(1), block_table.stride(0),
+        *seg, table.req, inv_freq, *_scalars(table, scale),
+        *_strides(query, key_cache, value_cache), output.stride(0), output.stride(1),
+        block_table.stride(0),
         BLOCK_Q=table.block_q, BLOCK_M=block_m, BLOCK_N=block_n, LOG_N=table.log_n,
-        FAST_TRIG=fast_trig, num_warps=num_warps or (4 if block_m <= 64 else 8),
-        num_stages=num_stages or 2, **meta,
-    )
+        FAST_TRIG=not interp if fast_trig is None else fast_trig, ANGLE_ADD=angle_add,
+        num_warps=num_warps or (4 if block_m <= 64 else 8), num_stages=num_stages or 2,
+        **meta,
+    )  # fmt: skip
     return output
 
 
@@ -500,7 +575,9 @@ def mesa_decode(
     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
+    num_stages: int | None = None,
     fast_trig: bool | None = None,
+    angle_add: bool = False,
 ) -> torch.Tensor:
     """Split-KV decode: every segment of ``table`` must hold exactly one query.
 
@@ -515,29 +592,26 @@ def mesa_decode(
     meta, Hkv, interp = _common(query, key_cache, value_cache, inv_freq, rotary_dim)
     Hq = query.shape[1]
     if workspace is None:
-        size = n_seg * Hq * num_splits
-        dev = query.device
-        workspace = (torch.empty(size, dtype=torch.float32, device=dev),
-                     torch.empty(size, dtype=torch.float32, device=dev),
-                     torch.empty(size, meta["BLOCK_D"], dtype=torch.float32, device=dev))
-    m_ws, l_ws, acc_ws = workspace
-    if fast_trig is None:
-        fast_trig = not interp
+        size, dev = n_seg * Hq * num_splits, query.device
+        workspace = (
+            torch.empty(size, dtype=torch.float32, device=dev),
+            torch.empty(size, dtype=torch.float32, device=dev),
+            torch.empty(size, meta["BLOCK_D"], dtype=torch.float32, device=dev),
+        )
     if block_n is None:
-        block_n = 16 if interp else 64
+        block_n = 16 if interp else (32 if query.dtype == torch.float32 else 64)
+    seg = (table.q_lo, table.q_abs, table.kind, table.chunk_start, table.anchor, table.req)
     _decode_kernel[(n_seg, Hkv, num_splits)](
-        query, key_cache, value_cache, block_table, m_ws, l_ws, acc_ws,
-        table.q_lo, table.q_abs, table.kind, table.chunk_start, table.anchor, table.req,
-        inv_freq, scale * _LOG2E, 1.0 / math.log(table.train_len), table.first_chunk,
-        table.stair_width, num_splits,
-        query.stride(0), query.stride(1), *key_cache.stride()[:3], *value_cache.stride()[:3],
+        query, key_cache, value_cache, block_table, *workspace, *seg, inv_freq,
+        *_scalars(table, scale), num_splits, *_strides(query, key_cache, value_cache),
         block_table.stride(0),
         BLOCK_G=max(16, triton.next_power_of_2(meta["G"])), BLOCK_N=block_n, LOG_N=table.log_n,
-        FAST_TRIG=fast_trig, num_warps=num_warps or 4, **meta,
-    )
+        FAST_TRIG=not interp if fast_trig is None else fast_trig, ANGLE_ADD=angle_add,
+        num_warps=num_warps or 4, num_stages=num_stages or 3, **meta,
+    )  # fmt: skip
     _decode_reduce_kernel[(n_seg, Hq)](
-        output, m_ws, l_ws, acc_ws, table.q_lo, num_splits, output.stride(0), output.stride(1),
+        output, *workspace, table.q_lo, num_splits, output.stride(0), output.stride(1),
         HEAD=meta["HEAD"], BLOCK_D=meta["BLOCK_D"],
         BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
-    )
+    )  # fmt: skip
     return output

@@ -189,9 +189,13 @@ def test_config_parses_as_vllm_serve_does(config: Path, serve_parser):
     mesa = MesaConfig.from_additional_config(args.additional_config)
     assert mesa.train_len is not None, "set train_len explicitly in additional-config.mesa"
     assert isinstance(args.max_model_len, int) and args.max_model_len > mesa.train_len
-    # No stair position at max-model-len reaches past the trained range (the plugin warns).
-    reach = max_stair_distance(args.max_model_len, to_params(mesa))
-    assert reach < mesa.train_len, f"stair positions span {reach}; raise stair_width"
+    # For the 7-8B configs no stair position at max-model-len reaches past the trained range
+    # (the plugin warns otherwise).  The bundled 256-token model is exempt: its stair width
+    # was chosen by measured passkey accuracy (README, benchmarks/passkey.md), which was best
+    # at a width whose reach slightly exceeds 256.
+    if args.model in CHECKPOINTS:
+        reach = max_stair_distance(args.max_model_len, to_params(mesa))
+        assert reach < mesa.train_len, f"stair positions span {reach}; raise stair_width"
 
     if args.model in CHECKPOINTS:
         assert mesa.train_len == CHECKPOINTS[args.model][1]

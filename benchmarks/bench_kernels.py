@@ -1,0 +1,651 @@
+"""Mesa Triton kernels on a CUDA GPU: correctness vs the dense reference, then speed.
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench_kernels.py [--skip-checks] [--skip-sweep]
+
+1. Correctness: ``mesa_prefill`` / ``mesa_decode`` over a shuffled paged cache (several
+   requests and phases in one launch, output poisoned with NaN) against
+   ``mesa_attention_reference`` run on the CPU in fp32 with fp64 angles.  bf16/fp16 (and one
+   fp32 case), head 64/128, GQA 1/4/8, block 16/32/64, prompts L..32L with L scaled down to
+   256/512 (the reference is O(S^2) memory: S <= 8192).  Also a CUDA-graph replay of decode
+   after the segment table changed in place.
+2. Speed, Llama-2-7B shape (Hq = Hkv = 32, D = 128, bf16, L = 4096, F = 100, Lc = 512,
+   Mmax = 200, E = 50, block 16): prefill of a whole prompt at 4k/32k/128k vs FA3 causal
+   (vllm.vllm_flash_attn, fa_version=3) when importable, else torch SDPA (flash) causal on
+   pre-rotated q/k; decode of one token at 4k/32k/128k (CUDA-graph replay) vs FA3
+   flash_attn_with_kvcache or SDPA.  Useful FLOPs: 4 * D * Hq * (visible keys summed over
+   queries); Mesa's follow its plan (O(T (F + C))), the baseline's full causal attention.
+Prints Markdown tables last; writes JSON to $OUT/bench_kernels.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mesa_vllm.ops import triton_mesa as tm  # noqa: E402
+from mesa_vllm.ops.reference import mesa_attention_reference, rope_inv_freq  # noqa: E402
+from mesa_vllm.plan import MesaParams, dynamic_split, plan_request  # noqa: E402
+
+ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+LLAMA2 = dict(L=4096, F=100, Lc=512, Mmax=200, E=50)
+DEV = "cuda"  # a dry run under the Triton interpreter sets "cpu"
+SPEED_SHAPE = (128, 32, 16)  # head size, heads (Hq = Hkv), cache block size
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------- problem builder
+
+
+def build(reqs, D, Hkv, G, page, dtype, params, seed, rope=ROPE, with_ref=True, block_q=None):
+    """Paged cache + packed queries for requests (T_prompt, seq_len, ctx) on the GPU.
+
+    Returns dict: query [n, Hq, D], key_cache/value_cache [blocks, page, Hkv, D], block_table
+    int32 [reqs, max_blocks], prefill/decode SegmentTables, ref [n, Hq, D] fp32 (CPU) or None.
+    """
+    g = torch.Generator().manual_seed(seed)
+    dev = DEV
+    Hq = Hkv * G
+    need = [-(-S // page) for _, S, _ in reqs]
+    n_blocks = sum(need) + 7
+    key_cache = torch.randn(n_blocks, page, Hkv, D, generator=g).to(dtype)
+    value_cache = torch.randn(n_blocks, page, Hkv, D, generator=g).to(dtype)
+    perm = torch.randperm(n_blocks, generator=g).to(torch.int32)
+    block_table = torch.zeros(len(reqs), max(need), dtype=torch.int32)
+    qs, refs, entries, used, q_off = [], [], [], 0, 0
+    for r, (T, S, ctx) in enumerate(reqs):
+        block_table[r, : need[r]] = perm[used : used + need[r]]
+        used += need[r]
+        q = torch.randn(S, Hq, D, generator=g).to(dtype)
+        idx = torch.arange(S)
+        blocks = block_table[r, idx // page].long()
+        k = torch.randn(S, Hkv, D, generator=g).to(dtype)
+        v = torch.randn(S, Hkv, D, generator=g).to(dtype)
+        key_cache[blocks, idx % page] = k
+        value_cache[blocks, idx % page] = v
+        if with_ref:
+            ref = mesa_attention_reference(
+                q,
+                k,
+                v,
+                T,
+                params.train_len,
+                params.first_chunk,
+                params.last_chunk,
+                params.max_remainder,
+                params.stair_width,
+                params.log_n_scaling,
+                rope,
+                D**-0.5,
+            )
+            refs.append(ref[ctx:].float())
+        qs.append(q[ctx:])
+        entries += [(r, q_off + s.q_start - ctx, s) for s in plan_request(T, ctx, S, params)]
+        q_off += S - ctx
+    pre, dec = tm.split_prefill_decode(entries)
+    bq = block_q or tm.default_block_q(G)
+    return dict(
+        query=torch.cat(qs).to(dev),
+        key_cache=key_cache.to(dev),
+        value_cache=value_cache.to(dev),
+        block_table=block_table.to(dev),
+        pre=tm.build_segment_table(pre, params, bq, dev) if pre else None,
+        dec=tm.build_segment_table(dec, params, 1, dev) if dec else None,
+        ref=torch.cat(refs) if with_ref else None,
+        inv=rope_inv_freq(D, rope).to(dev),
+        scale=D**-0.5,
+    )
+
+
+def run(pb, num_splits=4, out=None, pre_kw=None, dec_kw=None):
+    """Both kernels over a problem from ``build``; returns output [n, Hq, D]."""
+    out = torch.full_like(pb["query"], float("nan")) if out is None else out
+    args = (pb["query"], pb["key_cache"], pb["value_cache"], pb["block_table"])
+    if pb["pre"] is not None:
+        tm.mesa_prefill(*args, pb["pre"], pb["inv"], pb["scale"], out, **(pre_kw or {}))
+    if pb["dec"] is not None:
+        tm.mesa_decode(*args, pb["dec"], pb["inv"], pb["scale"], out, num_splits, **(dec_kw or {}))
+    return out
+
+
+# ---------------------------------------------------------------- correctness
+
+CHECKS = [
+    # name, dtype, D, Hkv, G, page, (L, F, Lc, Mmax, E), requests (T, seq_len, ctx), splits
+    (
+        "bf16 D128 G1 p16 32L prefill",
+        torch.bfloat16,
+        128,
+        4,
+        1,
+        16,
+        (256, 16, 64, 32, 8),
+        [(8192, 8192, 0)],
+        4,
+    ),
+    (
+        "fp16 D64 G4 p32 chunked+short+decode",
+        torch.float16,
+        64,
+        2,
+        4,
+        32,
+        (256, 16, 64, 32, 8),
+        [(4096, 4096, 2048), (300, 300, 0), (256, 256, 0), (1000, 1040, 1039)],
+        8,
+    ),
+    (
+        "bf16 D128 G8 p64 L..10L+decode",
+        torch.bfloat16,
+        128,
+        1,
+        8,
+        64,
+        (512, 100, 128, 50, 16),
+        [(2048, 2048, 0), (600, 700, 699), (5000, 5001, 5000), (512, 512, 0)],
+        16,
+    ),
+    (
+        "bf16 D64 G1 p16 gen+chunk",
+        torch.bfloat16,
+        64,
+        8,
+        1,
+        16,
+        (512, 32, 128, 50, 16),
+        [(3000, 3100, 2900), (513, 600, 513), (100, 1500, 1499)],
+        5,
+    ),
+    (
+        "fp32 D64 G4 p16",
+        torch.float32,
+        64,
+        2,
+        4,
+        16,
+        (256, 16, 64, 32, 8),
+        [(1500, 1500, 0), (700, 720, 719)],
+        3,
+    ),
+]
+TOL = {torch.bfloat16: (6e-2, 1.5e-2), torch.float16: (1e-2, 3e-3), torch.float32: (2e-3, 1e-4)}
+
+
+def checks(seed: int) -> list[dict]:
+    rows = []
+    for i, (name, dtype, D, Hkv, G, page, mp, reqs, splits) in enumerate(CHECKS):
+        atol, rtol = TOL[dtype]
+        try:
+            r = one_check(name, dtype, D, Hkv, G, page, MesaParams(*mp), reqs, splits, seed + i)
+        except Exception as e:  # noqa: BLE001 - report, keep going (device time is scarce)
+            r = dict(
+                name=name,
+                seed=seed + i,
+                nan=-1,
+                max_abs=float("nan"),
+                rel_l2=float("nan"),
+                atol=atol,
+                rtol=rtol,
+                ok=False,
+                error=f"{type(e).__name__}: {e}"[:500],
+            )
+        log(f"check {r}")
+        rows.append(r)
+    try:
+        rows.append(graph_check(seed + 100))
+    except Exception as e:  # noqa: BLE001
+        rows.append(
+            dict(
+                name="decode CUDA graph",
+                seed=seed + 100,
+                nan=-1,
+                max_abs=float("nan"),
+                rel_l2=float("nan"),
+                atol=0,
+                rtol=0,
+                ok=False,
+                error=f"{type(e).__name__}: {e}"[:500],
+            )
+        )
+        log(f"check {rows[-1]}")
+    return rows
+
+
+def one_check(name, dtype, D, Hkv, G, page, params, reqs, splits, seed) -> dict:
+    t0 = time.time()
+    pb = build(reqs, D, Hkv, G, page, dtype, params, seed)
+    t_ref = time.time() - t0
+    out = run(pb, splits)
+    torch.cuda.synchronize()
+    o = out.float().cpu()
+    err = (o - pb["ref"]).abs()
+    atol, rtol = TOL[dtype]
+    r = dict(
+        name=name,
+        seed=seed,
+        rows=o.shape[0],
+        nan=int(o.isnan().sum()),
+        max_abs=float(err.nan_to_num(float("inf")).max()),
+        rel_l2=float((o - pb["ref"]).norm() / pb["ref"].norm()),
+        atol=atol,
+        rtol=rtol,
+        ref_s=round(t_ref, 1),
+    )
+    r["ok"] = r["nan"] == 0 and r["max_abs"] <= atol and r["rel_l2"] <= rtol
+    return r
+
+
+def graph_check(seed: int) -> dict:
+    """Capture mesa_decode in a CUDA graph, change the table in place, replay, compare."""
+    params = MesaParams(256, 16, 64, 32, 8)
+    a = build([(900, 1000, 999), (300, 301, 300)], 128, 2, 4, 16, torch.bfloat16, params, seed)
+    b = build([(900, 1200, 1199), (50, 600, 599)], 128, 2, 4, 16, torch.bfloat16, params, seed + 1)
+    # b's cache and block table are larger: give a's graph b's buffers from the start.
+    table = a["dec"]
+    out = torch.full_like(b["query"], float("nan"))
+    args = (b["query"], b["key_cache"], b["value_cache"], b["block_table"])
+    tm.mesa_decode(*args, table, b["inv"], b["scale"], out, 8)  # warm-up / compile
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        tm.mesa_decode(*args, table, b["inv"], b["scale"], out, 8)
+    for f in ("q_lo", "q_len", "q_abs", "kind", "chunk_start", "anchor", "req"):
+        getattr(table, f).copy_(getattr(b["dec"], f))
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    o = out.float().cpu()
+    err = (o - b["ref"]).abs()
+    r = dict(
+        name="decode CUDA-graph replay, table changed",
+        seed=seed,
+        nan=int(o.isnan().sum()),
+        max_abs=float(err.nan_to_num(float("inf")).max()),
+        rel_l2=float((o - b["ref"]).norm() / b["ref"].norm()),
+        atol=6e-2,
+        rtol=1.5e-2,
+    )
+    r["ok"] = r["nan"] == 0 and r["max_abs"] <= 6e-2 and r["rel_l2"] <= 1.5e-2
+    log(f"check {r}")
+    return r
+
+
+# ---------------------------------------------------------------- speed
+
+
+def mesa_flops(T: int, params: MesaParams, D: int, Hq: int) -> float:
+    """Useful FLOPs of Mesa prefill of a whole T-token prompt (QK^T and PV, 2 each)."""
+    keys = 0
+    for s in plan_request(T, 0, T, params, dynamic_split(T, params)):
+        a, b = s.q_start, s.q_end  # visible keys: list index + 1
+        lo, hi = (
+            (params.first_chunk + a - s.chunk_start, params.first_chunk + b - s.chunk_start)
+            if s.kind == "middle"
+            else (a, b)
+        )
+        keys += (lo + 1 + hi) * (hi - lo) // 2
+    return 4.0 * D * Hq * keys
+
+
+def bench_ms(fn, graph=False) -> float:
+    import triton.testing as tt
+
+    if graph:
+        return float(tt.do_bench_cudagraph(fn, rep=50, return_mode="median"))
+    return float(tt.do_bench(fn, warmup=10, rep=60, return_mode="median"))
+
+
+def baselines():
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+
+        return "FA3 (vllm_flash_attn)", flash_attn_varlen_func, flash_attn_with_kvcache
+    except Exception:  # noqa: BLE001 - vLLM absent on the bench machine
+        return "torch SDPA (flash backend)", None, None
+
+
+def speed_problem(T, ctx, D, H, page, params, block_q, seed=7, Hkv=None):
+    """Llama-shaped problem built on the GPU (random cache, no reference): one request of T
+    tokens (prompt T if ctx == 0, else prompt T - 1 plus a generated token), queries
+    [ctx, T), H query heads, Hkv (default H) KV heads.  Same dict as ``build``."""
+    torch.manual_seed(seed)
+    n_blocks = -(-T // page)
+    kw = dict(device=DEV, dtype=torch.bfloat16)
+    kc = torch.randn(n_blocks, page, Hkv or H, D, **kw)
+    prompt = T if ctx == 0 else T - 1
+    entries = [(0, s.q_start - ctx, s) for s in plan_request(prompt, ctx, T, params)]
+    pre, dec = tm.split_prefill_decode(entries)
+    return dict(
+        query=torch.randn(T - ctx, H, D, **kw),
+        key_cache=kc,
+        value_cache=torch.randn_like(kc),
+        block_table=torch.randperm(n_blocks, device=DEV).to(torch.int32)[None],
+        pre=tm.build_segment_table(pre, params, block_q, DEV) if pre else None,
+        dec=tm.build_segment_table(dec, params, 1, DEV) if dec else None,
+        inv=rope_inv_freq(D, ROPE).to(DEV),
+        scale=D**-0.5,
+    )
+
+
+def baseline_prefill(fa_varlen, T: int, H: int, D: int):
+    """Causal attention of T tokens (bf16, H x D, pre-rotated): FA3 varlen or SDPA flash."""
+    q = torch.randn(T, H, D, device=DEV, dtype=torch.bfloat16)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    if fa_varlen is not None:
+        cu = torch.tensor([0, T], dtype=torch.int32, device=DEV)
+        return lambda: fa_varlen(
+            q,
+            k,
+            v,
+            max_seqlen_q=T,
+            cu_seqlens_q=cu,
+            max_seqlen_k=T,
+            cu_seqlens_k=cu,
+            causal=True,
+            fa_version=3,
+        )
+    qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+
+    def sdpa():
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+
+    return sdpa
+
+
+def baseline_decode(fa_kvcache, S: int, H: int, D: int):
+    """One query token against S cached tokens (bf16): FA3 with_kvcache or SDPA."""
+    q = torch.randn(1, 1, H, D, device=DEV, dtype=torch.bfloat16)
+    kc = torch.randn(1, S, H, D, device=DEV, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    if fa_kvcache is not None:
+        return lambda: fa_kvcache(q, kc, vc, causal=True, fa_version=3)
+    qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
+    return lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
+
+
+PREFILL_CONFIGS = [  # block_m, block_n, warps, stages, fast_trig, angle_add
+    (128, 64, 8, 2, True, True), (128, 64, 8, 2, True, False), (128, 64, 8, 3, True, True),
+    (128, 32, 8, 2, True, True), (256, 64, 16, 2, True, True), (64, 32, 4, 2, True, True),
+    (128, 64, 8, 2, False, True),
+]  # fmt: skip
+DECODE_CONFIGS = [  # block_n, warps, stages, angle_add
+    (64, 4, 3, False), (64, 4, 2, False), (32, 4, 3, False), (64, 8, 3, False),
+    (128, 8, 3, False), (64, 4, 3, True),
+]  # fmt: skip
+DECODE_SPLITS = (16, 32, 64, 128)
+
+
+def _pre_kw(cfg) -> dict:
+    bm, bn, w, st, fast, aa = cfg
+    return dict(block_n=bn, num_warps=w, num_stages=st, fast_trig=fast, angle_add=aa)
+
+
+def _dec_kw(cfg) -> dict:
+    bn, w, st, aa = cfg
+    return dict(block_n=bn, num_warps=w, num_stages=st, angle_add=aa)
+
+
+def sweep_prefill(T, params) -> list[dict]:
+    """Prefill configs at T tokens (MHA shape); outputs compared with the first config's."""
+    D, H, page = SPEED_SHAPE
+    pb = speed_problem(T, 0, D, H, page, params, 128)
+    out = torch.empty_like(pb["query"])
+    fl, first, rows = mesa_flops(T, params, D, H), None, []
+    entries = [(0, s.q_start, s) for s in plan_request(T, 0, T, params)]
+    for cfg in PREFILL_CONFIGS:
+        pbm = dict(pb, pre=tm.build_segment_table(entries, params, cfg[0], DEV))
+        try:
+            ms = bench_ms(lambda pbm=pbm, cfg=cfg: run(pbm, out=out, pre_kw=_pre_kw(cfg)))
+        except Exception as e:  # noqa: BLE001 - report and go on
+            log(f"sweep {cfg}: {type(e).__name__}: {e}")
+            continue
+        first = out.float().clone() if first is None else first
+        diff = float((out.float() - first).abs().max())
+        rows.append(dict(T=T, cfg=list(cfg), ms=ms, tflops=fl / ms / 1e9, max_diff=diff))
+        log(f"sweep prefill {rows[-1]}")
+    return rows
+
+
+def sweep_decode(S, params) -> list[dict]:
+    """Decode configs x split counts for one token at index S - 1 (MHA shape)."""
+    D, H, page = SPEED_SHAPE
+    pb = speed_problem(S, S - 1, D, H, page, params, 1, seed=11)
+    out = torch.empty_like(pb["query"])
+    rows, first = [], None
+    for cfg in DECODE_CONFIGS:
+        for sp in DECODE_SPLITS:
+            try:
+                ms = bench_ms(
+                    lambda cfg=cfg, sp=sp: run(pb, sp, out=out, dec_kw=_dec_kw(cfg)), graph=True
+                )
+            except Exception as e:  # noqa: BLE001
+                log(f"sweep decode {cfg} {sp}: {type(e).__name__}: {e}")
+                continue
+            first = out.float().clone() if first is None else first
+            rows.append(
+                dict(
+                    S=S,
+                    cfg=list(cfg),
+                    splits=sp,
+                    ms=ms,
+                    max_diff=float((out.float() - first).abs().max()),
+                )
+            )
+            log(f"sweep decode {rows[-1]}")
+    return rows
+
+
+def speed(args) -> dict:
+    D, H, page = SPEED_SHAPE
+    params = MesaParams(*LLAMA2.values())
+    base_name, fa_varlen, fa_kvcache = baselines()
+    res: dict = dict(baseline=base_name, prefill=[], decode=[], sweep=[], decode_sweep=[])
+    lengths = [int(x) for x in args.lengths.split(",")]
+    pre_cfg = (args.block_m, 64, 8, 2, True, True)
+    dec_cfg = DECODE_CONFIGS[0]
+    if not args.skip_sweep:
+        res["sweep"] = sweep_prefill(args.sweep_len, params)
+        if res["sweep"]:
+            pre_cfg = tuple(min(res["sweep"], key=lambda r: r["ms"])["cfg"])
+        torch.cuda.empty_cache()
+        res["decode_sweep"] = sweep_decode(args.decode_sweep_len, params)
+        if res["decode_sweep"]:
+            dec_cfg = tuple(min(res["decode_sweep"], key=lambda r: r["ms"])["cfg"])
+        torch.cuda.empty_cache()
+    res["prefill_cfg"], res["decode_cfg"] = list(pre_cfg), list(dec_cfg)
+    log(f"prefill config {pre_cfg}, decode config {dec_cfg}")
+    for Hkv in (H, H // 4):
+        for T in lengths if Hkv == H else lengths[1:]:
+            try:
+                row = speed_prefill(T, Hkv, pre_cfg, params, fa_varlen if Hkv == H else None)
+                res["prefill"].append(row)
+            except Exception as e:  # noqa: BLE001
+                log(f"prefill {T}: {type(e).__name__}: {e}")
+            torch.cuda.empty_cache()
+        for S in lengths if Hkv == H else lengths[1:]:
+            try:
+                row = speed_decode(S, Hkv, dec_cfg, params, fa_kvcache if Hkv == H else None)
+                res["decode"].append(row)
+            except Exception as e:  # noqa: BLE001
+                log(f"decode {S}: {type(e).__name__}: {e}")
+            torch.cuda.empty_cache()
+    return res
+
+
+def speed_prefill(T, Hkv, cfg, params, fa_varlen) -> dict:
+    """Mesa prefill of a whole T-token prompt; for MHA also the causal baseline."""
+    D, H, page = SPEED_SHAPE
+    pb = speed_problem(T, 0, D, H, page, params, max(1, cfg[0] // (H // Hkv)), Hkv=Hkv)
+    pb["out"] = out = torch.empty_like(pb["query"])
+    ms = bench_ms(lambda: run(pb, out=out, pre_kw=_pre_kw(cfg)))
+    pb.clear()  # free the cache before the baseline allocates its q/k/v
+    fl = mesa_flops(T, params, D, H)
+    row = dict(T=T, Hkv=Hkv, mesa_ms=ms, mesa_tflops=fl / ms / 1e9, mesa_gflop=fl / 1e9)
+    if Hkv == H:
+        base_ms = bench_ms(baseline_prefill(fa_varlen, T, H, D))
+        base_fl = 4.0 * D * H * T * (T + 1) / 2
+        row.update(base_ms=base_ms, base_tflops=base_fl / base_ms / 1e9, base_gflop=base_fl / 1e9)
+    log(f"prefill {row}")
+    return row
+
+
+def speed_decode(S, Hkv, cfg, params, fa_kvcache) -> dict:
+    """One decode token at index S - 1 (CUDA-graph replay), best of DECODE_SPLITS."""
+    D, H, page = SPEED_SHAPE
+    pb = speed_problem(S, S - 1, D, H, page, params, 1, seed=11, Hkv=Hkv)
+    out = torch.empty_like(pb["query"])
+    rows = []
+    for sp in sorted({tm.decode_num_splits(S, 1, Hkv), *DECODE_SPLITS}):
+        fn = lambda sp=sp: run(pb, sp, out=out, dec_kw=_dec_kw(cfg))  # noqa: E731
+        rows.append((bench_ms(fn, graph=True), sp))
+    ms, splits = min(rows)
+    pb.clear()
+    gb = 2 * S * Hkv * D * 2 / 1e9
+    row = dict(
+        S=S,
+        Hkv=Hkv,
+        mesa_ms=ms,
+        splits=splits,
+        all_splits={sp: m for m, sp in rows},
+        mesa_tbs=gb / ms,
+    )
+    if Hkv == H:
+        base_ms = bench_ms(baseline_decode(fa_kvcache, S, H, D), graph=True)
+        row.update(base_ms=base_ms, base_tbs=gb / base_ms)
+    log(f"decode {row}")
+    return row
+
+
+def markdown(check_rows, sp) -> str:
+    lines = []
+    if check_rows:
+        lines += [
+            "| check | seed | rows | NaN | max abs err | rel L2 | tol (abs, L2) | ok |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in check_rows:
+            lines.append(
+                f"| {r['name']} | {r['seed']} | {r.get('rows', '')} | {r['nan']} | "
+                f"{r['max_abs']:.2e} | {r['rel_l2']:.2e} | {r['atol']:g}, {r['rtol']:g} "
+                f"| {'yes' if r['ok'] else 'NO: ' + r.get('error', '')} |"
+            )
+        lines.append("")
+    if not sp:
+        return "\n".join(lines)
+    if sp["sweep"]:
+        lines += [
+            f"Prefill configs at T = {sp['sweep'][0]['T']} "
+            f"({SPEED_SHAPE[1]} x {SPEED_SHAPE[0]} MHA, bf16):",
+            "",
+            "| BLOCK_M/N, warps, stages, fast trig, angle add | ms | useful TFLOP/s | "
+            "max diff vs first |",
+            "|---|---|---|---|",
+        ]
+        for r in sp["sweep"]:
+            lines.append(
+                f"| {', '.join(map(str, r['cfg']))} | {r['ms']:.2f} | "
+                f"{r['tflops']:.0f} | {r['max_diff']:.1e} |"
+            )
+        lines.append("")
+    if sp["decode_sweep"]:
+        lines += [
+            f"Decode configs at S = {sp['decode_sweep'][0]['S']} (ms, CUDA graph):",
+            "",
+            "| BLOCK_N, warps, stages, angle add | "
+            + " | ".join(f"{n} splits" for n in DECODE_SPLITS)
+            + " |",
+            "|---|" + "---|" * len(DECODE_SPLITS),
+        ]
+        by_cfg: dict = {}
+        for r in sp["decode_sweep"]:
+            by_cfg.setdefault(tuple(r["cfg"]), {})[r["splits"]] = r["ms"]
+        for cfg, d in by_cfg.items():
+            cells = " | ".join(f"{d[n]:.4f}" if n in d else "-" for n in DECODE_SPLITS)
+            lines.append(f"| {', '.join(map(str, cfg))} | {cells} |")
+        lines.append("")
+    b = sp["baseline"]
+    lines += [
+        f"Prefill of a whole prompt, one layer, {SPEED_SHAPE[1]} query heads x {SPEED_SHAPE[0]}, "
+        f"bf16, cache block {SPEED_SHAPE[2]}, config {sp['prefill_cfg']}.  Mesa rotates q/k "
+        f"in-kernel; baseline {b}, causal over pre-rotated q/k (MHA rows only).",
+        "",
+        f"| T | KV heads | Mesa ms | Mesa useful TFLOP/s | Mesa GFLOP | {b} ms | "
+        f"{b} TFLOP/s | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sp["prefill"]:
+        base = (
+            (f"{r['base_ms']:.3f} | {r['base_tflops']:.0f} | {r['base_ms'] / r['mesa_ms']:.1f}x")
+            if "base_ms" in r
+            else "- | - | -"
+        )
+        lines.append(
+            f"| {r['T']} | {r['Hkv']} | {r['mesa_ms']:.3f} | {r['mesa_tflops']:.0f} | "
+            f"{r['mesa_gflop']:.0f} | {base} |"
+        )
+    lines += [
+        "",
+        f"Decode of one token, one layer-call (CUDA graph replay), config "
+        f"{sp['decode_cfg']}, best split count; baseline {b} on contiguous KV.",
+        "",
+        f"| S | KV heads | Mesa ms | splits | Mesa KV TB/s | {b} ms | {b} KV TB/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sp["decode"]:
+        base = f"{r['base_ms']:.4f} | {r['base_tbs']:.2f}" if "base_ms" in r else "- | -"
+        lines.append(
+            f"| {r['S']} | {r['Hkv']} | {r['mesa_ms']:.4f} | {r['splits']} | "
+            f"{r['mesa_tbs']:.2f} | {base} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--lengths", default="4096,32768,131072")
+    ap.add_argument("--sweep-len", type=int, default=32768)
+    ap.add_argument("--decode-sweep-len", type=int, default=131072)
+    ap.add_argument("--block-m", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(3), "little"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA GPU")
+    torch.set_num_threads(os.cpu_count() or 1)
+    import triton
+
+    log(
+        f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
+        f"seed {args.seed}"
+    )
+    t0 = time.time()
+    check_rows = [] if args.skip_checks else checks(args.seed)
+    log(f"checks done in {time.time() - t0:.0f}s")
+    sp = None if args.skip_speed else speed(args)
+    table = markdown(check_rows, sp)
+    log("\n" + table)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+        (Path(os.environ["OUT"]) / "bench_kernels.json").write_text(
+            json.dumps(dict(checks=check_rows, speed=sp, seed=args.seed), indent=1)
+        )
+        (Path(os.environ["OUT"]) / "bench_kernels.md").write_text(table + "\n")
+    if check_rows and not all(r["ok"] for r in check_rows):
+        sys.exit("some checks failed")
+
+
+if __name__ == "__main__":
+    main()

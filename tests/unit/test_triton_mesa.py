@@ -1,0 +1,204 @@
+"""Triton Mesa kernels (mesa_vllm.ops.triton_mesa) against the dense reference, on the CPU.
+
+The kernels run under the Triton interpreter (TRITON_INTERPRET=1), in one worker subprocess
+per CPU half of the cases: the variable must be set before triton is imported, and setting
+it inside the pytest process would leak into every later test and the servers they start.
+Each case draws fresh random inputs (seed printed; MESA_TEST_SEED pins it), packs several
+requests and phases (full prefill, chunked prefill starting mid-sequence, decode rows of long
+and grown sequences) into one launch over a shuffled paged cache, fills the output with NaN,
+and compares every row with ``mesa_attention_reference`` on the whole sequence.
+
+Tolerances (max abs error; relative L2 error): fp32 1e-4 and 1e-5; fp16/bf16 5e-2 and 1.5e-2
+(the interpreter rounds to bf16 by truncation, coarser than the GPU's round-to-nearest).
+Under the interpreter the dots run in fp32 on operands rounded to the input dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # for `python tests/unit/test_triton_mesa.py`
+
+import pytest  # noqa: E402
+
+pytestmark = pytest.mark.unit
+
+# Tiny Mesa setting (the paper's 4k one scaled down): L=32, F=4, Lc=8, Mmax=6, E=3, so
+# C = L - F = 28 for grown sequences; prompts 20..256 tokens (below L to 8 L).
+MESA = dict(L=32, F=4, Lc=8, Mmax=6, E=3)
+
+# Each request is (T_prompt, seq_len, ctx): queries [ctx, seq_len) of a sequence whose first
+# T_prompt tokens are the prompt; ctx > 0 is chunked prefill / decode (keys already cached).
+# id, dtype, head size, Hkv, G (= Hq / Hkv), cache block size, requests, options.
+_CASES = [
+    ("fp32-d32-g1-p16-short", "float32", 32, 2, 1, 16, [(20, 20, 0), (32, 32, 0), (30, 31, 30)],
+     {}),
+    ("fp32-d64-g4-p32-mixed", "float32", 64, 1, 4, 32,
+     [(256, 256, 0), (150, 150, 60), (40, 60, 59)], {}),
+    ("bf16-d64-g1-p16-prompt+gen", "bfloat16", 64, 2, 1, 16, [(256, 260, 0)], {}),
+    ("fp32-d64-g2-p16-partial-rotary", "float32", 64, 1, 2, 16, [(120, 120, 0), (70, 75, 74)],
+     dict(rotary=0.5)),
+    ("fp32-d32-g4-p16-decode", "float32", 32, 2, 4, 16,
+     [(10, 20, 19), (20, 50, 49), (200, 230, 229), (150, 71, 70), (256, 256, 255)],
+     dict(splits=4)),
+    ("bf16-d64-g4-p32-chunked", "bfloat16", 64, 2, 4, 32,
+     [(200, 140, 100), (96, 96, 33), (100, 120, 119)], dict(splits=2)),
+    ("fp16-d32-g1-p32-chunked", "float16", 32, 2, 1, 32,
+     [(180, 180, 150), (64, 80, 70), (33, 34, 33)], {}),
+    ("fp32-d32-g3-p16-nolog", "float32", 32, 2, 3, 16, [(100, 100, 0), (90, 95, 94)],
+     dict(log_n=False)),
+    ("fp32-d64-g1-p32-blockq3-no-angle-add", "float32", 64, 1, 1, 32,
+     [(130, 130, 0), (60, 62, 61), (200, 210, 209)],
+     dict(block_q=3, splits=5, flip_angle_add=True)),
+]  # fmt: skip
+CASES = [
+    dict(id=i, dtype=dt, D=d, Hkv=hkv, G=g, page=pg, reqs=r, **kw)
+    for i, dt, d, hkv, g, pg, r, kw in _CASES
+]
+TOL = {"float32": (1e-4, 1e-5), "float16": (5e-2, 1.5e-2), "bfloat16": (5e-2, 1.5e-2)}
+
+
+def _base_seed() -> int:
+    return int(os.environ.get("MESA_TEST_SEED", int.from_bytes(os.urandom(3), "little")))
+
+
+def run_case(case: dict, seed: int) -> dict:
+    """Run one case under the interpreter; returns errors, NaN count and timing."""
+    import time
+
+    import torch
+
+    from mesa_vllm.ops import triton_mesa as tm
+    from mesa_vllm.ops.reference import mesa_attention_reference, rope_inv_freq
+    from mesa_vllm.plan import MesaParams, plan_request
+
+    g = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, case["dtype"])
+    D, Hkv, G, page, reqs = case["D"], case["Hkv"], case["G"], case["page"], case["reqs"]
+    log_n = case.get("log_n", True)
+    m = MESA
+    params = MesaParams(m["L"], m["F"], m["Lc"], m["Mmax"], m["E"], log_n)
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": case.get("rotary", 1.0),
+    }
+    inv = rope_inv_freq(D, rope)
+    Hq = Hkv * G
+    need = [-(-S // page) for _, S, _ in reqs]
+    n_blocks = sum(need) + 3
+    key_cache = torch.randn(n_blocks, page, Hkv, D, generator=g).to(dtype)
+    value_cache = torch.randn(n_blocks, page, Hkv, D, generator=g).to(dtype)
+    perm = torch.randperm(n_blocks, generator=g).to(torch.int32)
+    block_table = torch.zeros(len(reqs), max(need), dtype=torch.int32)
+    queries, refs, entries, used, q_off = [], [], [], 0, 0
+    for r, (T, S, ctx) in enumerate(reqs):
+        block_table[r, : need[r]] = perm[used : used + need[r]]
+        used += need[r]
+        q = torch.randn(S, Hq, D, generator=g).to(dtype)
+        k = torch.randn(S, Hkv, D, generator=g).to(dtype)
+        v = torch.randn(S, Hkv, D, generator=g).to(dtype)
+        blocks = block_table[r, torch.arange(S) // page].long()
+        key_cache[blocks, torch.arange(S) % page] = k
+        value_cache[blocks, torch.arange(S) % page] = v
+        ref = mesa_attention_reference(
+            q, k, v, T, m["L"], m["F"], m["Lc"], m["Mmax"], m["E"], log_n, rope, D**-0.5
+        )
+        queries.append(q[ctx:])
+        refs.append(ref[ctx:])
+        entries += [(r, q_off + s.q_start - ctx, s) for s in plan_request(T, ctx, S, params)]
+        q_off += S - ctx
+    query, ref = torch.cat(queries), torch.cat(refs).float()
+    out = torch.full_like(query, float("nan"))
+    pre, dec = tm.split_prefill_decode(entries)
+    cache = (query, key_cache, value_cache, block_table)
+    t0 = time.time()
+    if pre:
+        table = tm.build_segment_table(pre, params, case.get("block_q", max(1, 16 // G)))
+        flip = case.get("flip_angle_add", False)  # prefill default on, decode default off
+        tm.mesa_prefill(*cache, table, inv, D**-0.5, out, angle_add=not flip)
+    if dec:
+        table = tm.build_segment_table(dec, params, 1)
+        flip = case.get("flip_angle_add", False)
+        tm.mesa_decode(*cache, table, inv, D**-0.5, out, case.get("splits", 3), angle_add=flip)
+    err = (out.float() - ref).abs()
+    return dict(
+        id=case["id"],
+        seed=seed,
+        nan=int(out.isnan().sum()),
+        rows=query.shape[0],
+        n_prefill=len(pre),
+        n_decode=len(dec),
+        seconds=round(time.time() - t0, 2),
+        max_abs=float(err.nan_to_num(float("inf")).max()),
+        rel_l2=float((out.float() - ref).norm() / ref.norm()),
+    )
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    base = _base_seed()
+    print(f"\ntriton_mesa kernel tests: base seed {base} (MESA_TEST_SEED={base} to repeat)")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    halves = [[i for i in range(len(CASES)) if i % 2 == w] for w in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(base), *map(str, idx)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for idx in halves
+    ]
+    out: dict = {}
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, f"interpreter worker failed:\n{stderr[-4000:]}"
+        for line in stdout.splitlines():
+            if line.startswith("{"):
+                r = json.loads(line)
+                out[r["id"]] = r
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_kernels_match_reference(results: dict, case: dict) -> None:
+    r = results[case["id"]]
+    print(r)
+    atol, rtol = TOL[case["dtype"]]
+    assert r["nan"] == 0, f"unwritten/NaN output rows: {r}"
+    assert r["max_abs"] <= atol and r["rel_l2"] <= rtol, r
+    assert r["n_prefill"] + r["n_decode"] > 0
+
+
+def test_segment_table_tiles() -> None:
+    """Tiles cover every query of every segment once, longest key list first."""
+    import torch  # noqa: F401
+
+    from mesa_vllm.ops import triton_mesa as tm
+    from mesa_vllm.plan import MesaParams, plan_request
+
+    m = MESA
+    params = MesaParams(m["L"], m["F"], m["Lc"], m["Mmax"], m["E"])
+    entries = [(0, s.q_start, s) for s in plan_request(256, 0, 256, params)]
+    t = tm.build_segment_table(entries, params, block_q=5)
+    covered = sorted(
+        (int(t.q_lo[s]) + q0 + i)
+        for s, q0 in zip(t.tile_seg.tolist(), t.tile_q0.tolist(), strict=True)
+        for i in range(min(5, int(t.q_len[s]) - q0))
+    )
+    assert covered == list(range(256))
+    assert [tm.decode_num_splits(s, 1, 32) for s in (4096, 32768, 131072)] == [16, 32, 128]
+    assert tm.decode_num_splits(32768, 1, 8) == 128
+    assert tm.decode_num_splits(100, 64, 8) == 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    seed0 = int(sys.argv[1])
+    for i in map(int, sys.argv[2:]):
+        print(json.dumps(run_case(CASES[i], seed0 + i)), flush=True)
