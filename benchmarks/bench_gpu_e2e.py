@@ -51,6 +51,11 @@ def log(msg: str) -> None:
 
 
 def _free(llm) -> None:
+    # stop the engine-core process so its GPU memory is released before the next engine
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception as exc:  # best effort: report, keep going
+        log(f"engine shutdown: {exc}")
     del llm
     gc.collect()
     torch.cuda.empty_cache()
