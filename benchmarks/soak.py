@@ -43,6 +43,17 @@ class Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def server_args(kv_blocks: int, max_num_seqs: int = 16) -> list[str]:
+    """Flags of the soak server: Mesa, a small float32 CPU engine, a KV cache of
+    ``kv_blocks`` blocks of 16 tokens (small enough to force preemption)."""
+    return [
+        "--attention-backend", "mesa", "--additional-config", json.dumps({"mesa": MESA}),
+        "--max-model-len", "1024", "--dtype", "float32", "--enforce-eager",
+        "--gpu-memory-utilization", "0.12", "--block-size", "16",
+        "--num-gpu-blocks-override", str(kv_blocks), "--max-num-seqs", str(max_num_seqs),
+    ]  # fmt: skip
+
+
 def _prompts(n: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     lengths = [rng.choice([12, 40, 63, 100, 300, 700]) for _ in range(n)]
@@ -169,8 +180,8 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=None, help="default: a random tiny Llama")
     ap.add_argument("--duration", type=float, default=60)
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--max-requests", type=int, default=400)
-    ap.add_argument("--kv-blocks", type=int, default=96, help="KV blocks of 16 tokens")
+    ap.add_argument("--max-requests", type=int, default=3000)
+    ap.add_argument("--kv-blocks", type=int, default=64, help="KV blocks of 16 tokens")
     ap.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
     args = ap.parse_args()
 
@@ -180,27 +191,12 @@ def main() -> int:
     model = args.model or make_random_model(
         "llama", Path.home() / ".cache" / "mesa_vllm" / "soak-llama-64", train_len=TRAIN_LEN
     )
-    server_args = [
-        "--attention-backend",
-        "mesa",
-        "--additional-config",
-        json.dumps({"mesa": MESA}),
-        "--max-model-len",
-        "1024",
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--gpu-memory-utilization",
-        "0.12",
-        "--block-size",
-        "16",
-        "--num-gpu-blocks-override",
-        str(args.kv_blocks),
-        "--max-num-seqs",
-        "16",
-    ]
     with LocalServer(
-        str(model), server_args, log_path="soak-server.log", served_name="soak", timeout=600
+        str(model),
+        server_args(args.kv_blocks),
+        log_path="soak-server.log",
+        served_name="soak",
+        timeout=600,
     ) as srv:
         rss0 = _rss_mb(srv.proc.pid)
         print(f"server up; soaking {args.clients} clients for {args.duration:.0f} s", flush=True)

@@ -77,31 +77,20 @@ def convert_to_mesa(model: nn.Module) -> int:
     return converted
 
 
-class _MesaMixin:
-    def _maybe_convert(self, vllm_config: VllmConfig) -> None:
-        if mesa_enabled(vllm_config):
-            convert_to_mesa(self)  # type: ignore[arg-type]
+def _with_mesa(base: type[nn.Module]) -> type[nn.Module]:
+    """``base`` (a vLLM model class), converted to Mesa when the Mesa backend is selected."""
+
+    class MesaModel(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs) -> None:
+            super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+            if mesa_enabled(vllm_config):
+                convert_to_mesa(self)
+
+    MesaModel.__name__ = MesaModel.__qualname__ = f"Mesa{base.__name__}"
+    return MesaModel
 
 
-class MesaLlamaForCausalLM(LlamaForCausalLM, _MesaMixin):
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs) -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        self._maybe_convert(vllm_config)
-
-
-class MesaMistralForCausalLM(MistralForCausalLM, _MesaMixin):
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs) -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        self._maybe_convert(vllm_config)
-
-
-class MesaQwen2ForCausalLM(Qwen2ForCausalLM, _MesaMixin):
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs) -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        self._maybe_convert(vllm_config)
-
-
-class MesaPhi3ForCausalLM(Phi3ForCausalLM, _MesaMixin):
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs) -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        self._maybe_convert(vllm_config)
+MesaLlamaForCausalLM = _with_mesa(LlamaForCausalLM)
+MesaMistralForCausalLM = _with_mesa(MistralForCausalLM)
+MesaQwen2ForCausalLM = _with_mesa(Qwen2ForCausalLM)
+MesaPhi3ForCausalLM = _with_mesa(Phi3ForCausalLM)

@@ -3,7 +3,6 @@ KV cache small enough to force preemption; outputs equal the same requests run a
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,25 +18,7 @@ def test_short_soak_with_preemption(tiny_llama, tmp_path):
 
     from mesa_vllm.eval.server import LocalServer
 
-    args = [
-        "--attention-backend",
-        "mesa",
-        "--additional-config",
-        json.dumps({"mesa": soak.MESA}),
-        "--max-model-len",
-        "1024",
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--gpu-memory-utilization",
-        "0.12",
-        "--block-size",
-        "16",
-        "--num-gpu-blocks-override",
-        "80",
-        "--max-num-seqs",
-        "8",
-    ]
+    args = soak.server_args(kv_blocks=64, max_num_seqs=8)
     with LocalServer(
         str(tiny_llama), args, log_path=tmp_path / "soak.log", served_name="soak", timeout=400
     ) as srv:
