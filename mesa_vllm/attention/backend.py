@@ -152,6 +152,9 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
                 "Mesa backend needs the model's RoPE (mesa_rope); load the model through a "
                 "Mesa-registered architecture (mesa_vllm.models)"
             )
+        if attn_metadata.block_table is not None:
+            self._forward_triton(query, kv_cache, attn_metadata, output)
+            return output
         run_segments(
             query,
             kv_cache[0].view(-1, self.num_kv_heads, self.head_size),
@@ -162,3 +165,28 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
             self.scale,
         )
         return output
+
+    def _forward_triton(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, md: MesaMetadata, output: torch.Tensor
+    ) -> None:
+        """Triton kernels (mesa_vllm/ops/triton_mesa.py) over the paged cache."""
+        from mesa_vllm.ops.triton_mesa import mesa_decode, mesa_prefill
+
+        if not self.rope.is_neox_style:
+            raise ValueError("Mesa Triton kernels support neox-style RoPE only")
+        inv_freq = self._inv_freq_on(query.device)
+        args = (query, kv_cache[0], kv_cache[1], md.block_table)
+        rd = self.rope.rotary_dim
+        if md.prefill_table is not None:
+            mesa_prefill(*args, md.prefill_table, inv_freq, self.scale, output, rotary_dim=rd)
+        if md.decode_table is not None:
+            mesa_decode(
+                *args, md.decode_table, inv_freq, self.scale, output, md.num_splits, rotary_dim=rd
+            )
+
+    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        cached = getattr(self, "_inv_freq_dev", None)
+        if cached is None or cached.device != device:
+            cached = self.rope.inv_freq.to(device=device, dtype=torch.float32)
+            self._inv_freq_dev = cached
+        return cached

@@ -21,6 +21,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from mesa_vllm.engine_config import params_from_vllm_config
+from mesa_vllm.envs import resolve_kernel
 from mesa_vllm.plan import ChunkPlan, MesaParams, Segment, dynamic_split, plan_request
 
 
@@ -47,9 +48,16 @@ class SegmentWork:
 
 @dataclass
 class MesaMetadata:
+    """Torch path: ``segments``.  Triton path: ``prefill_table`` (segments of 2+ queries),
+    ``decode_table`` (single-query segments), ``num_splits`` and the ``block_table``."""
+
     num_actual_tokens: int
     slot_mapping: torch.Tensor
     segments: list[SegmentWork] = field(default_factory=list)
+    block_table: torch.Tensor | None = None
+    prefill_table: object | None = None
+    decode_table: object | None = None
+    num_splits: int = 1
 
 
 @lru_cache(maxsize=4096)
@@ -103,6 +111,13 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.params = params_from_vllm_config(vllm_config)
         self.block_size = kv_cache_spec.block_size
+        self.num_kv_heads = kv_cache_spec.num_kv_heads
+        num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+        self.kernel = resolve_kernel(torch.device(device).type)
+        if self.kernel == "triton":
+            from mesa_vllm.ops.triton_mesa import default_block_q
+
+            self.block_q = default_block_q(num_heads // self.num_kv_heads)
 
     def build(
         self,
@@ -125,6 +140,7 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
         block_table = cm.block_table_tensor
         device = block_table.device
         segments: list[SegmentWork] = []
+        entries: list[tuple[int, int, Segment]] = []
         for r in range(cm.num_reqs):
             q_len = qsl[r + 1] - qsl[r]
             if q_len <= 0:
@@ -134,6 +150,9 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
             ctx = seq_len - q_len
             plan = _cached_split(T, self.params)
             for seg in plan_request(T, ctx, seq_len, self.params, plan):
+                if self.kernel == "triton":
+                    entries.append((r, qsl[r] + (seg.q_start - ctx), seg))
+                    continue
                 kidx, kpos, qpos, scale, mask = segment_tensors(seg, self.params, device)
                 slots = block_table[r, kidx // self.block_size].to(torch.int64) * self.block_size
                 slots = slots + kidx % self.block_size
@@ -143,4 +162,26 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
                 segments.append(
                     SegmentWork(seg.kind, lo, lo + nq, slots, kpos, qpos, scale, mask, causal)
                 )
+        if self.kernel == "triton":
+            return self._triton_metadata(cm, entries, max(seq_lens, default=1))
         return MesaMetadata(cm.num_actual_tokens, cm.slot_mapping, segments)
+
+    def _triton_metadata(self, cm: CommonAttentionMetadata, entries, max_seq_len: int):
+        from mesa_vllm.ops.triton_mesa import (
+            build_segment_table,
+            decode_num_splits,
+            split_prefill_decode,
+        )
+
+        device = cm.block_table_tensor.device
+        pre, dec = split_prefill_decode(entries)
+        return MesaMetadata(
+            cm.num_actual_tokens,
+            cm.slot_mapping,
+            block_table=cm.block_table_tensor,
+            prefill_table=build_segment_table(pre, self.params, self.block_q, device)
+            if pre
+            else None,
+            decode_table=build_segment_table(dec, self.params, 1, device) if dec else None,
+            num_splits=decode_num_splits(int(max_seq_len), len(dec), self.num_kv_heads),
+        )

@@ -1,0 +1,29 @@
+"""Environment variables read by mesa_vllm (the only module that reads them).
+
+MESA_VLLM_KERNEL: which attention implementation the Mesa backend runs.
+    ``auto`` (default): Triton kernels on CUDA, the torch path elsewhere.
+    ``torch``: the torch path everywhere (a correct fallback on any device).
+    ``triton``: the Triton kernels everywhere (on the CPU only under TRITON_INTERPRET=1,
+    which the tests use to check the integration against the dense oracle).
+"""
+
+from __future__ import annotations
+
+import os
+
+KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+def mesa_kernel() -> str:
+    value = os.environ.get("MESA_VLLM_KERNEL", "auto").strip().lower()
+    if value not in KERNEL_CHOICES:
+        raise ValueError(f"MESA_VLLM_KERNEL={value!r} is not one of {', '.join(KERNEL_CHOICES)}")
+    return value
+
+
+def resolve_kernel(device_type: str) -> str:
+    """``torch`` or ``triton`` for a device type (``cuda`` / ``cpu`` ...)."""
+    choice = mesa_kernel()
+    if choice == "auto":
+        return "triton" if device_type == "cuda" else "torch"
+    return choice
