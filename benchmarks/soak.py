@@ -43,12 +43,12 @@ class Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def server_args(kv_blocks: int, max_num_seqs: int = 16) -> list[str]:
+def server_args(kv_blocks: int, max_num_seqs: int = 16, max_model_len: int = 1024) -> list[str]:
     """Flags of the soak server: Mesa, a small float32 CPU engine, a KV cache of
     ``kv_blocks`` blocks of 16 tokens (small enough to force preemption)."""
     return [
         "--attention-backend", "mesa", "--additional-config", json.dumps({"mesa": MESA}),
-        "--max-model-len", "1024", "--dtype", "float32", "--enforce-eager",
+        "--max-model-len", str(max_model_len), "--dtype", "float32", "--enforce-eager",
         "--gpu-memory-utilization", "0.12", "--block-size", "16",
         "--num-gpu-blocks-override", str(kv_blocks), "--max-num-seqs", str(max_num_seqs),
     ]  # fmt: skip

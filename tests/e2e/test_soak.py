@@ -18,13 +18,14 @@ def test_short_soak_with_preemption(tiny_llama, tmp_path):
 
     from mesa_vllm.eval.server import LocalServer
 
-    args = soak.server_args(kv_blocks=64, max_num_seqs=8)
+    # 48 blocks x 16 = 768 tokens = max_model_len: one 700-token prompt fills the cache
+    args = soak.server_args(kv_blocks=48, max_num_seqs=8, max_model_len=768)
     with LocalServer(
         str(tiny_llama), args, log_path=tmp_path / "soak.log", served_name="soak", timeout=400
     ) as srv:
         rss0 = soak._rss_mb(srv.proc.pid)
         summary = soak.run_soak(
-            srv.base_url, "soak", duration=40, clients=6, max_requests=60, max_tokens=12, pool=8
+            srv.base_url, "soak", duration=40, clients=6, max_requests=150, max_tokens=40, pool=8
         )
         preemptions = soak._preemptions(srv.base_url)
         rss1 = soak._rss_mb(srv.proc.pid)
