@@ -54,9 +54,9 @@ def server_args(kv_blocks: int, max_num_seqs: int = 16, max_model_len: int = 102
     ]  # fmt: skip
 
 
-def _prompts(n: int, seed: int) -> list[list[int]]:
+def _prompts(n: int, seed: int, lengths: list[int] | None = None) -> list[list[int]]:
     rng = random.Random(seed)
-    lengths = [rng.choice([12, 40, 63, 100, 300, 700]) for _ in range(n)]
+    lengths = lengths or [rng.choice([12, 40, 63, 100, 300, 700]) for _ in range(n)]
     return [[0] + [rng.randrange(3, 450) for _ in range(t - 1)] for t in lengths]
 
 
@@ -87,12 +87,14 @@ def run_soak(
     seed: int = 0,
     max_tokens: int = 16,
     pool: int = 12,
+    lengths: list[int] | None = None,
 ) -> dict:
-    """Drive the server; return the summary dict (see module docstring)."""
+    """Drive the server; return the summary dict (see module docstring).  ``lengths``: the
+    prompt lengths of the pool (default: ``pool`` random picks from 12..700 tokens)."""
     from openai import OpenAI
 
     client = OpenAI(base_url=base_url, api_key="EMPTY", max_retries=0, timeout=300)
-    prompts = _prompts(pool, seed)
+    prompts = _prompts(pool, seed, lengths)
     alone = []
     for p in prompts:  # reference: each request alone
         r = client.completions.create(

@@ -18,14 +18,21 @@ def test_short_soak_with_preemption(tiny_llama, tmp_path):
 
     from mesa_vllm.eval.server import LocalServer
 
-    # 48 blocks x 16 = 768 tokens = max_model_len: one 700-token prompt fills the cache
+    # 48 blocks x 16 = 768 tokens = max_model_len.  Two ~330-token prompts fill 42 blocks and
+    # their 48-token decodes need 6 more each: with 6 clients, mostly long, decodes preempt.
     args = soak.server_args(kv_blocks=48, max_num_seqs=8, max_model_len=768)
     with LocalServer(
         str(tiny_llama), args, log_path=tmp_path / "soak.log", served_name="soak", timeout=400
     ) as srv:
         rss0 = soak._rss_mb(srv.proc.pid)
         summary = soak.run_soak(
-            srv.base_url, "soak", duration=40, clients=6, max_requests=150, max_tokens=40, pool=8
+            srv.base_url,
+            "soak",
+            duration=40,
+            clients=6,
+            max_requests=150,
+            max_tokens=48,
+            lengths=[340, 330, 320, 310, 12, 63],
         )
         preemptions = soak._preemptions(srv.base_url)
         rss1 = soak._rss_mb(srv.proc.pid)
