@@ -118,8 +118,9 @@ class PasskeyData:
         """The token ids of ``passkey_sample(tok, target, depth)`` with this key."""
         n = max(0, target - self.fixed) // self.per
         cut = round(depth * n)
-        return (self.head + self.filler * cut + self.needle(key) + self.filler * (n - cut)
-                + self.tail)
+        return (
+            self.head + self.filler * cut + self.needle(key) + self.filler * (n - cut) + self.tail
+        )
 
     def varied(self, target: int, rng: random.Random, key: str) -> tuple[list[int], list[str]]:
         """Filler of single sentences (cyclic, random start), key at a random boundary."""
@@ -139,9 +140,15 @@ class PasskeyData:
         for i in idx[cut:]:
             ids += self.sent_ids[i]
         ids += self.tail
-        text = " ".join([D.TASK, *[self.sentences[i] for i in idx[:cut]],
-                         D.KEY_SENTENCE.format(key=key),
-                         *[self.sentences[i] for i in idx[cut:]], D.QUESTION])
+        text = " ".join(
+            [
+                D.TASK,
+                *[self.sentences[i] for i in idx[:cut]],
+                D.KEY_SENTENCE.format(key=key),
+                *[self.sentences[i] for i in idx[cut:]],
+                D.QUESTION,
+            ]
+        )
         return ids, [text]
 
     def self_check(self, n: int = 200, max_target: int = 1024) -> None:
@@ -194,8 +201,9 @@ def build_config(arch: str, args, tok: Tok):
     return cfg
 
 
-def make_batch(data: PasskeyData, rng: random.Random, bsz: int, L: int, answer_weight: float,
-               p_exact: float):
+def make_batch(
+    data: PasskeyData, rng: random.Random, bsz: int, L: int, answer_weight: float, p_exact: float
+):
     import torch
 
     seqs, wts = [], []
@@ -218,12 +226,13 @@ def make_batch(data: PasskeyData, rng: random.Random, bsz: int, L: int, answer_w
     for i, (s, ws) in enumerate(zip(seqs, wts, strict=True)):
         x[i, : len(s)] = torch.tensor(s)
         w[i, : len(s)] = torch.tensor(ws)
-        a[i, len(s) - ANSWER_LEN: len(s)] = True
+        a[i, len(s) - ANSWER_LEN : len(s)] = True
     return x, w, a
 
 
-def greedy(model, prompts: list[list[int]], device, max_new: int, batch: int, amp: bool,
-           pad: int) -> list[list[int]]:
+def greedy(
+    model, prompts: list[list[int]], device, max_new: int, batch: int, amp: bool, pad: int
+) -> list[list[int]]:
     """Greedy decoding, full forward each step (no cache), right padding, positions 0..n-1."""
     import torch
 
@@ -231,7 +240,7 @@ def greedy(model, prompts: list[list[int]], device, max_new: int, batch: int, am
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     res: dict[int, list[int]] = {}
     for b0 in range(0, len(order), batch):
-        ids_ = order[b0: b0 + batch]
+        ids_ = order[b0 : b0 + batch]
         seqs = [list(prompts[i]) for i in ids_]
         gen = [[] for _ in ids_]
         for _ in range(max_new):
@@ -241,8 +250,7 @@ def greedy(model, prompts: list[list[int]], device, max_new: int, batch: int, am
                 x[j, : len(s)] = torch.tensor(s)
             x = x.to(device)
             last = torch.tensor([len(s) - 1 for s in seqs], device=device)
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                 enabled=amp):
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(input_ids=x).logits
             nxt = logits[torch.arange(len(seqs), device=device), last].argmax(-1).tolist()
             for j, t in enumerate(nxt):
@@ -254,8 +262,20 @@ def greedy(model, prompts: list[list[int]], device, max_new: int, batch: int, am
     return outs
 
 
-def evaluate(model, tok: Tok, data: PasskeyData, device, *, kind: str, n: int, seed: int,
-             L: int, factor: float | None = None, amp: bool = False, batch: int = 32) -> dict:
+def evaluate(
+    model,
+    tok: Tok,
+    data: PasskeyData,
+    device,
+    *,
+    kind: str,
+    n: int,
+    seed: int,
+    L: int,
+    factor: float | None = None,
+    amp: bool = False,
+    batch: int = 32,
+) -> dict:
     """Accuracy of greedy answers, scored by ``mesa_vllm.eval.data.score``.
 
     kind ``within``: ``passkey_sample`` with target uniform in [shortest, L-8];
@@ -281,9 +301,16 @@ def evaluate(model, tok: Tok, data: PasskeyData, device, *, kind: str, n: int, s
         lens.append(len(p))
     gens = greedy(model, prompts, device, ANSWER_LEN - 1, batch, amp, tok.pad)
     ok = [D.score(tok.decode(g), k) for g, k in zip(gens, keys, strict=True)]
-    out = {"kind": kind, "n": n, "correct": int(sum(ok)), "acc": sum(ok) / n,
-           "min_tokens": min(lens), "max_tokens": max(lens),
-           "mean_tokens": sum(lens) / n, "amp_bf16": amp}
+    out = {
+        "kind": kind,
+        "n": n,
+        "correct": int(sum(ok)),
+        "acc": sum(ok) / n,
+        "min_tokens": min(lens),
+        "max_tokens": max(lens),
+        "mean_tokens": sum(lens) / n,
+        "amp_bf16": amp,
+    }
     if factor is not None:
         out["factor"] = factor
         # Key depth in 5 bins (0 = start of the prompt): [correct, count] per bin.
@@ -325,13 +352,17 @@ def export(src: Path, dst: Path) -> None:
     import transformers
 
     spec = importlib.util.spec_from_file_location(
-        "_mesa_tokenizer", ROOT / "mesa_vllm" / "testing" / "tokenizer.py")
+        "_mesa_tokenizer", ROOT / "mesa_vllm" / "testing" / "tokenizer.py"
+    )
     tmod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tmod)
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
     model.generation_config = transformers.GenerationConfig(
-        bos_token_id=model.config.bos_token_id, eos_token_id=model.config.eos_token_id,
-        pad_token_id=model.config.pad_token_id, do_sample=False)
+        bos_token_id=model.config.bos_token_id,
+        eos_token_id=model.config.eos_token_id,
+        pad_token_id=model.config.pad_token_id,
+        do_sample=False,
+    )
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst, safe_serialization=True)
     tmod.copy_tokenizer(dst)
@@ -355,7 +386,8 @@ def model_card(summary: dict, config, dst: Path) -> str:
     size = (dst / "model.safetensors").stat().st_size
     head_dim = config.hidden_size // config.num_attention_heads
     theta = (getattr(config, "rope_parameters", None) or {}).get(
-        "rope_theta", getattr(config, "rope_theta", None))
+        "rope_theta", getattr(config, "rope_theta", None)
+    )
     cmd = summary["command"]
     cmd = re.sub(r"--out \S+", f"--out out/{name}", cmd)
     if "--time-budget" in cmd or summary["steps_run"] != a["steps"]:
@@ -404,19 +436,32 @@ def model_card(summary: dict, config, dst: Path) -> str:
         if r["amp_bf16"]:
             continue
         tag = {"within": "within L", "varied": "varied, within L"}.get(
-            r["kind"], f"{r.get('factor', 0):g} x L")
+            r["kind"], f"{r.get('factor', 0):g} x L"
+        )
         bins = " ".join(f"{c}/{n}" for c, n in r.get("by_depth_bin", [])) or "-"
-        toks = (f"{r['min_tokens']}-{r['max_tokens']}" if r["min_tokens"] != r["max_tokens"]
-                else str(r["min_tokens"]))
+        toks = (
+            f"{r['min_tokens']}-{r['max_tokens']}"
+            if r["min_tokens"] != r["max_tokens"]
+            else str(r["min_tokens"])
+        )
         lines.append(f"| {tag} | {toks} | {r['correct']}/{r['n']} | {r['acc']:.2f} | {bins} |")
     bf = [r for r in summary["eval"] if r["amp_bf16"]]
     if bf:
-        same = all(x["correct"] == y["correct"] for x, y in
-                   zip([r for r in summary["eval"] if not r["amp_bf16"]], bf, strict=True))
-        lines += ["", "Computed in bfloat16 instead (as vLLM would): "
-                  + ("the same counts." if same else ", ".join(
-                      f"{r['kind']} {r.get('factor', '')} {r['correct']}/{r['n']}"
-                      for r in bf))]
+        same = all(
+            x["correct"] == y["correct"]
+            for x, y in zip([r for r in summary["eval"] if not r["amp_bf16"]], bf, strict=True)
+        )
+        lines += [
+            "",
+            "Computed in bfloat16 instead (as vLLM would): "
+            + (
+                "the same counts."
+                if same
+                else ", ".join(
+                    f"{r['kind']} {r.get('factor', '')} {r['correct']}/{r['n']}" for r in bf
+                )
+            ),
+        ]
     lines += [
         "",
         "## How it was made",
@@ -443,9 +488,13 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", choices=sorted(ARCHS), default="llama")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--export-from", type=Path, default=None,
-                    help="only re-save a trained checkpoint from this folder into --out "
-                         "(HF format + tokenizer + generation config), then exit")
+    ap.add_argument(
+        "--export-from",
+        type=Path,
+        default=None,
+        help="only re-save a trained checkpoint from this folder into --out "
+        "(HF format + tokenizer + generation config), then exit",
+    )
     ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-len", type=int, default=256)
@@ -471,9 +520,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-long", type=int, default=50, help="final samples per factor")
     ap.add_argument("--factors", default="1.5,2,4,8")
     ap.add_argument("--eval-batch", type=int, default=32)
-    ap.add_argument("--time-budget", type=float, default=0,
-                    help="seconds for training; if the first 100 steps project past it, "
-                         "--steps is lowered (logged). 0 = off")
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=0,
+        help="seconds for training; if the first 100 steps project past it, "
+        "--steps is lowered (logged). 0 = off",
+    )
     args = ap.parse_args(argv)
     if args.export_from is not None:
         export(args.export_from, args.out)
@@ -484,8 +537,11 @@ def main(argv=None) -> dict:
     import transformers
 
     t_start = time.time()
-    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                       else ("cpu" if args.device == "auto" else args.device))
+    dev = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     amp = dev.type == "cuda"
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -499,9 +555,11 @@ def main(argv=None) -> dict:
     tok = Tok()
     data = PasskeyData(tok)
     data.self_check()
-    log(f"data ok: fixed={data.fixed} filler_block={data.per} torch={torch.__version__} "
+    log(
+        f"data ok: fixed={data.fixed} filler_block={data.per} torch={torch.__version__} "
         f"transformers={transformers.__version__} device={dev} "
-        f"{torch.cuda.get_device_name() if dev.type == 'cuda' else ''}")
+        f"{torch.cuda.get_device_name() if dev.type == 'cuda' else ''}"
+    )
 
     config = build_config(args.arch, args, tok)
     model = getattr(transformers, ARCHS[args.arch][1])(config).to(torch.float32).to(dev)
@@ -511,9 +569,15 @@ def main(argv=None) -> dict:
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=dev.type == "cuda")
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        fused=dev.type == "cuda",
+    )
 
     rng = random.Random(args.seed)
     L = args.train_len
@@ -531,8 +595,11 @@ def main(argv=None) -> dict:
         model.train()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(input_ids=x).logits
-        ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                             x[:, 1:].reshape(-1), reduction="none").view(x.shape[0], -1)
+        ce = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            x[:, 1:].reshape(-1),
+            reduction="none",
+        ).view(x.shape[0], -1)
         ww, aa = w[:, 1:], a[:, 1:]
         loss = (ce * ww).sum() / ww.sum()
         opt.zero_grad(set_to_none=True)
@@ -546,10 +613,20 @@ def main(argv=None) -> dict:
             ans = ((ce * aa).sum() / aa.sum()).item()
             hist.append((loss.item(), lm, ans))
             el = time.time() - t_train
-            log(f"step {step}/{steps} loss {hist[-1][0]:.4f} lm {lm:.4f} answer {ans:.4f} "
-                f"lr {lr:.2e} {el / step * 1000:.1f} ms/step")
-            progress.append({"step": step, "loss": hist[-1][0], "lm_loss": lm,
-                             "answer_loss": ans, "lr": lr, "elapsed_s": el})
+            log(
+                f"step {step}/{steps} loss {hist[-1][0]:.4f} lm {lm:.4f} answer {ans:.4f} "
+                f"lr {lr:.2e} {el / step * 1000:.1f} ms/step"
+            )
+            progress.append(
+                {
+                    "step": step,
+                    "loss": hist[-1][0],
+                    "lm_loss": lm,
+                    "answer_loss": ans,
+                    "lr": lr,
+                    "elapsed_s": el,
+                }
+            )
         if step == 100 and args.time_budget > 0:
             per = (time.time() - t_train) / 100
             if per * steps > args.time_budget:
@@ -558,12 +635,35 @@ def main(argv=None) -> dict:
                 steps = new
         if step % args.eval_every == 0 and step < steps:
             model.eval()
-            e1 = evaluate(model, tok, data, dev, kind="within", n=64, seed=10_000 + step, L=L,
-                          amp=amp, batch=args.eval_batch)
-            e2 = evaluate(model, tok, data, dev, kind="long", n=32, seed=20_000 + step, L=L,
-                          factor=2.0, amp=amp, batch=args.eval_batch)
-            log(f"eval step {step}: within-L acc {e1['acc']:.3f} ({e1['correct']}/{e1['n']}) "
-                f"| 2xL acc {e2['acc']:.3f} ({e2['correct']}/{e2['n']})")
+            e1 = evaluate(
+                model,
+                tok,
+                data,
+                dev,
+                kind="within",
+                n=64,
+                seed=10_000 + step,
+                L=L,
+                amp=amp,
+                batch=args.eval_batch,
+            )
+            e2 = evaluate(
+                model,
+                tok,
+                data,
+                dev,
+                kind="long",
+                n=32,
+                seed=20_000 + step,
+                L=L,
+                factor=2.0,
+                amp=amp,
+                batch=args.eval_batch,
+            )
+            log(
+                f"eval step {step}: within-L acc {e1['acc']:.3f} ({e1['correct']}/{e1['n']}) "
+                f"| 2xL acc {e2['acc']:.3f} ({e2['correct']}/{e2['n']})"
+            )
             if not progress or progress[-1]["step"] != step:
                 progress.append({"step": step})
             progress[-1].update(eval_within=e1["acc"], eval_2x=e2["acc"])
@@ -579,31 +679,70 @@ def main(argv=None) -> dict:
             p.copy_(p.to(getattr(torch, args.save_dtype)).float())
     model.eval()
     results = []
-    for amp_e in ([False, True] if dev.type == "cuda" else [False]):
-        results.append(evaluate(model, tok, data, dev, kind="within", n=args.eval_within,
-                                seed=1_000_001, L=L, amp=amp_e, batch=args.eval_batch))
-        results.append(evaluate(model, tok, data, dev, kind="varied", n=args.eval_within // 2,
-                                seed=1_000_002, L=L, amp=amp_e, batch=args.eval_batch))
+    for amp_e in [False, True] if dev.type == "cuda" else [False]:
+        results.append(
+            evaluate(
+                model,
+                tok,
+                data,
+                dev,
+                kind="within",
+                n=args.eval_within,
+                seed=1_000_001,
+                L=L,
+                amp=amp_e,
+                batch=args.eval_batch,
+            )
+        )
+        results.append(
+            evaluate(
+                model,
+                tok,
+                data,
+                dev,
+                kind="varied",
+                n=args.eval_within // 2,
+                seed=1_000_002,
+                L=L,
+                amp=amp_e,
+                batch=args.eval_batch,
+            )
+        )
         for f in [float(v) for v in args.factors.split(",") if v]:
-            results.append(evaluate(model, tok, data, dev, kind="long", n=args.eval_long,
-                                    seed=1_000_003 + int(f * 100), L=L, factor=f, amp=amp_e,
-                                    batch=max(1, args.eval_batch // max(1, int(f)))))
+            results.append(
+                evaluate(
+                    model,
+                    tok,
+                    data,
+                    dev,
+                    kind="long",
+                    n=args.eval_long,
+                    seed=1_000_003 + int(f * 100),
+                    L=L,
+                    factor=f,
+                    amp=amp_e,
+                    batch=max(1, args.eval_batch // max(1, int(f))),
+                )
+            )
     for r in results:
         tag = r["kind"] + (f" {r['factor']}xL" if "factor" in r else "")
-        log(f"final {tag:10s} {'bf16' if r['amp_bf16'] else 'fp32'}: acc {r['acc']:.3f} "
+        log(
+            f"final {tag:10s} {'bf16' if r['amp_bf16'] else 'fp32'}: acc {r['acc']:.3f} "
             f"({r['correct']}/{r['n']}) tokens {r['min_tokens']}-{r['max_tokens']}"
-            + (f" by depth bin {r['by_depth_bin']}" if "by_depth_bin" in r else ""))
-    last = hist[-min(len(hist), 3):]
+            + (f" by depth bin {r['by_depth_bin']}" if "by_depth_bin" in r else "")
+        )
+    last = hist[-min(len(hist), 3) :]
     summary = {
         "arch": ARCHS[args.arch][1],
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "steps_run": steps,
-        "command": "python training/train_passkey.py " + " ".join(
-            sys.argv[1:] if argv is None else argv),
+        "command": "python training/train_passkey.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "params": n_params,
         "train_seconds": train_s,
         "total_seconds": time.time() - t_start,
-        "final_loss": hist[-1][0], "final_lm_loss": hist[-1][1],
+        "final_loss": hist[-1][0],
+        "final_lm_loss": hist[-1][1],
         "final_answer_loss": hist[-1][2],
         "final_loss_mean_last_logs": sum(h[0] for h in last) / len(last),
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",

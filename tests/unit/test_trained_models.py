@@ -36,8 +36,13 @@ def _card_train_len(model_dir: Path) -> int:
 @pytest.mark.parametrize("name", MODELS)
 def test_files_and_training_length(name):
     d = MODELS_DIR / name
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-              "MODEL_CARD.md"):
+    for f in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "MODEL_CARD.md",
+    ):
         assert (d / f).is_file(), f
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["architectures"] == [ARCH[name]]
@@ -59,21 +64,31 @@ def test_finds_passkey_within_training_length(name):
     model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     rng = random.Random(20240 + len(name))
     shortest = len(tok.encode(passkey_sample(tok, 0, rng=random.Random(0)).prompt))
-    samples = [passkey_sample(tok, rng.randint(shortest, train_len - ANSWER_TOKENS), rng=rng)
-               for _ in range(20)]
+    samples = [
+        passkey_sample(tok, rng.randint(shortest, train_len - ANSWER_TOKENS), rng=rng)
+        for _ in range(20)
+    ]
     # One batched greedy generate; left padding, so positions come from the attention mask
     # and every prompt starts at position 0 (BOS), as it would alone.
     tok.padding_side = "left"
     enc = tok([s.prompt for s in samples], return_tensors="pt", padding=True)
     lens = enc.attention_mask.sum(1)
-    assert bool((enc.input_ids[enc.attention_mask.bool()].view(-1)[lens.cumsum(0) - lens]
-                 == tok.bos_token_id).all())
+    assert bool(
+        (
+            enc.input_ids[enc.attention_mask.bool()].view(-1)[lens.cumsum(0) - lens]
+            == tok.bos_token_id
+        ).all()
+    )
     assert int(lens.max()) + ANSWER_TOKENS - 1 <= train_len
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=ANSWER_TOKENS - 1, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-    texts = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **enc, max_new_tokens=ANSWER_TOKENS - 1, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    texts = tok.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
     right = sum(score(t, s.answer) for t, s in zip(texts, samples, strict=True))
-    wrong = [(int(n), s.answer, t) for n, s, t in zip(lens, samples, texts, strict=True)
-             if not score(t, s.answer)]
+    wrong = [
+        (int(n), s.answer, t)
+        for n, s, t in zip(lens, samples, texts, strict=True)
+        if not score(t, s.answer)
+    ]
     assert right >= 19, f"{name}: {right}/20 right; wrong: {wrong}"
