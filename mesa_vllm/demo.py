@@ -24,21 +24,6 @@ RANDOM_MODEL = Path.home() / ".cache" / "mesa_vllm" / "random-llama-256"
 DEMO_MESA = {"first_chunk": 32, "last_chunk": 64, "max_remainder": 32, "stair_width": 64}
 
 
-def cpu_server_args(max_model_len: int) -> list[str]:
-    """Server flags that keep a CPU server small and quick to start."""
-    return [
-        "--max-model-len",
-        str(max_model_len),
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--gpu-memory-utilization",
-        "0.15",
-        "--max-num-seqs",
-        "16",
-    ]
-
-
 def pick_model() -> tuple[Path, bool]:
     if (BUNDLED_MODEL / "model.safetensors").exists():
         return BUNDLED_MODEL, True
@@ -58,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
+    from mesa_vllm.eval.methods import is_cpu_install, platform_defaults
     from mesa_vllm.eval.server import LocalServer, ServerError
 
     model, trained = (args.model, True) if args.model else pick_model()
@@ -68,19 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     if not trained:
         print("note: no trained model bundled; using a random-weight Llama (answer is noise)")
     mesa = {"mesa": {**DEMO_MESA, "train_len": train_len}}
+    defaults = platform_defaults(is_cpu_install())
     server_args = [
         "--attention-backend",
         "mesa",
         "--additional-config",
         json.dumps(mesa),
-        *cpu_server_args(args.max_model_len),
+        "--max-model-len",
+        str(args.max_model_len),
+        *defaults.args,
     ]
     print(f"model: {model} (trained length {train_len} tokens)")
     print(f"starting vLLM with --attention-backend mesa, max-model-len {args.max_model_len} ...")
     t0 = time.time()
     try:
         with LocalServer(
-            str(model), server_args, log_path=args.log, served_name="mesa-demo"
+            str(model), server_args, env=defaults.env, log_path=args.log, served_name="mesa-demo"
         ) as srv:
             print(f"server ready in {time.time() - t0:.0f} s at {srv.base_url}")
             from openai import OpenAI

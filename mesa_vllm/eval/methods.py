@@ -123,11 +123,15 @@ def is_cpu_install() -> bool:
 
 
 def platform_defaults(cpu: bool) -> Launch:
-    """Flags every method gets: on CPU eager mode, fp32, 1 GiB KV cache unless env says so."""
+    """Flags every method gets: on CPU eager mode, fp32, 1 GiB KV cache unless env says so,
+    and a 15% memory guard (on CPU ``--gpu-memory-utilization`` is the share of the NUMA
+    node's memory that must be free at startup; vLLM's 0.92 fails beside other processes)."""
     if not cpu:
         return Launch((), {})
     env = {} if "VLLM_CPU_KVCACHE_SPACE" in os.environ else {"VLLM_CPU_KVCACHE_SPACE": "1"}
-    return Launch(("--enforce-eager", "--dtype", "float32"), env)
+    return Launch(
+        ("--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.15"), env
+    )
 
 
 def build_launch(name: str, ctx: ServeContext, cpu: bool, extra: tuple[str, ...] = ()) -> Launch:
