@@ -75,8 +75,6 @@ def patch_create_engine_config() -> None:
         with _allow_long_max_model_len():
             vllm_config = original(self, *args, **kwargs)
         try:
-            if explicit_prefix_caching:
-                vllm_config.cache_config.enable_prefix_caching = True
             apply(vllm_config, explicit_prefix_caching)
         except MesaConfigError as exc:
             logger.error("Mesa configuration error: %s", exc)

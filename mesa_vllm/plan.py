@@ -138,14 +138,6 @@ class Segment:
             return ((0, self.first), (self.chunk_start, self.q_end))
         return ((0, self.q_end),)
 
-    def position(self, j: int) -> int:
-        """Position of token j (a key, or the query itself) inside this segment."""
-        if self.kind == "middle":
-            return j if j < self.first else self.first + (j - self.chunk_start)
-        if self.kind == "stair":
-            return stair_position(j, self.anchor, self.stair_width)
-        return j
-
 
 def token_segment_key(p: int, plan: ChunkPlan, params: MesaParams) -> tuple:
     """What decides token p's attention: (kind, chunk_start, anchor).  Equal keys => same
