@@ -8,13 +8,20 @@ any override).  Imports no vLLM.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class MesaConfigError(ValueError):
     """Invalid Mesa configuration; the message names the field and the allowed range."""
+
+
+PeName = Literal["stair", "rerope", "leaky_rerope", "self_extend", "streaming", "lm_infinite"]
+PE_NAMES: tuple[str, ...] = PeName.__args__
+_LOG_N_DEFAULT_ON = ("stair", "rerope", "leaky_rerope")
+_WINDOWED = ("streaming", "lm_infinite")
 
 
 class MesaConfig(BaseModel):
@@ -29,16 +36,54 @@ class MesaConfig(BaseModel):
     last_chunk: int = Field(default=512, ge=1, description="[Lc] last-chunk target width")
     max_remainder: int = Field(default=200, ge=0, description="[Mmax] DynamicSplit threshold")
     stair_width: int = Field(default=50, ge=1, description="[E] Stair PE step width")
-    log_n_scaling: bool = Field(default=True, description="scale last/decode queries by log-n")
+    log_n_scaling: bool | None = Field(
+        default=None,
+        description="scale long queries by log-n; default on for stair/rerope/leaky_rerope",
+    )
+    # the weave-PE family (docs/VARIANTS.md)
+    pe: PeName = Field(default="stair", description="position rule of long queries")
+    chunked_prefill: bool | None = Field(
+        default=None, description="Mesa chunk-based prefill; default: true only for stair"
+    )
+    window: int | None = Field(
+        default=None, ge=1, description="near window (rerope, self_extend) / local window"
+    )
+    leaky_factor: float | None = Field(
+        default=None, ge=1.0, description="[k] leaky_rerope far compression; default: auto"
+    )
+    group_size: int | None = Field(
+        default=None, ge=1, description="[G] self_extend group size; default: auto"
+    )
+    sink_tokens: int = Field(default=4, ge=0, description="[S] streaming/lm_infinite sinks")
 
     @model_validator(mode="after")
     def _check_chunks_fit(self) -> MesaConfig:
         # L - F >= 2 keeps every DynamicSplit chunk width >= 1
-        if self.train_len is not None and self.first_chunk > self.train_len - 2:
+        chunked = self.chunked_prefill if self.chunked_prefill is not None else self.pe == "stair"
+        if chunked and self.train_len is not None and self.first_chunk > self.train_len - 2:
             raise ValueError(
                 f"first_chunk={self.first_chunk} must be < train_len - 1 = {self.train_len - 1} "
                 f"(allowed range: 1 .. {self.train_len - 2})"
             )
+        if self.pe == "stair" and self.chunked_prefill is False:
+            raise ValueError("chunked_prefill=false is not allowed with pe='stair'")
+        if self.pe in _WINDOWED and self.chunked_prefill:
+            raise ValueError(f"chunked_prefill=true is not allowed with pe={self.pe!r}")
+        L, w = self.train_len, self.window
+        if L is not None and w is not None:
+            if self.pe in ("rerope", "leaky_rerope", "self_extend") and w > L - 1:
+                raise ValueError(
+                    f"window={w} must be <= train_len - 1 = {L - 1} for pe={self.pe!r}"
+                )
+            if self.pe == "streaming" and self.sink_tokens + w > L:
+                raise ValueError(
+                    f"sink_tokens + window = {self.sink_tokens + w} must be <= train_len = {L} "
+                    "for pe='streaming'"
+                )
+            if self.pe == "lm_infinite" and w > L - 1:
+                raise ValueError(
+                    f"window={w} must be <= train_len - 1 = {L - 1} for pe='lm_infinite'"
+                )
         return self
 
     @classmethod
@@ -64,11 +109,40 @@ class MesaConfig(BaseModel):
             raise MesaConfigError("additional_config must be a JSON object")
         return cls.from_dict(additional_config.get("mesa"))
 
-    def resolved(self, model_train_len: int) -> MesaConfig:
-        """Fill ``train_len`` from the model when the user left it unset, and re-validate."""
-        if self.train_len is not None:
-            return self
-        return MesaConfig.from_dict({**self.model_dump(), "train_len": int(model_train_len)})
+    def resolved(self, model_train_len: int, max_model_len: int | None = None) -> MesaConfig:
+        """Fill every default that depends on the model or the engine (``train_len`` from the
+        model, the variant defaults of docs/VARIANTS.md from ``max_model_len``; without it,
+        ``train_len`` is used) and re-validate.  Idempotent."""
+        raw = self.model_dump()
+        L = raw["train_len"] if raw["train_len"] is not None else int(model_train_len)
+        raw["train_len"] = L
+        max_len = max(int(max_model_len or L), L)
+        pe = raw["pe"]
+        if raw["chunked_prefill"] is None:
+            raw["chunked_prefill"] = pe == "stair"
+        if raw["log_n_scaling"] is None:
+            raw["log_n_scaling"] = pe in _LOG_N_DEFAULT_ON
+        if raw["window"] is None and pe != "stair":
+            raw["window"] = {"streaming": L - raw["sink_tokens"], "lm_infinite": L - 1}.get(
+                pe, max(1, min(512, L // 2))
+            )
+        w = raw["window"]
+        if pe == "leaky_rerope" and raw["leaky_factor"] is None:
+            raw["leaky_factor"] = max(1.0, (max_len - 1 - w) / max(1, L - 1 - w))
+        if pe == "self_extend" and raw["group_size"] is None and w <= L - 1:
+            raw["group_size"] = smallest_group_size(max_len, L, w)
+        return MesaConfig.from_dict(raw)
+
+
+def smallest_group_size(max_len: int, train_len: int, window: int) -> int:
+    """Smallest G >= 1 with floor((max_len - 1) / G) + w - floor(w / G) <= L - 1, i.e. every
+    Self-Extend far position of a sequence of ``max_len`` tokens stays in the trained range."""
+    if window > train_len - 1:
+        raise ValueError(f"window={window} must be <= train_len - 1 = {train_len - 1}")
+    g = max(1, math.ceil((max_len - 1 - window) / max(1, train_len - 1 - window)) - 2)
+    while (max_len - 1) // g + window - window // g > train_len - 1:  # ends by g = max_len
+        g += 1
+    return g
 
 
 _RANGES = {
@@ -77,7 +151,13 @@ _RANGES = {
     "last_chunk": "an integer >= 1",
     "max_remainder": "an integer >= 0",
     "stair_width": "an integer >= 1",
-    "log_n_scaling": "true or false",
+    "log_n_scaling": "true or false (default: on for stair, rerope, leaky_rerope)",
+    "pe": "one of " + ", ".join(PE_NAMES),
+    "chunked_prefill": "true or false (true requires a pe other than streaming/lm_infinite)",
+    "window": "an integer >= 1 (< train_len for rerope/leaky_rerope/self_extend)",
+    "leaky_factor": "a number >= 1",
+    "group_size": "an integer >= 1",
+    "sink_tokens": "an integer >= 0",
 }
 
 

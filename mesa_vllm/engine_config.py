@@ -96,7 +96,7 @@ def resolve(vllm_config: Any) -> MesaConfig:
             "override it with --hf-overrides '{\"sliding_window\": null}'"
         )
     mesa = MesaConfig.from_additional_config(vllm_config.additional_config)
-    return mesa.resolved(model_train_len(hf))
+    return mesa.resolved(model_train_len(hf), model_config.max_model_len)
 
 
 def apply(vllm_config: Any, prefix_caching_explicit: bool) -> MesaConfig:
@@ -127,7 +127,7 @@ def apply(vllm_config: Any, prefix_caching_explicit: bool) -> MesaConfig:
         max_len,
         max_len / mesa.train_len,
     )
-    if max_len > mesa.train_len:
+    if max_len > mesa.train_len and mesa.pe == "stair":
         reach = max_stair_distance(max_len, params)
         if reach >= mesa.train_len:
             logger.warning(
@@ -154,20 +154,29 @@ def _min_stair_width(max_len: int, params: MesaParams) -> int:
 
 
 def to_params(mesa: MesaConfig) -> MesaParams:
-    assert mesa.train_len is not None
+    assert mesa.train_len is not None and mesa.chunked_prefill is not None, "resolve first"
     return MesaParams(
         train_len=mesa.train_len,
-        first_chunk=mesa.first_chunk,
+        # unused without chunked prefill; clamped so MesaParams' own check holds
+        first_chunk=min(mesa.first_chunk, mesa.train_len - 2),
         last_chunk=mesa.last_chunk,
         max_remainder=mesa.max_remainder,
         stair_width=mesa.stair_width,
-        log_n_scaling=mesa.log_n_scaling,
+        log_n_scaling=bool(mesa.log_n_scaling),
+        pe=mesa.pe,
+        chunked_prefill=mesa.chunked_prefill,
+        window=mesa.window or 0,
+        leaky_factor=float(mesa.leaky_factor or 1.0),
+        group_size=mesa.group_size or 1,
+        sink_tokens=mesa.sink_tokens,
     )
 
 
 def params_from_vllm_config(vllm_config: Any) -> MesaParams:
     """MesaParams of an engine whose config went through ``apply`` (train_len resolved)."""
     mesa = MesaConfig.from_additional_config(vllm_config.additional_config)
-    if mesa.train_len is None:
-        mesa = mesa.resolved(model_train_len(vllm_config.model_config.hf_text_config))
+    mesa = mesa.resolved(
+        model_train_len(vllm_config.model_config.hf_text_config),
+        vllm_config.model_config.max_model_len,
+    )
     return to_params(mesa)

@@ -17,6 +17,12 @@ executes each one as a small dense attention problem.
 * ``stair``: last chunk and decode: keys [0, p]; every token j takes pos(j) = j if j >= A
   else A - 1 - (A - 1 - j) // E, with anchor A = n - ((n - 1) mod C); n = T for prompt tokens
   and n = p + 1 for generated ones.  Queries are scaled by max(1, ln(p + 1) / ln(L)).
+* ``weave``: the other members of the weave-PE family (docs/VARIANTS.md: rerope,
+  leaky_rerope, self_extend, streaming, lm_infinite): keys [0, p] (sinks + window for the
+  windowed variants); the position of each (query, key) pair depends on their distance, so
+  the backend computes a near (plain RoPE) and a far score per pair.  Long queries follow
+  it: the last chunk and long generated tokens with ``chunked_prefill``, else every long
+  query.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-SegmentKind = Literal["causal", "middle", "stair"]
+SegmentKind = Literal["causal", "middle", "stair", "weave"]
+WINDOWED_PE = ("streaming", "lm_infinite")
 
 
 @dataclass(frozen=True)
@@ -38,12 +45,32 @@ class MesaParams:
     max_remainder: int = 200
     stair_width: int = 50
     log_n_scaling: bool = True
+    pe: str = "stair"
+    chunked_prefill: bool = True
+    window: int = 0
+    leaky_factor: float = 1.0
+    group_size: int = 1
+    sink_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.first_chunk <= self.train_len - 2:
             raise ValueError(f"first_chunk must be in [1, {self.train_len - 2}]")
         if self.last_chunk < 1 or self.stair_width < 1 or self.max_remainder < 0:
             raise ValueError("last_chunk >= 1, stair_width >= 1, max_remainder >= 0")
+        if self.pe != "stair" and (self.window < 1 or self.leaky_factor < 1 or self.group_size < 1):
+            raise ValueError("weave variants need window >= 1, leaky_factor >= 1, group_size >= 1")
+        if self.pe == "stair" and not self.chunked_prefill:
+            raise ValueError("pe='stair' needs chunked_prefill")
+
+    @property
+    def windowed(self) -> bool:
+        """Sink + window masks (streaming, lm_infinite)."""
+        return self.pe in WINDOWED_PE
+
+    @property
+    def long_rule(self) -> SegmentKind:
+        """The rule of last-chunk tokens and long generated tokens."""
+        return "stair" if self.pe == "stair" else "weave"
 
     @property
     def default_width(self) -> int:
@@ -131,11 +158,17 @@ class Segment:
     chunk_start: int = 0
     anchor: int = 0
     stair_width: int = 1
+    sink: int = 0
+    window: int = 0
 
     @property
     def key_ranges(self) -> tuple[tuple[int, int], ...]:
         if self.kind == "middle":
             return ((0, self.first), (self.chunk_start, self.q_end))
+        if self.kind == "weave" and self.window:  # sinks + the window of the first query
+            sink = min(self.sink, self.q_end)
+            lo = max(sink, self.q_start - self.window + 1)
+            return ((0, lo),) if lo >= self.q_end else ((0, sink), (lo, self.q_end))
         return ((0, self.q_end),)
 
 
@@ -143,17 +176,22 @@ def token_segment_key(p: int, plan: ChunkPlan, params: MesaParams) -> tuple:
     """What decides token p's attention: (kind, chunk_start, anchor).  Equal keys => same
     segment; the backend merges consecutive tokens with equal keys."""
     T = plan.prompt_len
+    weave = params.long_rule == "weave"
     if p < T:
-        if not plan.is_long or p < plan.first:
+        if not plan.is_long:
+            return ("causal", 0, 0)
+        if weave and not params.chunked_prefill:
+            return ("weave", 0, 0)
+        if p < plan.first:
             return ("causal", 0, 0)
         if p < plan.last_start:
             k = (p - plan.first) // plan.width
             return ("middle", plan.middle_start(k), 0)
-        return ("stair", 0, stair_anchor(T, plan.width))
+        return ("weave", 0, 0) if weave else ("stair", 0, stair_anchor(T, plan.width))
     n = p + 1
     if n <= params.train_len:
         return ("causal", 0, 0)
-    return ("stair", 0, stair_anchor(n, plan.width))
+    return ("weave", 0, 0) if weave else ("stair", 0, stair_anchor(n, plan.width))
 
 
 def plan_request(
@@ -173,7 +211,20 @@ def plan_request(
         if segs and kind == "causal" and segs[-1].kind == "causal":
             segs[-1] = Segment("causal", segs[-1].q_start, end)
         else:
-            segs.append(Segment(kind, p, end, params.first_chunk, s, a, params.stair_width))
+            window = params.window if kind == "weave" and params.windowed else 0
+            segs.append(
+                Segment(
+                    kind,
+                    p,
+                    end,
+                    params.first_chunk,
+                    s,
+                    a,
+                    params.stair_width,
+                    params.sink_tokens if window else 0,
+                    window,
+                )
+            )
         p = end
     return segs
 
@@ -192,6 +243,8 @@ def _segment_end(
         return min(end, q_end)
     if kind == "causal":
         return min(params.train_len, q_end)  # generated tokens with p + 1 <= L
+    if kind == "weave":
+        return q_end  # no anchor: every long generated token follows one rule
     # generated stair tokens share the anchor while p // C is constant: p in [A-1, A-1+C)
     return min(a - 1 + plan.width, q_end)
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from mesa_vllm.ops.reference import causal_attention_reference, mesa_attention_reference
+from mesa_vllm.ops.reference_variants import VariantSpec, variant_attention_reference
 
 ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM")
 MESA_DEFAULTS = {
@@ -67,6 +68,24 @@ def train_len(cfg: dict) -> int:
     return int(cfg.get("original_max_position_embeddings") or cfg["max_position_embeddings"])
 
 
+def variant_spec(m: dict) -> VariantSpec:
+    """The reference's VariantSpec of a mesa dict with an explicit ``pe`` variant: every
+    variant field must be given (the oracle resolves no defaults: it checks the engine's)."""
+    return VariantSpec(
+        pe=m["pe"],
+        chunked_prefill=m["chunked_prefill"],
+        window=m["window"],
+        leaky_factor=float(m.get("leaky_factor", 1.0)),
+        group_size=m.get("group_size", 1),
+        sink_tokens=m.get("sink_tokens", 0),
+        log_n=m["log_n_scaling"],
+        F=m["first_chunk"],
+        Lc=m["last_chunk"],
+        Mmax=m["max_remainder"],
+        E=m["stair_width"],
+    )
+
+
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """x: float32 [S, H]; w: float32 [H]."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
@@ -89,7 +108,8 @@ def dense_model_logits(
 
     ``mesa``: None for plain causal RoPE attention; else a dict with keys train_len,
     first_chunk, last_chunk, max_remainder, stair_width, log_n_scaling (missing keys take
-    DESIGN.md's defaults; train_len defaults to the config's trained length).
+    DESIGN.md's defaults; train_len defaults to the config's trained length), and for a
+    weave variant (docs/VARIANTS.md) pe, chunked_prefill, window and the variant's own keys.
     ``prompt_len``: how many of ``token_ids`` are the prompt (default all); the rest are
     treated as generated tokens by the Mesa rules.
     """
@@ -112,6 +132,10 @@ def dense_model_logits(
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if m is None:
             return causal_attention_reference(q, k, v, rope_parameters=rp)
+        if m.get("pe", "stair") != "stair":
+            return variant_attention_reference(
+                q, k, v, T_prompt=T, L=m["train_len"], spec=variant_spec(m), rope_parameters=rp
+            )
         return mesa_attention_reference(
             q, k, v, T_prompt=T, L=m["train_len"], F=m["first_chunk"], Lc=m["last_chunk"],
             Mmax=m["max_remainder"], E=m["stair_width"], log_n=m["log_n_scaling"],

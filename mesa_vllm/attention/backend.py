@@ -117,6 +117,20 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
         slot_mapping: torch.Tensor,
     ) -> None:
         """Write unrotated key [n, Hkv, D] / value [n, Hkv, D] at slot_mapping [n] (-1 = pad)."""
+        if kv_cache.is_cuda:  # vLLM's own kernel: no host sync, skips -1 slots on the device
+            from vllm._custom_ops import reshape_and_cache_flash
+
+            reshape_and_cache_flash(
+                key,
+                value,
+                kv_cache[0],
+                kv_cache[1],
+                slot_mapping,
+                self.kv_cache_dtype,
+                layer._k_scale,
+                layer._v_scale,
+            )
+            return
         n = slot_mapping.shape[0]
         slots = slot_mapping.to(torch.int64)
         valid = slots >= 0

@@ -44,6 +44,7 @@ class SegmentWork:
     q_scale: torch.Tensor | None
     mask: torch.Tensor | None
     causal: bool = False
+    rule: MesaParams | None = None  # weave segments: positions are token indices, see ops.weave
 
 
 @dataclass
@@ -73,18 +74,21 @@ def segment_tensors(
     """
     kidx = torch.cat([torch.arange(a, b, device=device) for a, b in seg.key_ranges if b > a])
     qidx = torch.arange(seg.q_start, seg.q_end, device=device)
-    kpos = _positions(seg, kidx)
-    qpos = _positions(seg, qidx)
-    base = kpos.min()
-    kpos, qpos = kpos - base, qpos - base
+    if seg.kind == "weave":  # the pair decides the position (ops.weave): keep the indices
+        kpos, qpos = kidx, qidx
+    else:
+        kpos = _positions(seg, kidx)
+        qpos = _positions(seg, qidx)
+        base = kpos.min()
+        kpos, qpos = kpos - base, qpos - base
     scale = None
-    if seg.kind == "stair" and params.log_n_scaling:
+    if seg.kind in ("stair", "weave") and params.log_n_scaling:
         scale = torch.clamp(
             torch.log((qidx + 1).to(torch.float32)) / torch.log(torch.tensor(params.train_len)),
             min=1.0,
         )
     mask = None
-    if 1 < qidx.numel() < kidx.numel():
+    if seg.kind != "weave" and 1 < qidx.numel() < kidx.numel():
         mask = kidx[None, :] <= qidx[:, None]
     return kidx, kpos, qpos, scale, mask
 
@@ -158,9 +162,10 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
                 slots = slots + kidx % self.block_size
                 lo = qsl[r] + (seg.q_start - ctx)
                 nq = seg.q_end - seg.q_start
-                causal = 1 < nq == kidx.numel()
+                causal = seg.kind != "weave" and 1 < nq == kidx.numel()
+                rule = self.params if seg.kind == "weave" else None
                 segments.append(
-                    SegmentWork(seg.kind, lo, lo + nq, slots, kpos, qpos, scale, mask, causal)
+                    SegmentWork(seg.kind, lo, lo + nq, slots, kpos, qpos, scale, mask, causal, rule)
                 )
         if self.kernel == "triton":
             return self._triton_metadata(cm, entries, max(seq_lens, default=1))

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mesa_vllm.ops.rope import RopeSpec, rotate
+from mesa_vllm.ops.weave import run_weave
 
 
 def run_segments(
@@ -30,6 +31,9 @@ def run_segments(
     paged cache, keys unrotated); output [n, Hq, D]; segments: ``SegmentWork`` items.
     """
     for seg in segments:
+        if seg.rule is not None:
+            run_weave(query, key_cache, value_cache, output, seg, rope, scale)
+            continue
         q = rotate(query[seg.q_lo : seg.q_hi], seg.query_pos, rope)
         if seg.q_scale is not None:
             q = q * seg.q_scale[:, None, None]

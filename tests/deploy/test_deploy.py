@@ -194,7 +194,8 @@ def test_config_parses_as_vllm_serve_does(config: Path, serve_parser):
     # was chosen by measured passkey accuracy (README, benchmarks/passkey.md), which was best
     # at a width whose reach slightly exceeds 256.
     if args.model in CHECKPOINTS:
-        reach = max_stair_distance(args.max_model_len, to_params(mesa))
+        params = to_params(mesa.resolved(mesa.train_len, args.max_model_len))
+        reach = max_stair_distance(args.max_model_len, params)
         assert reach < mesa.train_len, f"stair positions span {reach}; raise stair_width"
 
     if args.model in CHECKPOINTS:

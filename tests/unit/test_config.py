@@ -12,7 +12,9 @@ pytestmark = pytest.mark.unit
 def test_defaults_follow_the_paper():
     c = MesaConfig()
     assert (c.first_chunk, c.last_chunk, c.max_remainder, c.stair_width) == (100, 512, 200, 50)
-    assert c.log_n_scaling is True and c.train_len is None
+    assert c.log_n_scaling is None and c.train_len is None and c.pe == "stair"
+    r = c.resolved(4096)
+    assert r.log_n_scaling is True and r.chunked_prefill is True and r.window is None
 
 
 def test_resolved_takes_train_len_from_model_unless_set():
@@ -32,6 +34,13 @@ def test_resolved_takes_train_len_from_model_unless_set():
         ("stair_width", 0, ">= 1"),
         ("log_n_scaling", "yes", "true or false"),
         ("log_n_scaling", 1, "true or false"),
+        ("pe", "yarn", "one of stair, rerope"),
+        ("chunked_prefill", "no", "true or false"),
+        ("window", 0, ">= 1"),
+        ("leaky_factor", 0.5, ">= 1"),
+        ("group_size", 0, ">= 1"),
+        ("group_size", 2.0, ">= 1"),
+        ("sink_tokens", -1, ">= 0"),
     ],
 )
 def test_bad_values_name_field_and_range(field, value, allowed):
@@ -63,3 +72,57 @@ def test_from_additional_config():
     assert MesaConfig.from_additional_config(None) == MesaConfig()
     assert MesaConfig.from_additional_config({"other": 1}) == MesaConfig()
     assert MesaConfig.from_additional_config({"mesa": {"stair_width": 7}}).stair_width == 7
+
+
+# ------------------------------------------------------------------ weave-PE variants
+
+
+@pytest.mark.parametrize(
+    "pe,expect",
+    [
+        ("rerope", dict(window=512, chunked_prefill=False, log_n_scaling=True)),
+        ("leaky_rerope", dict(window=512, leaky_factor=(32768 - 1 - 512) / (4096 - 1 - 512))),
+        ("self_extend", dict(window=512, group_size=10, log_n_scaling=False)),
+        ("streaming", dict(window=4092, sink_tokens=4, log_n_scaling=False)),
+        ("lm_infinite", dict(window=4095, chunked_prefill=False)),
+    ],
+)
+def test_variant_defaults(pe, expect):
+    r = MesaConfig.from_dict({"pe": pe}).resolved(4096, 32768)
+    assert {k: getattr(r, k) for k in expect} == expect
+    assert r.resolved(4096, 32768) == r  # idempotent (workers re-resolve)
+
+
+@pytest.mark.parametrize("L,max_len,w", [(4096, 32768, 512), (256, 8192, 128), (64, 4096, 8)])
+def test_auto_group_size_is_smallest_that_fits(L, max_len, w):
+    G = MesaConfig.from_dict({"pe": "self_extend", "window": w}).resolved(L, max_len).group_size
+
+    def top(g):
+        return (max_len - 1) // g + w - w // g
+
+    assert top(G) <= L - 1 and (G == 1 or top(G - 1) > L - 1)
+
+
+def test_auto_leaky_factor_keeps_far_positions_in_range():
+    r = MesaConfig.from_dict({"pe": "leaky_rerope"}).resolved(256, 8192)
+    w, k = r.window, r.leaky_factor
+    assert w + (8192 - 1 - w) / k == pytest.approx(255)
+
+
+@pytest.mark.parametrize(
+    "raw,match",
+    [
+        ({"pe": "stair", "chunked_prefill": False}, "chunked_prefill=false is not allowed"),
+        ({"pe": "streaming", "chunked_prefill": True}, "chunked_prefill=true is not allowed"),
+        ({"pe": "lm_infinite", "chunked_prefill": True}, "chunked_prefill=true is not allowed"),
+        ({"pe": "rerope", "window": 256}, "window=256 must be <= train_len - 1 = 255"),
+        ({"pe": "self_extend", "window": 300}, "window=300 must be <= train_len - 1"),
+        ({"pe": "streaming", "window": 255}, "sink_tokens \\+ window = 259"),
+        ({"pe": "lm_infinite", "window": 256}, "window=256 must be <= train_len - 1 = 255"),
+    ],
+)
+def test_variant_combinations_refused(raw, match):
+    with pytest.raises(MesaConfigError, match=match):
+        MesaConfig.from_dict({**raw, "train_len": 256})
+    with pytest.raises(MesaConfigError, match=match):  # also when L comes from the model
+        MesaConfig.from_dict(raw).resolved(256, 4096)
