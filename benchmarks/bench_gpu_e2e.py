@@ -1,13 +1,15 @@
 """End-to-end on a GPU: Mesa vs stock FLASH_ATTN inside vLLM, same run.
 
-    python benchmarks/bench_gpu_e2e.py [--lengths 4096,32768] [--skip-speed] [--out DIR]
+    python benchmarks/bench_gpu_e2e.py [--parts correctness,passkey,speed] [--lengths ...]
+        [--backends FLASH_ATTN,mesa] [--out DIR]
 
 1. Correctness on a random-weight tiny Llama (bf16): greedy tokens of prompts within the
    training length equal FLASH_ATTN's; top-1 logprob difference reported.
 2. The bundled passkey model (if present), through the Mesa backend: accuracy at 1x..32x.
 3. Speed, Llama-2-7B shape with dummy weights: prefill seconds (best of 2) and decode
-   ms/token for FLASH_ATTN and MESA, eager mode for both (the Mesa attention op is not
-   CUDA-graph captured yet; eager keeps the comparison like for like).
+   ms/token for FLASH_ATTN and MESA, each engine in its own process, in vLLM's default mode
+   (torch.compile + CUDA graphs: FULL_AND_PIECEWISE for FLASH_ATTN; Mesa's attention runs
+   between the piecewise graphs).  BENCH_EAGER=1 runs both eager instead.
 Prints Markdown tables and writes results JSON to --out (or $OUT).
 """
 
@@ -158,91 +160,131 @@ def passkey(multiples: list[int], samples: int) -> dict:
     return acc
 
 
-def speed(workdir: Path, lengths: list[int], decode_tokens: int = 64) -> dict:
+def speed_one(backend: str, workdir: Path, lengths: list[int], decode_tokens: int) -> dict:
+    """One engine (default mode: torch.compile + CUDA graphs, as users run it)."""
     from vllm import LLM, SamplingParams
 
     model = workdir / "llama2-7b-shape"
     model.mkdir(parents=True, exist_ok=True)
     (model / "config.json").write_text(json.dumps(LLAMA2_7B))
-    out: dict = {}
-    for backend in ("FLASH_ATTN", "mesa"):
-        kw = dict(
-            model=str(model),
-            load_format="dummy",
-            skip_tokenizer_init=True,
-            dtype="bfloat16",
-            max_model_len=max(lengths) + decode_tokens + 8,
-            enforce_eager=True,
-            gpu_memory_utilization=0.85,
-            enable_prefix_caching=False,
-            max_num_seqs=1,
-            max_num_batched_tokens=16384,
-            attention_backend=backend,
-        )
-        if backend == "mesa":
-            kw.pop("enable_prefix_caching")
-        else:
-            kw["hf_overrides"] = {"max_position_embeddings": max(lengths) + decode_tokens + 8}
-        t0 = time.time()
-        llm = LLM(**kw)
-        log(f"[{backend}] engine up in {time.time() - t0:.0f} s")
-        for n in lengths:
-            prompt = {"prompt_token_ids": [random.Random(n).randrange(3, 31000) for _ in range(n)]}
-            pre = []
-            for _ in range(2):
-                t = time.perf_counter()
-                llm.generate(
-                    [prompt], SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False
-                )
-                pre.append(time.perf_counter() - t)
+    max_len = max(lengths) + decode_tokens + 8
+    kw = dict(
+        model=str(model),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        dtype="bfloat16",
+        max_model_len=max_len,
+        gpu_memory_utilization=0.85,
+        max_num_seqs=1,
+        max_num_batched_tokens=16384,
+        attention_backend=backend,
+        enforce_eager=os.environ.get("BENCH_EAGER") == "1",
+    )
+    if backend != "mesa":
+        kw["enable_prefix_caching"] = False
+        kw["hf_overrides"] = {"max_position_embeddings": max_len}
+    t0 = time.time()
+    llm = LLM(**kw)
+    res: dict = {"startup_s": time.time() - t0}
+    cc = llm.llm_engine.vllm_config.cache_config
+    res["num_gpu_blocks"], res["block_size"] = cc.num_gpu_blocks, cc.block_size
+    log(f"[{backend}] engine up in {res['startup_s']:.0f} s, {cc.num_gpu_blocks} KV blocks")
+    for n in lengths:
+        prompt = {"prompt_token_ids": [random.Random(n).randrange(3, 31000) for _ in range(n)]}
+        pre = []
+        for _ in range(2):
             t = time.perf_counter()
-            llm.generate(
-                [prompt],
-                SamplingParams(max_tokens=decode_tokens + 1, ignore_eos=True),
-                use_tqdm=False,
-            )
-            total = time.perf_counter() - t
-            decode_ms = (total - min(pre)) / decode_tokens * 1000
-            out[(backend, n)] = (min(pre), decode_ms)
-            log(f"[{backend}] T={n}: prefill {min(pre):.3f} s, decode {decode_ms:.2f} ms/token")
-        _free(llm)
-    return {f"{b}@{n}": v for (b, n), v in out.items()}
+            llm.generate([prompt], SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)
+            pre.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        llm.generate(
+            [prompt], SamplingParams(max_tokens=decode_tokens + 1, ignore_eos=True), use_tqdm=False
+        )
+        total = time.perf_counter() - t
+        decode_ms = (total - min(pre)) / decode_tokens * 1000
+        res[str(n)] = (min(pre), decode_ms)
+        log(f"[{backend}] T={n}: prefill {min(pre):.3f} s, decode {decode_ms:.2f} ms/token")
+    return res
+
+
+def speed(out: Path, lengths: list[int], backends: list[str], timeout: int) -> dict:
+    """Each backend in its own process (a finished engine's GPU memory is then surely free)."""
+    import subprocess
+
+    results = {}
+    for backend in backends:
+        path = out / f"speed-{backend}.json"
+        cmd = [
+            sys.executable,
+            __file__,
+            "--speed-one",
+            backend,
+            "--lengths",
+            ",".join(map(str, lengths)),
+            "--out",
+            str(out),
+        ]
+        log(f"== speed {backend}: {' '.join(cmd)}")
+        try:
+            rc = subprocess.run(cmd, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        results[backend] = json.loads(path.read_text()) if path.exists() else {"failed": rc}
+    return results
+
+
+def speed_table(results: dict, lengths: list[int]) -> str:
+    rows = [
+        "| prompt | FLASH_ATTN prefill s | MESA prefill s | ratio | FLASH_ATTN decode "
+        "ms/tok | MESA decode ms/tok | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    fa, me = results.get("FLASH_ATTN", {}), results.get("mesa", {})
+    for n in lengths:
+        if str(n) not in fa or str(n) not in me:
+            rows.append(f"| {n} | {fa.get(str(n))} | {me.get(str(n))} | | | | |")
+            continue
+        (fp, fd), (mp, md) = fa[str(n)], me[str(n)]
+        rows.append(
+            f"| {n} | {fp:.3f} | {mp:.3f} | {mp / fp:.2f} | {fd:.2f} | {md:.2f} | {md / fd:.2f} |"
+        )
+    return "\n".join(rows)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--lengths", default="4096,32768")
+    ap.add_argument("--parts", default="correctness,passkey,speed")
+    ap.add_argument("--lengths", default="4096,32768,131072")
+    ap.add_argument("--backends", default="FLASH_ATTN,mesa")
     ap.add_argument("--multiples", default="1,2,4,8,16,32")
     ap.add_argument("--samples", type=int, default=20)
-    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--speed-timeout", type=int, default=280)
+    ap.add_argument("--speed-one", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out/gpu")))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path("/tmp/mesa-gpu-bench")
-    results: dict = {"device": torch.cuda.get_device_name(0)}
-    log("== correctness (tiny Llama, bf16)")
-    results["correctness"] = correctness(workdir)
-    log(json.dumps(results["correctness"]))
-    log("== passkey on GPU")
-    results["passkey"] = passkey([int(x) for x in args.multiples.split(",")], args.samples)
-    if not args.skip_speed:
+    lengths = [int(x) for x in args.lengths.split(",")]
+    if args.speed_one:
+        res = speed_one(args.speed_one, workdir, lengths, decode_tokens=64)
+        (args.out / f"speed-{args.speed_one}.json").write_text(json.dumps(res, indent=1))
+        return 0
+    parts = args.parts.split(",")
+    results: dict = {"device": torch.cuda.get_device_name(0), "parts": parts}
+    if "correctness" in parts:
+        log("== correctness (tiny Llama, bf16)")
+        results["correctness"] = correctness(workdir)
+        log(json.dumps(results["correctness"]))
+    if "passkey" in parts:
+        log("== passkey on GPU")
+        results["passkey"] = passkey([int(x) for x in args.multiples.split(",")], args.samples)
+    if "speed" in parts:
         log("== speed (Llama-2-7B shape, dummy weights)")
-        results["speed"] = speed(workdir, [int(x) for x in args.lengths.split(",")])
-        rows = [
-            "| prompt | FLASH_ATTN prefill s | MESA prefill s | ratio | FLASH_ATTN decode "
-            "ms/tok | MESA decode ms/tok | ratio |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for n in [int(x) for x in args.lengths.split(",")]:
-            fp, fd = results["speed"][f"FLASH_ATTN@{n}"]
-            mp, md = results["speed"][f"mesa@{n}"]
-            rows.append(
-                f"| {n} | {fp:.3f} | {mp:.3f} | {mp / fp:.2f} | {fd:.2f} | {md:.2f} | "
-                f"{md / fd:.2f} |"
-            )
-        log("\n".join(rows))
-        results["speed_table"] = "\n".join(rows)
-    (args.out / "gpu_e2e.json").write_text(json.dumps(results, indent=1, default=str))
+        results["speed"] = speed(args.out, lengths, args.backends.split(","), args.speed_timeout)
+        results["speed_table"] = speed_table(results["speed"], lengths)
+        log(results["speed_table"])
+    name = "gpu_e2e-" + "-".join(parts) + ".json"
+    (args.out / name).write_text(json.dumps(results, indent=1, default=str))
     return 0
 
 

@@ -1,23 +1,40 @@
 #!/usr/bin/env bash
-# One GPU burst on the H200 machine, after the vLLM bundle is staged (../shared/gpu/README.md):
-# installs the plugin next to the bundle, runs the smoke test on both kernel paths (their
-# greedy tokens should agree), then the end-to-end benchmark.  Full logs land in $OUT.
+# GPU bursts on the H200 machines, after the vLLM bundle is staged (../shared/gpu/README.md).
+# Each part fits one `run` call (< 10 min); full logs land in $OUT.
 #
-#   bash benchmarks/gpu_session.sh [lengths]        (default lengths 4096,32768,131072)
+#   bash benchmarks/gpu_session.sh smoke        smoke test (Triton path) + correctness + passkey
+#   bash benchmarks/gpu_session.sh tp2          TP=2 vs TP=1 (needs nvidia-h200-x2)
+#   bash benchmarks/gpu_session.sh speed BACKEND [lengths]   7B-shape speed of one backend
+#   bash benchmarks/gpu_session.sh variants     each weave-PE variant served on the GPU
+#
+# If .gpu/snap exists (a `git archive` of the committed mesa_vllm/), it replaces the working
+# copy first, so a burst runs the committed code even while files are being edited.
 set -uo pipefail
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 [ -d /tmp/site/vllm ] || { echo "vLLM is not staged in /tmp/site"; exit 3; }
+[ -d .gpu/snap/mesa_vllm ] && cp -r .gpu/snap/mesa_vllm/. mesa_vllm/
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site \
     --upgrade . >/dev/null 2>&1 || { echo "plugin install failed"; exit 3; }
-for kernel in triton torch; do
-    MESA_VLLM_KERNEL=$kernel timeout 240 python3 benchmarks/gpu_smoke.py \
-        > "$OUT/smoke-$kernel.log" 2>&1
-    echo "smoke $kernel rc=$?"
-    grep -E "^SMOKE|Error" "$OUT/smoke-$kernel.log" | tail -8
-done
-timeout 420 python3 benchmarks/bench_gpu_e2e.py --lengths "${1:-4096,32768,131072}" \
-    --out "$OUT" > "$OUT/e2e.log" 2>&1
-echo "e2e rc=$?"
-grep -v -E "INFO|DEBUG|WARNING|^\(EngineCore" "$OUT/e2e.log" | tail -40
+short() { grep -v -E "INFO|DEBUG|WARNING|^\(EngineCore.*(INFO|WARNING)" "$1" | tail -${2:-30}; }
+case "${1:-smoke}" in
+smoke)
+    MESA_VLLM_KERNEL=triton timeout 200 python3 benchmarks/gpu_smoke.py > "$OUT/smoke.log" 2>&1
+    echo "smoke rc=$?"; grep -E "^SMOKE|Error" "$OUT/smoke.log" | tail -8
+    timeout 360 python3 benchmarks/bench_gpu_e2e.py --parts correctness,passkey --out "$OUT" \
+        > "$OUT/e2e.log" 2>&1
+    echo "e2e rc=$?"; short "$OUT/e2e.log" 30 ;;
+tp2)
+    timeout 560 python3 benchmarks/gpu_tp2.py --out "$OUT" > "$OUT/tp2.log" 2>&1
+    echo "tp2 rc=$?"; short "$OUT/tp2.log" 30 ;;
+speed)
+    timeout 570 python3 benchmarks/bench_gpu_e2e.py --parts speed --backends "$2" \
+        --lengths "${3:-4096,32768,131072}" --speed-timeout 560 --out "$OUT" \
+        > "$OUT/speed-$2.log" 2>&1
+    echo "speed rc=$?"; short "$OUT/speed-$2.log" 25 ;;
+variants)
+    timeout 560 python3 benchmarks/gpu_variants.py --out "$OUT" > "$OUT/variants.log" 2>&1
+    echo "variants rc=$?"; short "$OUT/variants.log" 30 ;;
+*) echo "unknown part $1"; exit 2 ;;
+esac
