@@ -18,15 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # LLM.apply_model (inspecting the running layers) ships a function to the engine process.
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
-TRAIN_LEN = 64
-# Mesa parameters scaled to a 64-token model (the paper's are for 4k models).
-MESA_SMALL = {
-    "train_len": TRAIN_LEN,
-    "first_chunk": 8,
-    "last_chunk": 24,
-    "max_remainder": 10,
-    "stair_width": 4,
-}
+from mesa_vllm.testing.cases import MESA_SMALL, TRAIN_LEN  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

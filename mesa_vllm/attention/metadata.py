@@ -8,6 +8,7 @@ query scales and the causal mask.  ``forward`` then only gathers, rotates and at
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -103,7 +104,20 @@ def _positions(seg: Segment, idx: torch.Tensor) -> torch.Tensor:
 
 
 class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
+    """Plans every step.  With the Triton kernels on CUDA, batches of single-token decodes
+    are CUDA-graph safe (``UNIFORM_SINGLE_TOKEN_DECODE``: vLLM captures them whole): their
+    segment table lives in persistent buffers, padded requests get harmless entries, and the
+    split count depends only on the batch size and max_model_len."""
+
     _cudagraph_support = AttentionCGSupport.NEVER
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec) -> AttentionCGSupport:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cuda() and resolve_kernel("cuda") == "triton":
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return AttentionCGSupport.NEVER
 
     def __init__(
         self,
@@ -122,6 +136,13 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
             from mesa_vllm.ops.triton_mesa import default_block_q
 
             self.block_q = default_block_q(num_heads // self.num_kv_heads)
+        self.max_model_len = vllm_config.model_config.max_model_len
+        # padded CUDA-graph batches can hold more requests than max_num_seqs
+        self.max_num_reqs = max(
+            vllm_config.scheduler_config.max_num_seqs,
+            vllm_config.compilation_config.max_cudagraph_capture_size or 0,
+        )
+        self._decode_buffers: dict[str, torch.Tensor] = {}  # persistent decode-table rows
 
     def build(
         self,
@@ -145,9 +166,11 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
         device = block_table.device
         segments: list[SegmentWork] = []
         entries: list[tuple[int, int, Segment]] = []
+        padded: list[int] = []  # requests with no query (CUDA-graph batch padding)
         for r in range(cm.num_reqs):
             q_len = qsl[r + 1] - qsl[r]
             if q_len <= 0:
+                padded.append(r)
                 continue
             seq_len = int(seq_lens[r])
             T = int(prompt_lens[r])
@@ -168,10 +191,12 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
                     SegmentWork(seg.kind, lo, lo + nq, slots, kpos, qpos, scale, mask, causal, rule)
                 )
         if self.kernel == "triton":
-            return self._triton_metadata(cm, entries, max(seq_lens, default=1))
+            return self._triton_metadata(cm, entries, max(seq_lens, default=1), padded, qsl)
         return MesaMetadata(cm.num_actual_tokens, cm.slot_mapping, segments)
 
-    def _triton_metadata(self, cm: CommonAttentionMetadata, entries, max_seq_len: int):
+    def _triton_metadata(
+        self, cm: CommonAttentionMetadata, entries, max_seq_len: int, padded, qsl
+    ) -> MesaMetadata:
         from mesa_vllm.ops.triton_mesa import (
             build_segment_table,
             decode_num_splits,
@@ -180,13 +205,40 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
 
         device = cm.block_table_tensor.device
         pre, dec = split_prefill_decode(entries)
-        return MesaMetadata(
-            cm.num_actual_tokens,
-            cm.slot_mapping,
-            block_table=cm.block_table_tensor,
-            prefill_table=build_segment_table(pre, self.params, self.block_q, device)
-            if pre
-            else None,
-            decode_table=build_segment_table(dec, self.params, 1, device) if dec else None,
-            num_splits=decode_num_splits(int(max_seq_len), len(dec), self.num_kv_heads),
-        )
+        md = MesaMetadata(cm.num_actual_tokens, cm.slot_mapping, block_table=cm.block_table_tensor)
+        if pre:
+            md.prefill_table = build_segment_table(pre, self.params, self.block_q, device)
+            md.num_splits = decode_num_splits(int(max_seq_len), len(dec), self.num_kv_heads)
+            if dec:
+                md.decode_table = build_segment_table(dec, self.params, 1, device)
+            return md
+        if not dec:
+            return md
+        # Pure decode: a batch vLLM may capture or replay as one CUDA graph.  Padded requests
+        # (no query) read key 0 of their (null) block-table row and write a padding row.
+        first_pad_row = qsl[cm.num_reqs]
+        for i, r in enumerate(padded):
+            if first_pad_row + i >= cm.num_actual_tokens:
+                break
+            dec.append((r, first_pad_row + i, Segment("causal", 0, 1)))
+        table = build_segment_table(dec, self.params, 1, device)
+        md.decode_table = self._persistent(table, len(dec))
+        md.num_splits = decode_num_splits(self.max_model_len, len(dec), self.num_kv_heads)
+        return md
+
+    def _persistent(self, table, n: int):
+        """The table with every per-segment tensor [n] moved into a persistent buffer (same
+        address every step for a given n, so a captured graph reads this step's values)."""
+        if n > self.max_num_reqs:
+            return table
+        moved = {}
+        for f in dataclasses.fields(table):
+            value = getattr(table, f.name)
+            if isinstance(value, torch.Tensor) and value.shape == (n,):
+                buf = self._decode_buffers.get(f.name)
+                if buf is None:
+                    buf = torch.zeros(self.max_num_reqs, dtype=value.dtype, device=value.device)
+                    self._decode_buffers[f.name] = buf
+                buf[:n].copy_(value)
+                moved[f.name] = buf[:n]
+        return dataclasses.replace(table, **moved)

@@ -12,6 +12,10 @@ into a ``Launch``: extra server arguments and environment variables.
   (vLLM's "dynamic" is NTK-aware scaling with a fixed factor, not per-length re-scaling).
 - ``yarn``: ``rope_parameters = {"rope_type": "yarn", "factor": f, "rope_theta": θ,
   "original_max_position_embeddings": L}``.
+- the weave-PE family through the Mesa backend (docs/VARIANTS.md), each with its defaults:
+  ``rerope``, ``leaky-rerope``, ``self-extend``, ``streaming``, ``lm-infinite``, and the
+  paper's ablation ``mesa-rerope`` / ``mesa-leaky-rerope`` (chunked prefill with Mesa's chunk
+  settings, ReRoPE / Leaky-ReRoPE for the last chunk and decoding).
 
 vLLM 0.26 / transformers 5 need the *whole* ``rope_parameters`` dict in the override
 (``config.update`` replaces it): without ``rope_theta`` it becomes None, and yarn without
@@ -80,6 +84,19 @@ def _mesa(ctx: ServeContext) -> Launch:
     return Launch(args, {})  # the plugin lifts the max-model-len limit itself
 
 
+def _weave(pe: str, chunked: bool | None = None) -> Callable[[ServeContext], Launch]:
+    """A weave-PE variant (docs/VARIANTS.md) through the Mesa backend, its own defaults."""
+
+    def launch(ctx: ServeContext) -> Launch:
+        cfg = {"train_len": ctx.train_len, "pe": pe}
+        if chunked is not None:  # the chunked ablation shares Mesa's chunk settings
+            cfg.update(ctx.mesa_config, pe=pe, chunked_prefill=chunked)
+        args = ("--attention-backend", "mesa", "--additional-config", json.dumps({"mesa": cfg}))
+        return Launch(args, {})
+
+    return launch
+
+
 def _dynamic_ntk(ctx: ServeContext) -> Launch:
     rp = {"rope_type": "dynamic", "factor": _factor(ctx), "rope_theta": ctx.rope_theta}
     return Launch(_overrides({"rope_parameters": rp}), {})
@@ -101,6 +118,13 @@ METHODS: dict[str, Callable[[ServeContext], Launch]] = {
     "mesa": _mesa,
     "dynamic-ntk": _dynamic_ntk,
     "yarn": _yarn,
+    "rerope": _weave("rerope"),
+    "leaky-rerope": _weave("leaky_rerope"),
+    "self-extend": _weave("self_extend"),
+    "streaming": _weave("streaming"),
+    "lm-infinite": _weave("lm_infinite"),
+    "mesa-rerope": _weave("rerope", chunked=True),
+    "mesa-leaky-rerope": _weave("leaky_rerope", chunked=True),
 }
 
 

@@ -14,33 +14,15 @@ import torch
 from conftest import MESA_SMALL, TRAIN_LEN, cpu_engine_kwargs
 from oracle import dense_greedy, dense_model_logits
 
+from mesa_vllm.testing.cases import VARIANT_CASES
+
 pytestmark = pytest.mark.e2e
 
 ATOL = 2e-3
 MAX_LEN = 900
 SEED = int.from_bytes(os.urandom(4), "little")
 
-# every variant field explicit: the oracle resolves no defaults
-VARIANTS = {
-    "rerope": dict(pe="rerope", chunked_prefill=False, window=24, log_n_scaling=True),
-    "leaky_rerope": dict(
-        pe="leaky_rerope", chunked_prefill=False, window=24, leaky_factor=22.5, log_n_scaling=True
-    ),
-    "self_extend": dict(
-        pe="self_extend", chunked_prefill=False, window=16, group_size=20, log_n_scaling=False
-    ),
-    "streaming": dict(
-        pe="streaming", chunked_prefill=False, window=56, sink_tokens=4, log_n_scaling=False
-    ),
-    "lm_infinite": dict(
-        pe="lm_infinite", chunked_prefill=False, window=63, sink_tokens=4, log_n_scaling=False
-    ),
-    # the paper's ablation: ReRoPE / Leaky-ReRoPE inside Mesa's chunked prefill
-    "chunked_rerope": dict(pe="rerope", chunked_prefill=True, window=24, log_n_scaling=True),
-    "chunked_leaky": dict(
-        pe="leaky_rerope", chunked_prefill=True, window=24, leaky_factor=22.5, log_n_scaling=True
-    ),
-}
+VARIANTS = VARIANT_CASES
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
