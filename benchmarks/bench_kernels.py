@@ -15,11 +15,23 @@
    flash_attn_with_kvcache or SDPA.  Useful FLOPs: 4 * D * Hq * (visible keys summed over
    queries); Mesa's follow its plan (O(T (F + C))), the baseline's full causal attention.
 Prints Markdown tables last; writes JSON to $OUT/bench_kernels.json when OUT is set.
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench_kernels.py --variants
+
+runs the weave-PE variants (docs/VARIANTS.md) instead: for each pe (rerope, leaky_rerope,
+self_extend, streaming, lm_infinite; chunked prefill on and off where allowed) a check of
+both kernels against ``variant_attention_reference`` (run on the GPU in fp32 with fp64
+angles; bf16/fp16 and one fp32, head 64/128, GQA 1/4/8, block 16/32/64, prompts below L to
+32 L with L = 256/512 and the variant defaults of a 32 L max-model-len), then prefill of a
+32k prompt and decode at 32k per variant at the Llama-2-7B shape (stair for reference), and
+at 4k (causal segments: each PE specialisation's plain path against stair's).
+Writes $OUT/bench_variants.json and .md.  Needs torch + triton only (no vLLM).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -33,6 +45,10 @@ sys.path.insert(0, str(ROOT))
 
 from mesa_vllm.ops import triton_mesa as tm  # noqa: E402
 from mesa_vllm.ops.reference import mesa_attention_reference, rope_inv_freq  # noqa: E402
+from mesa_vllm.ops.reference_variants import (  # noqa: E402
+    VariantSpec,
+    variant_attention_reference,
+)
 from mesa_vllm.plan import MesaParams, dynamic_split, plan_request  # noqa: E402
 
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
@@ -74,7 +90,9 @@ def build(reqs, D, Hkv, G, page, dtype, params, seed, rope=ROPE, with_ref=True, 
         v = torch.randn(S, Hkv, D, generator=g).to(dtype)
         key_cache[blocks, idx % page] = k
         value_cache[blocks, idx % page] = v
-        if with_ref:
+        if with_ref and params.pe != "stair":
+            refs.append(variant_ref(q, k, v, T, params, rope, D**-0.5)[ctx:].float().cpu())
+        elif with_ref:
             ref = mesa_attention_reference(
                 q,
                 k,
@@ -117,6 +135,24 @@ def run(pb, num_splits=4, out=None, pre_kw=None, dec_kw=None):
     if pb["dec"] is not None:
         tm.mesa_decode(*args, pb["dec"], pb["inv"], pb["scale"], out, num_splits, **(dec_kw or {}))
     return out
+
+
+def variant_ref(q, k, v, T, params: MesaParams, rope, scale):
+    """``variant_attention_reference`` of one sequence, on the GPU when there is one (it only
+    creates tensors on the default device), else on the CPU."""
+    spec = VariantSpec(
+        params.pe, params.chunked_prefill, params.window, params.leaky_factor,
+        params.group_size, params.sink_tokens, params.log_n_scaling, params.first_chunk,
+        params.last_chunk, params.max_remainder, params.stair_width,
+    )  # fmt: skip
+    args = (T, params.train_len, spec, rope, scale)
+    if DEV == "cuda":
+        try:
+            with torch.device(DEV):
+                return variant_attention_reference(q.to(DEV), k.to(DEV), v.to(DEV), *args)
+        except Exception as e:  # noqa: BLE001 - fall back to the CPU
+            log(f"variant reference on the GPU failed ({type(e).__name__}: {e}); CPU instead")
+    return variant_attention_reference(q, k, v, *args)
 
 
 # ---------------------------------------------------------------- correctness
@@ -611,6 +647,189 @@ def markdown(check_rows, sp) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- weave-PE variants
+
+LOG_N_ON = ("stair", "rerope", "leaky_rerope")
+
+
+def variant_params(pe, mesa, max_len, chunked=None, sink=4, log_n=None) -> MesaParams:
+    """MesaParams of ``pe`` with the defaults of docs/VARIANTS.md for training length L =
+    mesa[0] and a max-model-len ``max_len``; mesa = (L, F, Lc, Mmax, E)."""
+    L = mesa[0]
+    chunked = pe == "stair" if chunked is None else chunked
+    log_n = pe in LOG_N_ON if log_n is None else log_n
+    if pe == "stair":
+        return MesaParams(*mesa, log_n)
+    w = {"streaming": L - sink, "lm_infinite": L}.get(pe, min(512, L // 2))
+    k = max(1.0, (max_len - 1 - w) / max(1, L - 1 - w)) if pe == "leaky_rerope" else 1.0
+    g = 1
+    if pe == "self_extend":
+        while (max_len - 1) // g + w - w // g > L - 1:
+            g += 1
+    s = sink if pe in ("streaming", "lm_infinite") else 0
+    return MesaParams(*mesa, log_n, pe, chunked, w, k, g, s)
+
+
+VARIANT_CHECKS = [
+    # name, pe, chunked, dtype, D, Hkv, G, page, (L, F, Lc, Mmax, E), requests, splits
+    ("rerope bf16 D128 G1 p16 32L+short+decode", "rerope", False, torch.bfloat16, 128, 4, 1,
+     16, (256, 16, 64, 32, 8), [(8192, 8192, 0), (200, 200, 0), (3000, 3100, 3099)], 8),
+    ("rerope chunked bf16 D64 G8 p16", "rerope", True, torch.bfloat16, 64, 1, 8, 16,
+     (256, 16, 64, 32, 8), [(4096, 4096, 0), (3000, 3100, 2900), (5000, 5001, 5000)], 16),
+    ("leaky fp16 D64 G4 p32 chunked-from-mid+decode", "leaky_rerope", False, torch.float16,
+     64, 2, 4, 32, (256, 16, 64, 32, 8),
+     [(4096, 4096, 2048), (300, 300, 0), (200, 260, 259), (1000, 1040, 1039)], 8),
+    ("leaky chunked bf16 D128 G4 p64 L512", "leaky_rerope", True, torch.bfloat16, 128, 2, 4,
+     64, (512, 100, 128, 50, 16), [(6000, 6000, 0), (600, 700, 699), (400, 400, 0)], 16),
+    ("self_extend bf16 D128 G8 p64 L512", "self_extend", False, torch.bfloat16, 128, 1, 8, 64,
+     (512, 100, 128, 50, 16),
+     [(2048, 2048, 0), (600, 700, 699), (5000, 5001, 5000), (512, 512, 0)], 16),
+    ("self_extend chunked fp16 D64 G1 p32", "self_extend", True, torch.float16, 64, 8, 1, 32,
+     (256, 16, 64, 32, 8), [(3000, 3000, 0), (513, 600, 513), (100, 1500, 1499)], 5),
+    ("streaming bf16 D64 G1 p16 32L+gen", "streaming", False, torch.bfloat16, 64, 4, 1, 16,
+     (256, 16, 64, 32, 8), [(8000, 8192, 0), (513, 600, 513), (100, 1500, 1499)], 32),
+    ("lm_infinite fp16 D128 G4 p32", "lm_infinite", False, torch.float16, 128, 2, 4, 32,
+     (256, 16, 64, 32, 8), [(6000, 6000, 0), (100, 100, 0), (2000, 2100, 2099)], 8),
+    ("leaky fp32 D64 G4 p16", "leaky_rerope", False, torch.float32, 64, 2, 4, 16,
+     (256, 16, 64, 32, 8), [(2000, 2000, 0), (700, 720, 719)], 4),
+]  # fmt: skip
+VARIANT_MAX_LEN = 32  # x L: the max-model-len the variant defaults are resolved for
+SPEED_VARIANTS = [  # pe, chunked prefill
+    ("stair", True), ("rerope", False), ("rerope", True), ("leaky_rerope", False),
+    ("leaky_rerope", True), ("self_extend", False), ("self_extend", True), ("streaming", False),
+    ("lm_infinite", False),
+]  # fmt: skip
+
+
+def variant_checks(seed: int) -> list[dict]:
+    rows = []
+    for i, (name, pe, chunked, dtype, D, Hkv, G, page, mesa, reqs, splits) in enumerate(
+        VARIANT_CHECKS
+    ):
+        atol, rtol = TOL[dtype]
+        params = variant_params(pe, mesa, VARIANT_MAX_LEN * mesa[0], chunked)
+        try:
+            r = one_check(name, dtype, D, Hkv, G, page, params, reqs, splits, seed + i)
+        except Exception as e:  # noqa: BLE001 - report, keep going (device time is scarce)
+            r = dict(name=name, seed=seed + i, nan=-1, max_abs=float("nan"),
+                     rel_l2=float("nan"), atol=atol, rtol=rtol, ok=False,
+                     error=f"{type(e).__name__}: {e}"[:500])  # fmt: skip
+        r.update(
+            pe=pe, chunked=chunked, window=params.window, k=round(params.leaky_factor, 3),
+            group=params.group_size, sink=params.sink_tokens,
+        )  # fmt: skip
+        log(f"check {r}")
+        rows.append(r)
+    return rows
+
+
+def visible_keys(T: int, params: MesaParams) -> int:
+    """Keys attended, summed over the queries of a whole T-token prompt (plan segments)."""
+    keys = 0
+    for s in plan_request(T, 0, T, params, dynamic_split(T, params)):
+        a, b = s.q_start, s.q_end
+        if s.kind == "middle":
+            lo, hi = params.first_chunk + a - s.chunk_start, params.first_chunk + b - s.chunk_start
+            keys += (lo + 1 + hi) * (hi - lo) // 2
+        elif s.kind == "weave" and params.windowed:
+            W, S = params.window, params.sink_tokens
+            keys += sum(min(p + 1, W) + min(S, max(0, p + 1 - W)) for p in range(a, b))
+        else:
+            keys += (a + 1 + b) * (b - a) // 2
+    return keys
+
+
+def variant_speed(lengths) -> list[dict]:
+    """Prefill of a T-token prompt and decode at index T - 1, Llama-2-7B shape, per variant
+    and T (T <= L: the causal path of each variant's kernel specialisation)."""
+    D, H, page = SPEED_SHAPE
+    mesa = tuple(LLAMA2.values())
+    rows = []
+    for (pe, chunked), T in itertools.product(SPEED_VARIANTS, lengths):
+        if T <= LLAMA2["L"] and chunked and pe != "stair":
+            continue  # same kernel and segments as the unchunked row
+        params = variant_params(pe, mesa, max(lengths), chunked)
+        name = pe + (" chunked" if chunked and pe != "stair" else "")
+        try:
+            pb = speed_problem(T, 0, D, H, page, params, 128)
+            out = torch.empty_like(pb["query"])
+            pre_ms = bench_ms(lambda pb=pb, o=out: run(pb, out=o))
+            pb.clear()
+            fl = 4.0 * D * H * visible_keys(T, params)
+            pb = speed_problem(T, T - 1, D, H, page, params, 1, seed=11)
+            out = torch.empty_like(pb["query"])
+            splits = tm.decode_num_splits(T, 1, H)
+            dec_ms = bench_ms(lambda pb=pb, o=out, n=splits: run(pb, n, out=o), graph=True)
+            pb.clear()
+            row = dict(variant=name, T=T, prefill_ms=pre_ms, prefill_tflops=fl / pre_ms / 1e9,
+                       gflop=fl / 1e9, decode_ms=dec_ms, splits=splits, window=params.window,
+                       k=round(params.leaky_factor, 3), group=params.group_size)  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            row = dict(variant=name, T=T, error=f"{type(e).__name__}: {e}"[:300])
+        log(f"variant speed {row}")
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def variants_markdown(check_rows, speed_rows) -> str:
+    lines = [
+        "| check | pe | chunked | w / W | k | G | S | seed | rows | NaN | max abs err | rel L2 "
+        "| tol (abs, L2) | ok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in check_rows:
+        lines.append(
+            f"| {r['name']} | {r['pe']} | {r['chunked']} | {r['window']} | {r['k']} | "
+            f"{r['group']} | {r['sink']} | {r['seed']} | {r.get('rows', '')} | {r['nan']} | "
+            f"{r['max_abs']:.2e} | {r['rel_l2']:.2e} | {r['atol']:g}, {r['rtol']:g} | "
+            f"{'yes' if r['ok'] else 'NO: ' + r.get('error', '')} |"
+        )
+    if speed_rows:
+        lines += [
+            "",
+            f"Speed per variant: one layer, {SPEED_SHAPE[1]} heads x {SPEED_SHAPE[0]} (MHA), bf16, "
+            f"cache block {SPEED_SHAPE[2]}, L = {LLAMA2['L']}, defaults for max-model-len = "
+            f"{max(r['T'] for r in speed_rows)}; T <= L rows run causal segments only (the "
+            "speed of each kernel specialisation on plain attention); "
+            "prefill of a whole T-token prompt (useful FLOPs: 4 D H x keys attended), decode of "
+            "the token at T - 1 (CUDA-graph replay).",
+            "",
+            "| variant | T | w | k | G | prefill ms | useful TFLOP/s | GFLOP | decode ms "
+            "| splits |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in speed_rows:
+            if "error" in r:
+                lines.append(f"| {r['variant']} | {r['T']} | error: {r['error']} |")
+                continue
+            lines.append(
+                f"| {r['variant']} | {r['T']} | {r['window']} | {r['k']} | {r['group']} | "
+                f"{r['prefill_ms']:.2f} | {r['prefill_tflops']:.0f} | {r['gflop']:.0f} | "
+                f"{r['decode_ms']:.4f} | {r['splits']} |"
+            )
+    return "\n".join(lines)
+
+
+def variants_main(args) -> None:
+    t0 = time.time()
+    check_rows = [] if args.skip_checks else variant_checks(args.seed)
+    log(f"variant checks done in {time.time() - t0:.0f}s")
+    lengths = [int(x) for x in args.variant_lengths.split(",")]
+    speed_rows = [] if args.skip_speed else variant_speed(lengths)
+    log(f"variants done in {time.time() - t0:.0f}s")
+    table = variants_markdown(check_rows, speed_rows)
+    log("\n" + table)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+        (Path(os.environ["OUT"]) / "bench_variants.json").write_text(
+            json.dumps(dict(checks=check_rows, speed=speed_rows, seed=args.seed), indent=1)
+        )
+        (Path(os.environ["OUT"]) / "bench_variants.md").write_text(table + "\n")
+    if check_rows and not all(r["ok"] for r in check_rows):
+        sys.exit("some variant checks failed")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-checks", action="store_true")
@@ -620,6 +839,8 @@ def main() -> None:
     ap.add_argument("--sweep-len", type=int, default=32768)
     ap.add_argument("--decode-sweep-len", type=int, default=131072)
     ap.add_argument("--block-m", type=int, default=128)
+    ap.add_argument("--variants", action="store_true", help="weave-PE variants instead")
+    ap.add_argument("--variant-lengths", default="4096,32768", help="--variants speed: T")
     ap.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(3), "little"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -631,6 +852,8 @@ def main() -> None:
         f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
         f"seed {args.seed}"
     )
+    if args.variants:
+        return variants_main(args)
     t0 = time.time()
     check_rows = [] if args.skip_checks else checks(args.seed)
     log(f"checks done in {time.time() - t0:.0f}s")

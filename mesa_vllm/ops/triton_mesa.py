@@ -14,6 +14,20 @@ heads of a KV head packed into the tile's rows; a tile reads only its key list (
 own chunk for middle segments: O(T (F + C)) work).  ``mesa_decode`` is split-KV
 flash-decoding for single-query segments, with a reduction kernel; it does no host sync and
 its launch shapes depend only on host ints, so it can be captured in a CUDA graph.
+
+Weave segments (docs/VARIANTS.md: rerope, leaky_rerope, self_extend, streaming,
+lm_infinite) read the keys [0, p] (sinks [0, S) and the window (p - W, p] for the windowed
+``streaming`` / ``lm_infinite``).  A pair (p, j) is near when d = p - j < w, scored with the
+query at p and the key at j (both rebased by the program's first near key), else far, with
+the query at fq(p) and the key at fk(j) (unrebased: every far position is below ~L by the
+variant's construction).  The variant is one per engine, a constexpr ``PE`` of the kernels:
+0 for stair (the Mesa specialisations, unchanged), else the kernels branch per segment
+between the Mesa loops and the weave ones.  A weave prefill tile splits its key range into
+far-only blocks (one key rotation, one QK product; none for ``rerope`` / ``lm_infinite``,
+whose far keys sit at 0), near-only blocks (plain RoPE) and the few mixed blocks in between
+(both products, picked per pair); windowed tiles visit only the blocks of [0, S) and
+[first query - W + 1, last query].  A decode split walks the far keys [0, p - w] (windowed:
+the sinks) and then the near keys, so it never needs both products.
 """
 
 from __future__ import annotations
@@ -31,7 +45,8 @@ from triton.language.extra import libdevice
 
 from mesa_vllm.plan import MesaParams, Segment
 
-KIND_CODES = {"causal": 0, "middle": 1, "stair": 2}
+KIND_CODES = {"causal": 0, "middle": 1, "stair": 2, "weave": 3}
+PE_CODES = {"rerope": 1, "leaky_rerope": 2, "self_extend": 3, "streaming": 4, "lm_infinite": 5}
 _LOG2E = 1.4426950408889634
 _C1 = 6.28125  # 2*pi = C1 + C2 + C3, k * C1 exact for k < 2**16
 _C2 = float(np.float32(2 * math.pi - _C1))
@@ -55,9 +70,14 @@ class SegmentTable:
 
     q_lo: row of the segment's first query in the packed query tensor; q_len: its number of
     queries; q_abs: absolute token index of the first query; kind: 0 causal, 1 middle,
-    2 stair; chunk_start: s (middle); anchor: A (stair); req: block-table row.  tile_seg /
-    tile_q0 (int32 [num_tiles]): per prefill program, the segment and the offset of its first
-    query (multiples of ``block_q``), longest key list first.  F, E, L, log_n: Mesa scalars.
+    2 stair, 3 weave; chunk_start: s (middle); anchor: A (stair); req: block-table row.
+    tile_seg / tile_q0 (int32 [num_tiles]): per prefill program, the segment and the offset of
+    its first query (multiples of ``block_q``), longest key list first.  F, E, L, log_n: Mesa
+    scalars.  pe: the kernels' ``PE`` constexpr, the engine's variant (``PE_CODES``; 0 for
+    stair, whose kernels are the plain Mesa ones), whatever segments the table holds, so that
+    a CUDA graph captured on causal decodes replays weave ones correctly.  window (w, or W),
+    sink (S for the windowed variants, else 0), leaky_factor (k), group_size (G): the
+    variant's scalars.
     """
 
     q_lo: torch.Tensor
@@ -74,6 +94,11 @@ class SegmentTable:
     stair_width: int
     train_len: int
     log_n: bool
+    pe: int = 0
+    window: int = 0
+    sink: int = 0
+    leaky_factor: float = 1.0
+    group_size: int = 1
 
     @property
     def num_segments(self) -> int:
@@ -113,6 +138,9 @@ def build_segment_table(
     last = q_abs[tile_seg] + np.minimum(tile_q0 + block_q, q_len[tile_seg]) - 1
     F = params.first_chunk
     work = np.where(kind[tile_seg] == 1, F + last - s[tile_seg], last)
+    if params.windowed:  # weave tiles read the sinks, the window and their own queries
+        short = np.minimum(last, params.sink_tokens + params.window + block_q)
+        work = np.where(kind[tile_seg] == 3, short, work)
     order = np.argsort(-work, kind="stable")
     packed = np.concatenate([cols.reshape(-1), tile_seg[order], tile_q0[order]])
     t = torch.from_numpy(packed.astype(np.int32)).to(device, non_blocking=True)
@@ -125,6 +153,11 @@ def build_segment_table(
         stair_width=params.stair_width,
         train_len=params.train_len,
         log_n=params.log_n_scaling,
+        pe=PE_CODES.get(params.pe, 0),
+        window=params.window,
+        sink=params.sink_tokens if params.windowed else 0,
+        leaky_factor=float(params.leaky_factor),
+        group_size=params.group_size,
     )
 
 
@@ -313,6 +346,190 @@ def _load_query(
     return q1r, q2r, q3
 
 
+@triton.jit
+def _far_qpos(p, W, SINK, LEAKY, FAR_C, GROUP, PE: tl.constexpr):
+    """fq(p), fp32 [R], of query indices p int32 [R] (docs/VARIANTS.md; FAR_C: the variant's
+    constant, w - w / k for leaky_rerope, w - floor(w / G) for self_extend)."""
+    if PE == 2:
+        pos = p.to(tl.float32) / LEAKY + FAR_C
+    elif PE == 3:
+        pos = (p // GROUP).to(tl.float32) + FAR_C
+    elif PE == 4:
+        pos = tl.minimum(p, SINK + W - 1).to(tl.float32)
+    else:  # rerope, lm_infinite: w
+        pos = tl.zeros_like(p).to(tl.float32) + W
+    return pos
+
+
+@triton.jit
+def _weave_block(
+    acc, l_i, m_i, qn1, qn2, qf1, qf2, q3, p, t0, t_end, shift, base_n,
+    K, V, BT, req, hkv, inv, ci, si, W, SINK, LEAKY, GROUP,
+    s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
+    BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr,
+    PE: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr,
+):
+    """Keys j = t + shift for t in [t0, t0 + BLOCK_N), t < t_end, of a weave segment into the
+    online softmax.  MODE 0: every pair is far; 1: every pair is near; 2: mixed, pick per pair
+    (and mask the windowed variants' invisible keys).  CAUSAL masks j > p.
+
+    qn1/qn2 [M, BLOCK_HALF]: the query rotated at p - base_n (near), qf1/qf2 at fq(p) (far),
+    q3 the unrotated dims; p int32 [M] query indices.  Near keys turn by j - base_n, far keys
+    by fk(j): not at all for rerope / lm_infinite (fk = 0), j / k (leaky_rerope), floor(j / G)
+    (self_extend), j (streaming).  ANGLE_ADD: near angles by angle addition as in
+    ``_attend_block``.
+    """
+    t = t0 + tl.arange(0, BLOCK_N)
+    dh = tl.arange(0, BLOCK_HALF)
+    dd = tl.arange(0, BLOCK_D)
+    kmask = t < t_end
+    j = t + shift
+    page = tl.load(BT + req * s_bt + j // PAGE, mask=kmask, other=0).to(tl.int64)
+    slot = (j % PAGE).to(tl.int64)
+    k_row = K + page * s_kb + slot * s_kt + hkv * s_kh
+    hm = _mask2(kmask, dh, HALF, BLOCK_HALF)
+    k1 = tl.load(k_row[:, None] + dh[None, :], mask=hm, other=0.0).to(tl.float32)
+    k2 = tl.load(k_row[:, None] + HALF + dh[None, :], mask=hm, other=0.0).to(tl.float32)
+    qk0 = tl.zeros([qn1.shape[0], BLOCK_N], dtype=tl.float32)
+    if REST > 0:  # unrotated dims: the same product for near and far
+        dr = tl.arange(0, BLOCK_REST)
+        rm = _mask2(kmask, dr, REST, BLOCK_REST)
+        k3 = tl.load(k_row[:, None] + 2 * HALF + dr[None, :], mask=rm, other=0.0)
+        qk0 = _dot(q3, tl.trans(k3.to(DOT_DTYPE)), qk0, UPCAST, PREC)
+    if MODE != 0:
+        if ANGLE_ADD:
+            c0, s0 = _cos_sin(tl.zeros([1], dtype=tl.int32) + (t0 + shift - base_n), inv,
+                              FAST_TRIG)
+            ck = c0 * ci - s0 * si
+            sk = s0 * ci + c0 * si
+        else:
+            ck, sk = _cos_sin(j - base_n, inv, FAST_TRIG)
+        k1r = (k1 * ck - k2 * sk).to(DOT_DTYPE)
+        k2r = (k2 * ck + k1 * sk).to(DOT_DTYPE)
+        qk_n = _dot(qn1, tl.trans(k1r), qk0, UPCAST, PREC)
+        qk_n = _dot(qn2, tl.trans(k2r), qk_n, UPCAST, PREC)
+    if MODE != 1:
+        if PE == 1:
+            k1f = k1.to(DOT_DTYPE)
+            k2f = k2.to(DOT_DTYPE)
+        elif PE == 5:
+            k1f = k1.to(DOT_DTYPE)
+            k2f = k2.to(DOT_DTYPE)
+        else:
+            if PE == 2:
+                ck, sk = _cos_sin(j.to(tl.float32) / LEAKY, inv, FAST_TRIG)
+            elif PE == 3:
+                ck, sk = _cos_sin(j // GROUP, inv, FAST_TRIG)
+            else:
+                ck, sk = _cos_sin(j, inv, FAST_TRIG)
+            k1f = (k1 * ck - k2 * sk).to(DOT_DTYPE)
+            k2f = (k2 * ck + k1 * sk).to(DOT_DTYPE)
+        qk_f = _dot(qf1, tl.trans(k1f), qk0, UPCAST, PREC)
+        qk_f = _dot(qf2, tl.trans(k2f), qk_f, UPCAST, PREC)
+    ok = tl.broadcast_to(kmask[None, :], (qn1.shape[0], BLOCK_N))
+    if CAUSAL:
+        ok = ok & (j[None, :] <= p[:, None])
+    if MODE == 0:
+        qk = qk_f
+    elif MODE == 1:
+        qk = qk_n
+    else:
+        near = (p[:, None] - j[None, :]) < W
+        qk = tl.where(near, qk_n, qk_f)
+        if PE >= 4:  # streaming, lm_infinite: sinks and the window only
+            ok = ok & (near | (j < SINK)[None, :])
+    qk = tl.where(ok, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    pr = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(pr, 1)
+    v_row = V + page * s_vb + slot * s_vt + hkv * s_vh
+    v = tl.load(v_row[:, None] + dd[None, :], mask=_mask2(kmask, dd, HEAD, BLOCK_D), other=0.0)
+    acc = acc * alpha[:, None]
+    acc = _dot(pr.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, UPCAST, PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _mesa_tile(
+    acc, l_i, m_i, q1, q2, q3, qt, qt_first, t_end,
+    K, V, BT, req, kind, F, s, A, E, base, hkv, inv, ci, si,
+    s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
+    BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr,
+):
+    """A causal / middle / stair prefill tile: the list slices every row sees entirely, then
+    the diagonal ones (masked)."""
+    n_full = ((qt_first + 1) // BLOCK_N) * BLOCK_N  # slices every row sees entirely
+    for t0 in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q1, q2, q3, qt, t0, t_end, K, V, BT, req, kind, F, s, A, E, base,
+            hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF, REST,
+            BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, False, FAST_TRIG, DOT_DTYPE, PREC, UPCAST,
+            ANGLE_ADD)
+    for t0 in range(n_full, t_end, BLOCK_N):
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q1, q2, q3, qt, t0, t_end, K, V, BT, req, kind, F, s, A, E, base,
+            hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF, REST,
+            BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, True, FAST_TRIG, DOT_DTYPE, PREC, UPCAST,
+            ANGLE_ADD)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _weave_tile(
+    acc, l_i, m_i, qn1, qn2, qf1, qf2, q3, p, p_first, p_last, far_end,
+    K, V, BT, req, hkv, inv, ci, si, W, SINK, LEAKY, GROUP,
+    s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
+    BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, PE: tl.constexpr,
+    FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr,
+):
+    """A weave prefill tile of queries [p_first, p_last]: far-only blocks [0, far_end) (the
+    sinks only, windowed), mixed blocks [far_end, near_start), near-only blocks up to the
+    diagonal, then the masked diagonal ones.  far_end (= floor(p_first - w + 1) to BLOCK_N)
+    is also the near rebase."""
+    near_start = tl.cdiv(tl.maximum(p_last - W + 1, 0), BLOCK_N) * BLOCK_N
+    t_end = p_last + 1
+    n_full = ((p_first + 1) // BLOCK_N) * BLOCK_N
+    far_hi = far_end
+    if PE >= 4:
+        far_hi = tl.minimum(far_end, SINK)
+    for t0 in range(0, far_hi, BLOCK_N):
+        acc, l_i, m_i = _weave_block(
+            acc, l_i, m_i, qn1, qn2, qf1, qf2, q3, p, t0, far_hi, 0, far_end, K, V, BT, req,
+            hkv, inv, ci, si, W, SINK, LEAKY, GROUP, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
+            HALF, BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, 0, False, PE,
+            FAST_TRIG, DOT_DTYPE, PREC, UPCAST, ANGLE_ADD)
+    for t0 in range(far_end, tl.minimum(near_start, t_end), BLOCK_N):
+        acc, l_i, m_i = _weave_block(
+            acc, l_i, m_i, qn1, qn2, qf1, qf2, q3, p, t0, t_end, 0, far_end, K, V, BT, req,
+            hkv, inv, ci, si, W, SINK, LEAKY, GROUP, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
+            HALF, BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, 2, True, PE,
+            FAST_TRIG, DOT_DTYPE, PREC, UPCAST, ANGLE_ADD)
+    for t0 in range(near_start, n_full, BLOCK_N):
+        acc, l_i, m_i = _weave_block(
+            acc, l_i, m_i, qn1, qn2, qf1, qf2, q3, p, t0, t_end, 0, far_end, K, V, BT, req,
+            hkv, inv, ci, si, W, SINK, LEAKY, GROUP, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
+            HALF, BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, 1, False, PE,
+            FAST_TRIG, DOT_DTYPE, PREC, UPCAST, ANGLE_ADD)
+    for t0 in range(tl.maximum(near_start, n_full), t_end, BLOCK_N):
+        acc, l_i, m_i = _weave_block(
+            acc, l_i, m_i, qn1, qn2, qf1, qf2, q3, p, t0, t_end, 0, far_end, K, V, BT, req,
+            hkv, inv, ci, si, W, SINK, LEAKY, GROUP, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
+            HALF, BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, 1, True, PE,
+            FAST_TRIG, DOT_DTYPE, PREC, UPCAST, ANGLE_ADD)
+    return acc, l_i, m_i
+
+
 # ---------------------------------------------------------------- kernels
 
 
@@ -320,13 +537,13 @@ def _load_query(
 def _prefill_kernel(
     Q, K, V, Out, BT, TILE_SEG, TILE_Q0,
     SEG_QLO, SEG_QLEN, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_REQ, INV_FREQ,
-    qk_scale, inv_log_L, F, E,
+    qk_scale, inv_log_L, F, E, W, SINK, LEAKY, FAR_C, GROUP,
     s_qn, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_on, s_oh, s_bt,
     G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
     BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr,
+    UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr, PE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -350,32 +567,51 @@ def _prefill_kernel(
     qpos = tl.where(kind == 2, _stair(p, A, E), qt) - base
     inv = tl.load(INV_FREQ + tl.arange(0, BLOCK_HALF), mask=tl.arange(0, BLOCK_HALF) < HALF,
                   other=0.0)
-    q1, q2, q3 = _load_query(Q, q_lo + qi, head, row_ok, p, qpos, kind == 2, inv, s_qn, s_qh,
-                             qk_scale, inv_log_L, HALF, BLOCK_HALF, REST, BLOCK_REST, LOG_N,
-                             FAST_TRIG, DOT_DTYPE)
+    if PE == 0:
+        q1, q2, q3 = _load_query(Q, q_lo + qi, head, row_ok, p, qpos, kind == 2, inv, s_qn,
+                                 s_qh, qk_scale, inv_log_L, HALF, BLOCK_HALF, REST, BLOCK_REST,
+                                 LOG_N, FAST_TRIG, DOT_DTYPE)
+    else:
+        weave = kind == 3
+        # first key that is not far for every row: the tile's near rebase
+        far_end = (tl.maximum(q_abs + q0 - W + 1, 0) // BLOCK_N) * BLOCK_N
+        qpos = tl.where(weave, p - far_end, qpos)
+        q1, q2, q3 = _load_query(Q, q_lo + qi, head, row_ok, p, qpos, kind >= 2, inv, s_qn,
+                                 s_qh, qk_scale, inv_log_L, HALF, BLOCK_HALF, REST, BLOCK_REST,
+                                 LOG_N, FAST_TRIG, DOT_DTYPE)
 
     p_first = q_abs + q0
     p_last = q_abs + tl.minimum(q0 + BLOCK_Q, q_len) - 1
     qt_first = tl.where(kind == 1, F + p_first - s, p_first)
     t_end = tl.where(kind == 1, F + p_last - s, p_last) + 1
-    n_full = ((qt_first + 1) // BLOCK_N) * BLOCK_N  # slices every row sees entirely
 
     ci, si = _angle_table(inv, BLOCK_N, BLOCK_HALF, FAST_TRIG, ANGLE_ADD)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + _NEG_BIG
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for t0 in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q1, q2, q3, qt, t0, t_end, K, V, BT, req, kind, F, s, A, E, base,
-            hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF, REST,
-            BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, False, FAST_TRIG, DOT_DTYPE, PREC, UPCAST,
+    if PE == 0:
+        acc, l_i, m_i = _mesa_tile(
+            acc, l_i, m_i, q1, q2, q3, qt, qt_first, t_end, K, V, BT, req, kind, F, s, A, E,
+            base, hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF,
+            REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, FAST_TRIG, DOT_DTYPE, PREC, UPCAST,
             ANGLE_ADD)
-    for t0 in range(n_full, t_end, BLOCK_N):
-        acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q1, q2, q3, qt, t0, t_end, K, V, BT, req, kind, F, s, A, E, base,
-            hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF, REST,
-            BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, True, FAST_TRIG, DOT_DTYPE, PREC, UPCAST,
-            ANGLE_ADD)
+    else:
+        if weave:
+            qf1, qf2, q3f = _load_query(
+                Q, q_lo + qi, head, row_ok, p, _far_qpos(p, W, SINK, LEAKY, FAR_C, GROUP, PE),
+                kind >= 2, inv, s_qn, s_qh, qk_scale, inv_log_L, HALF, BLOCK_HALF, REST, BLOCK_REST,
+                LOG_N, FAST_TRIG, DOT_DTYPE)
+            acc, l_i, m_i = _weave_tile(
+                acc, l_i, m_i, q1, q2, qf1, qf2, q3, p, p_first, p_last, far_end, K, V, BT,
+                req, hkv, inv, ci, si, W, SINK, LEAKY, GROUP, s_kb, s_kt, s_kh, s_vb, s_vt,
+                s_vh, s_bt, HALF, BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N,
+                PE, FAST_TRIG, DOT_DTYPE, PREC, UPCAST, ANGLE_ADD)
+        else:
+            acc, l_i, m_i = _mesa_tile(
+                acc, l_i, m_i, q1, q2, q3, qt, qt_first, t_end, K, V, BT, req, kind, F, s, A,
+                E, base, hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF,
+                BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, FAST_TRIG,
+                DOT_DTYPE, PREC, UPCAST, ANGLE_ADD)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     dd = tl.arange(0, BLOCK_D)
@@ -388,13 +624,13 @@ def _prefill_kernel(
 def _decode_kernel(
     Q, K, V, BT, M_WS, L_WS, ACC_WS,
     SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_REQ, INV_FREQ,
-    qk_scale, inv_log_L, F, E, num_splits,
+    qk_scale, inv_log_L, F, E, W, SINK, LEAKY, FAR_C, GROUP, num_splits,
     s_qn, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
     G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
     BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr,
+    UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr, PE: tl.constexpr,
 ):
     seg = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -415,24 +651,68 @@ def _decode_kernel(
     qpos = tl.where(kind == 2, _stair(p, A, E), qt) - base
     inv = tl.load(INV_FREQ + tl.arange(0, BLOCK_HALF), mask=tl.arange(0, BLOCK_HALF) < HALF,
                   other=0.0)
-    q1, q2, q3 = _load_query(Q, q_lo + rows * 0, head, row_ok, p, qpos, kind == 2, inv, s_qn,
-                             s_qh, qk_scale, inv_log_L, HALF, BLOCK_HALF, REST, BLOCK_REST,
-                             LOG_N, FAST_TRIG, DOT_DTYPE)
-
-    n_keys = tl.where(kind == 1, F + p_abs - s, p_abs) + 1
-    per_split = tl.cdiv(tl.cdiv(n_keys, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * per_split
-    hi = tl.minimum(lo + per_split, n_keys)
     ci, si = _angle_table(inv, BLOCK_N, BLOCK_HALF, FAST_TRIG, ANGLE_ADD)
     m_i = tl.zeros([BLOCK_G], dtype=tl.float32) + _NEG_BIG
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for t0 in range(lo, hi, BLOCK_N):
-        acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q1, q2, q3, qt, t0, hi, K, V, BT, req, kind, F, s, A, E, base,
-            hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF, REST,
-            BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, True, FAST_TRIG, DOT_DTYPE, PREC, UPCAST,
-            ANGLE_ADD)
+    n_keys = tl.where(kind == 1, F + p_abs - s, p_abs) + 1
+    if PE == 0:
+        q1, q2, q3 = _load_query(Q, q_lo + rows * 0, head, row_ok, p, qpos, kind == 2, inv,
+                                 s_qn, s_qh, qk_scale, inv_log_L, HALF, BLOCK_HALF, REST,
+                                 BLOCK_REST, LOG_N, FAST_TRIG, DOT_DTYPE)
+        per_split = tl.cdiv(tl.cdiv(n_keys, num_splits), BLOCK_N) * BLOCK_N
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, n_keys)
+        for t0 in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _attend_block(
+                acc, l_i, m_i, q1, q2, q3, qt, t0, hi, K, V, BT, req, kind, F, s, A, E, base,
+                hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF,
+                REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, True, FAST_TRIG, DOT_DTYPE, PREC,
+                UPCAST, ANGLE_ADD)
+    else:
+        # Weave: the key list is the far keys [0, fe_l), then the near keys from j = fe_j
+        # on (list index t -> key t + shift); windowed, the far keys are the sinks.
+        weave = kind == 3
+        fe_j = tl.maximum(p_abs - W + 1, 0)
+        if PE >= 4:
+            fe_l = tl.minimum(SINK, fe_j)
+        else:
+            fe_l = fe_j
+        shift = fe_j - fe_l
+        qpos = tl.where(weave, p - fe_j, qpos)
+        n_keys = tl.where(weave, p_abs + 1 - shift, n_keys)
+        per_split = tl.cdiv(tl.cdiv(n_keys, num_splits), BLOCK_N) * BLOCK_N
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, n_keys)
+        q1, q2, q3 = _load_query(Q, q_lo + rows * 0, head, row_ok, p, qpos, kind >= 2, inv,
+                                 s_qn, s_qh, qk_scale, inv_log_L, HALF, BLOCK_HALF, REST,
+                                 BLOCK_REST, LOG_N, FAST_TRIG, DOT_DTYPE)
+        if weave:
+            qf1, qf2, q3f = _load_query(
+                Q, q_lo + rows * 0, head, row_ok, p,
+                _far_qpos(p, W, SINK, LEAKY, FAR_C, GROUP, PE), kind >= 2, inv, s_qn, s_qh,
+                qk_scale, inv_log_L, HALF, BLOCK_HALF, REST, BLOCK_REST, LOG_N, FAST_TRIG,
+                DOT_DTYPE)
+            far_hi = tl.minimum(hi, fe_l)
+            for t0 in range(lo, far_hi, BLOCK_N):
+                acc, l_i, m_i = _weave_block(
+                    acc, l_i, m_i, q1, q2, qf1, qf2, q3, p, t0, far_hi, 0, fe_j, K, V, BT, req,
+                    hkv, inv, ci, si, W, SINK, LEAKY, GROUP, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                    s_bt, HALF, BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, 0,
+                    False, PE, FAST_TRIG, DOT_DTYPE, PREC, UPCAST, ANGLE_ADD)
+            for t0 in range(tl.maximum(lo, fe_l), hi, BLOCK_N):
+                acc, l_i, m_i = _weave_block(
+                    acc, l_i, m_i, q1, q2, qf1, qf2, q3, p, t0, hi, shift, fe_j, K, V, BT, req,
+                    hkv, inv, ci, si, W, SINK, LEAKY, GROUP, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                    s_bt, HALF, BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, 1,
+                    False, PE, FAST_TRIG, DOT_DTYPE, PREC, UPCAST, ANGLE_ADD)
+        else:
+            for t0 in range(lo, hi, BLOCK_N):
+                acc, l_i, m_i = _attend_block(
+                    acc, l_i, m_i, q1, q2, q3, qt, t0, hi, K, V, BT, req, kind, F, s, A, E,
+                    base, hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF,
+                    BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, True, FAST_TRIG,
+                    DOT_DTYPE, PREC, UPCAST, ANGLE_ADD)
 
     idx = (seg * (G * tl.num_programs(1)) + head) * num_splits + split  # [rows, Hq, splits]
     tl.store(M_WS + idx, m_i, mask=row_ok)
@@ -508,8 +788,14 @@ def _strides(query, key_cache, value_cache) -> tuple[int, ...]:
 
 
 def _scalars(table: SegmentTable, scale: float) -> tuple:
-    """qk_scale (softmax scale * log2 e), 1 / ln L, F, E."""
-    return scale * _LOG2E, 1.0 / math.log(table.train_len), table.first_chunk, table.stair_width
+    """qk_scale (softmax scale * log2 e), 1 / ln L, F, E, then the weave scalars: w, S, k, the
+    far-query constant (w - w / k for leaky_rerope, w - floor(w / G) for self_extend) and G."""
+    w, k, g = table.window, table.leaky_factor, table.group_size
+    far_c = {2: w - w / k, 3: float(w - w // g)}.get(table.pe, 0.0)
+    return (
+        scale * _LOG2E, 1.0 / math.log(table.train_len), table.first_chunk, table.stair_width,
+        w, table.sink, k, far_c, g,
+    )  # fmt: skip
 
 
 def mesa_prefill(
@@ -554,6 +840,7 @@ def mesa_prefill(
         block_table.stride(0),
         BLOCK_Q=table.block_q, BLOCK_M=block_m, BLOCK_N=block_n, LOG_N=table.log_n,
         FAST_TRIG=not interp if fast_trig is None else fast_trig, ANGLE_ADD=angle_add,
+        PE=table.pe,
         num_warps=num_warps or (4 if block_m <= 64 else 8), num_stages=num_stages or 2,
         **meta,
     )  # fmt: skip
@@ -607,6 +894,7 @@ def mesa_decode(
         block_table.stride(0),
         BLOCK_G=max(16, triton.next_power_of_2(meta["G"])), BLOCK_N=block_n, LOG_N=table.log_n,
         FAST_TRIG=not interp if fast_trig is None else fast_trig, ANGLE_ADD=angle_add,
+        PE=table.pe,
         num_warps=num_warps or 4, num_stages=num_stages or 3, **meta,
     )  # fmt: skip
     _decode_reduce_kernel[(n_seg, Hq)](

@@ -6,10 +6,16 @@ it inside the pytest process would leak into every later test and the servers th
 Each case draws fresh random inputs (seed printed; MESA_TEST_SEED pins it), packs several
 requests and phases (full prefill, chunked prefill starting mid-sequence, decode rows of long
 and grown sequences) into one launch over a shuffled paged cache, fills the output with NaN,
-and compares every row with ``mesa_attention_reference`` on the whole sequence.
+and compares every row with ``mesa_attention_reference`` on the whole sequence.  Cases with
+a ``pe`` option run a weave-PE variant (docs/VARIANTS.md) and compare with
+``variant_attention_reference``: every variant, with and without chunked prefill where it is
+allowed, windows narrower and wider than the kernels' key blocks (mixed, near-only and
+far-only blocks), sinks that end inside a block.
 
-Tolerances (max abs error; relative L2 error): fp32 1e-4 and 1e-5; fp16/bf16 5e-2 and 1.5e-2
-(the interpreter rounds to bf16 by truncation, coarser than the GPU's round-to-nearest).
+Tolerances (max abs error; relative L2 error): fp32 1e-4 and 1e-5 (weave variants 2e-4 and
+2e-5: leaky_rerope's fractional positions are fp32 in the kernel, fp64 in the reference);
+fp16/bf16 5e-2 and 1.5e-2 (the interpreter rounds to bf16 by truncation, coarser than the
+GPU's round-to-nearest).
 Under the interpreter the dots run in fp32 on operands rounded to the input dtype.
 """
 
@@ -53,12 +59,77 @@ _CASES = [
     ("fp32-d64-g1-p32-blockq3-no-angle-add", "float32", 64, 1, 1, 32,
      [(130, 130, 0), (60, 62, 61), (200, 210, 209)],
      dict(block_q=3, splits=5, flip_angle_add=True)),
+    # weave-PE variants: below L, several L, chunked prefill from mid-sequence, decode rows of
+    # long prompts and of short prompts grown past L, in one launch each.
+    ("rerope-fp32-d32-g1-p16", "float32", 32, 2, 1, 16,
+     [(20, 20, 0), (160, 160, 0), (100, 130, 129), (30, 45, 44), (150, 150, 70)],
+     dict(pe="rerope", window=20)),
+    ("rerope-chunked-bf16-d64-g4-p32", "bfloat16", 64, 2, 4, 32,
+     [(200, 200, 0), (31, 31, 0), (120, 150, 149), (180, 180, 150)],
+     dict(pe="rerope", window=8, chunked=True, splits=4)),
+    ("leaky-fp32-d64-g4-p32", "float32", 64, 1, 4, 32,
+     [(190, 190, 0), (25, 60, 59), (96, 96, 33), (200, 230, 229)],
+     dict(pe="leaky_rerope", window=12, k=2.5)),
+    ("leaky-chunked-bf16-d32-g1-p16", "bfloat16", 32, 2, 1, 16,
+     [(170, 175, 0), (40, 40, 0), (130, 140, 139)],
+     dict(pe="leaky_rerope", window=6, k=3.7, chunked=True)),
+    ("self-extend-fp32-d32-g4-p16-log-n", "float32", 32, 2, 4, 16,
+     [(180, 180, 0), (30, 50, 49), (140, 150, 149), (12, 12, 0)],
+     dict(pe="self_extend", window=10, group=3, log_n=True, splits=5)),
+    ("self-extend-chunked-fp32-d64-g1-p32-partial", "float32", 64, 1, 1, 32,
+     [(220, 220, 0), (100, 101, 100), (90, 90, 45)],
+     dict(pe="self_extend", window=8, group=4, chunked=True, rotary=0.5)),
+    ("self-extend-bf16-d64-g1-p16", "bfloat16", 64, 2, 1, 16,
+     [(150, 160, 0), (80, 81, 80)],
+     dict(pe="self_extend", window=12, group=2)),
+    ("streaming-fp32-d32-g1-p16", "float32", 32, 2, 1, 16,
+     [(200, 200, 0), (20, 20, 0), (50, 90, 89), (160, 190, 189), (140, 140, 60)],
+     dict(pe="streaming", window=20, sink=3, splits=6)),
+    ("streaming-bf16-d64-g4-p32", "bfloat16", 64, 2, 4, 32,
+     [(170, 180, 0), (100, 120, 119), (64, 64, 0)],
+     dict(pe="streaming", window=27, sink=5, log_n=True)),
+    ("lm-infinite-fp32-d64-g4-p16", "float32", 64, 1, 4, 16,
+     [(180, 180, 0), (30, 33, 32), (200, 230, 229), (120, 120, 40)],
+     dict(pe="lm_infinite", window=24, sink=4, splits=4)),
+    ("lm-infinite-bf16-d32-g1-p32-full-window", "bfloat16", 32, 2, 1, 32,
+     [(150, 150, 0), (70, 80, 79)],
+     dict(pe="lm_infinite", window=32, sink=4)),
+    ("leaky-fp32-d32-g3-p16-blockq3-no-angle-add", "float32", 32, 1, 3, 16,
+     [(120, 120, 0), (90, 100, 99)],
+     dict(pe="leaky_rerope", window=9, k=1.75, block_q=3, flip_angle_add=True, splits=7)),
 ]  # fmt: skip
 CASES = [
     dict(id=i, dtype=dt, D=d, Hkv=hkv, G=g, page=pg, reqs=r, **kw)
     for i, dt, d, hkv, g, pg, r, kw in _CASES
 ]
 TOL = {"float32": (1e-4, 1e-5), "float16": (5e-2, 1.5e-2), "bfloat16": (5e-2, 1.5e-2)}
+WEAVE_TOL_FP32 = (2e-4, 2e-5)
+
+
+def case_params(case: dict):
+    """(MesaParams, VariantSpec or None) of a case: Mesa, or a weave-PE variant."""
+    from mesa_vllm.plan import MesaParams
+
+    m, pe = MESA, case.get("pe", "stair")
+    log_n = case.get("log_n", pe in ("stair", "rerope", "leaky_rerope"))
+    chunked = case.get("chunked", pe == "stair")
+    w, k, G = case.get("window", 0), case.get("k", 1.0), case.get("group", 1)
+    sink = case.get("sink", 0)
+    params = MesaParams(
+        m["L"], m["F"], m["Lc"], m["Mmax"], m["E"], log_n, pe, chunked, w, k, G, sink
+    )
+    if pe == "stair":
+        return params, None
+    from mesa_vllm.ops.reference_variants import VariantSpec
+
+    spec = VariantSpec(pe, chunked, w, k, G, sink, log_n, m["F"], m["Lc"], m["Mmax"], m["E"])
+    return params, spec
+
+
+def tolerance(case: dict) -> tuple[float, float]:
+    if case["dtype"] == "float32" and "pe" in case:
+        return WEAVE_TOL_FP32
+    return TOL[case["dtype"]]
 
 
 def _base_seed() -> int:
@@ -73,14 +144,15 @@ def run_case(case: dict, seed: int) -> dict:
 
     from mesa_vllm.ops import triton_mesa as tm
     from mesa_vllm.ops.reference import mesa_attention_reference, rope_inv_freq
-    from mesa_vllm.plan import MesaParams, plan_request
+    from mesa_vllm.ops.reference_variants import variant_attention_reference
+    from mesa_vllm.plan import plan_request
 
     g = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, case["dtype"])
     D, Hkv, G, page, reqs = case["D"], case["Hkv"], case["G"], case["page"], case["reqs"]
-    log_n = case.get("log_n", True)
     m = MESA
-    params = MesaParams(m["L"], m["F"], m["Lc"], m["Mmax"], m["E"], log_n)
+    params, spec = case_params(case)
+    log_n = params.log_n_scaling
     rope = {
         "rope_type": "default",
         "rope_theta": 10000.0,
@@ -104,9 +176,12 @@ def run_case(case: dict, seed: int) -> dict:
         blocks = block_table[r, torch.arange(S) // page].long()
         key_cache[blocks, torch.arange(S) % page] = k
         value_cache[blocks, torch.arange(S) % page] = v
-        ref = mesa_attention_reference(
-            q, k, v, T, m["L"], m["F"], m["Lc"], m["Mmax"], m["E"], log_n, rope, D**-0.5
-        )
+        if spec is None:
+            ref = mesa_attention_reference(
+                q, k, v, T, m["L"], m["F"], m["Lc"], m["Mmax"], m["E"], log_n, rope, D**-0.5
+            )
+        else:
+            ref = variant_attention_reference(q, k, v, T, m["L"], spec, rope, D**-0.5)
         queries.append(q[ctx:])
         refs.append(ref[ctx:])
         entries += [(r, q_off + s.q_start - ctx, s) for s in plan_request(T, ctx, S, params)]
@@ -132,6 +207,9 @@ def run_case(case: dict, seed: int) -> dict:
         rows=query.shape[0],
         n_prefill=len(pre),
         n_decode=len(dec),
+        kinds=sorted(
+            {("pre:" if s.q_end - s.q_start > 1 else "dec:") + s.kind for *_, s in entries}
+        ),
         seconds=round(time.time() - t0, 2),
         max_abs=float(err.nan_to_num(float("inf")).max()),
         rel_l2=float((out.float() - ref).norm() / ref.norm()),
@@ -169,10 +247,12 @@ def results() -> dict:
 def test_kernels_match_reference(results: dict, case: dict) -> None:
     r = results[case["id"]]
     print(r)
-    atol, rtol = TOL[case["dtype"]]
+    atol, rtol = tolerance(case)
     assert r["nan"] == 0, f"unwritten/NaN output rows: {r}"
     assert r["max_abs"] <= atol and r["rel_l2"] <= rtol, r
     assert r["n_prefill"] + r["n_decode"] > 0
+    if "pe" in case:  # the variant rule ran in both kernels
+        assert {"pre:weave", "dec:weave"} <= set(r["kinds"]), r
 
 
 def test_segment_table_tiles() -> None:
@@ -195,6 +275,30 @@ def test_segment_table_tiles() -> None:
     assert [tm.decode_num_splits(s, 1, 32) for s in (4096, 32768, 131072)] == [16, 32, 128]
     assert tm.decode_num_splits(32768, 1, 8) == 128
     assert tm.decode_num_splits(100, 64, 8) == 1
+
+
+def test_segment_table_weave() -> None:
+    """Weave segments get kind 3; every table of a weave engine carries its PE code (a CUDA
+    graph captured on causal decodes must replay weave ones), a stair engine's PE 0."""
+    from mesa_vllm.ops import triton_mesa as tm
+    from mesa_vllm.plan import plan_request
+
+    params, _ = case_params(dict(pe="streaming", window=20, sink=3))
+    long = [(0, s.q_start, s) for s in plan_request(100, 0, 100, params)]
+    t = tm.build_segment_table(long, params, block_q=16)
+    assert t.kind.tolist() == [3] and t.pe == tm.PE_CODES["streaming"]
+    assert (t.window, t.sink) == (20, 3)
+    short = [(0, s.q_start, s) for s in plan_request(20, 0, 20, params)]
+    assert tm.build_segment_table(short, params, block_q=16).pe == tm.PE_CODES["streaming"]
+    stair, _ = case_params({})
+    short = [(0, s.q_start, s) for s in plan_request(20, 0, 20, stair)]
+    assert tm.build_segment_table(short, stair, block_q=16).pe == 0
+    params, _ = case_params(dict(pe="leaky_rerope", window=8, k=2.5, chunked=True))
+    t = tm.build_segment_table(
+        [(0, s.q_start, s) for s in plan_request(100, 0, 100, params)], params, block_q=16
+    )
+    assert set(t.kind.tolist()) == {0, 1, 3} and t.pe == 2 and t.sink == 0
+    assert t.leaky_factor == 2.5
 
 
 if __name__ == "__main__":
