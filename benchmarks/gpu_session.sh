@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh smoke        smoke test (Triton path) + correctness + passkey
 #   bash benchmarks/gpu_session.sh tp2          TP=2 vs TP=1 (needs nvidia-h200-x2)
 #   bash benchmarks/gpu_session.sh speed BACKEND [lengths]   7B-shape speed of one backend
+#   bash benchmarks/gpu_session.sh graphs       smoke eager-vs-graphs + Mesa speed + correctness
 #   bash benchmarks/gpu_session.sh variants     each weave-PE variant served on the GPU
 #
 # If .gpu/snap exists (a `git archive` of the committed mesa_vllm/), it replaces the working
@@ -33,6 +34,15 @@ speed)
         --lengths "${3:-4096,32768,131072}" --speed-timeout 560 --out "$OUT" \
         > "$OUT/speed-$2.log" 2>&1
     echo "speed rc=$?"; short "$OUT/speed-$2.log" 25 ;;
+graphs)  # CUDA-graph decode: smoke eager vs graphs, Mesa speed, correctness vs FLASH_ATTN
+    timeout 170 python3 benchmarks/gpu_smoke.py > "$OUT/smoke.log" 2>&1
+    echo "smoke rc=$?"; grep -E "^SMOKE|Error" "$OUT/smoke.log" | tail -8
+    timeout 210 python3 benchmarks/bench_gpu_e2e.py --parts speed --backends mesa \
+        --speed-timeout 200 --out "$OUT" > "$OUT/speed-mesa.log" 2>&1
+    echo "speed rc=$?"; grep -E "^\[mesa\]" "$OUT/speed-mesa.log"
+    timeout 150 python3 benchmarks/bench_gpu_e2e.py --parts correctness --out "$OUT" \
+        > "$OUT/correctness.log" 2>&1
+    echo "correctness rc=$?"; grep -E "greedy_equal|Error" "$OUT/correctness.log" | tail -4 ;;
 variants)
     timeout 560 python3 benchmarks/gpu_variants.py --out "$OUT" > "$OUT/variants.log" 2>&1
     echo "variants rc=$?"; short "$OUT/variants.log" 30 ;;
