@@ -171,14 +171,12 @@ def passkey(multiples: list[int], samples: int) -> dict:
     return acc
 
 
-def speed_one(backend: str, workdir: Path, lengths: list[int], decode_tokens: int) -> dict:
-    """One engine (default mode: torch.compile + CUDA graphs, as users run it)."""
-    from vllm import LLM, SamplingParams
-
+def llama7b_engine_kwargs(backend: str, max_len: int, workdir: Path) -> dict:
+    """LLM(...) arguments of the speed runs: Llama-2-7B shape, dummy bf16 weights, one
+    sequence at a time, prefix caching off; stock backends get the RoPE table raised."""
     model = workdir / "llama2-7b-shape"
     model.mkdir(parents=True, exist_ok=True)
     (model / "config.json").write_text(json.dumps(LLAMA2_7B))
-    max_len = max(lengths) + decode_tokens + 8
     kw = dict(
         model=str(model),
         load_format="dummy",
@@ -189,11 +187,19 @@ def speed_one(backend: str, workdir: Path, lengths: list[int], decode_tokens: in
         max_num_seqs=1,
         max_num_batched_tokens=16384,
         attention_backend=backend,
-        enforce_eager=os.environ.get("BENCH_EAGER") == "1",
     )
     if backend != "mesa":
         kw["enable_prefix_caching"] = False
         kw["hf_overrides"] = {"max_position_embeddings": max_len}
+    return kw
+
+
+def speed_one(backend: str, workdir: Path, lengths: list[int], decode_tokens: int) -> dict:
+    """One engine (default mode: torch.compile + CUDA graphs, as users run it)."""
+    from vllm import LLM, SamplingParams
+
+    kw = llama7b_engine_kwargs(backend, max(lengths) + decode_tokens + 8, workdir)
+    kw["enforce_eager"] = os.environ.get("BENCH_EAGER") == "1"
     t0 = time.time()
     llm = LLM(**kw)
     res: dict = {"startup_s": time.time() - t0}

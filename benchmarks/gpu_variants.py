@@ -31,7 +31,7 @@ def main() -> int:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
-    from oracle import dense_greedy, dense_model_logits
+    from oracle import dense_greedy, prompt_logprob_error
     from vllm import LLM, SamplingParams
 
     from mesa_vllm.testing.cases import MESA_SMALL, TRAIN_LEN, VARIANT_CASES
@@ -59,15 +59,10 @@ def main() -> int:
             max_num_batched_tokens=160,
         )
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-        errs = []
-        for p, o in zip(prompts, outs, strict=True):
-            got = torch.tensor(
-                [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], p[1:], strict=True)],
-                dtype=torch.float64,
-            )
-            logits = dense_model_logits(model, p, mesa=mesa).to(torch.float64)
-            want = torch.log_softmax(logits, -1)[torch.arange(len(p) - 1), torch.tensor(p[1:])]
-            errs.append((got - want).abs().max().item())
+        errs = [
+            prompt_logprob_error(model, p, o.prompt_logprobs, mesa)
+            for p, o in zip(prompts, outs, strict=True)
+        ]
         greedy = list(outs[1].outputs[0].token_ids) == dense_greedy(model, prompts[1], 6, mesa=mesa)
         ok = max(errs) <= ATOL and greedy
         results[name] = {"max_abs_dlogprob": errs, "greedy_equal": greedy, "pass": ok}

@@ -11,7 +11,6 @@ ops by GPU time and by CPU time; writes the tables to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import subprocess
@@ -26,28 +25,11 @@ sys.path.insert(0, str(HERE))
 def one(backend: str, length: int, steps: int, out: Path) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import torch
-    from bench_gpu_e2e import LLAMA2_7B
+    from bench_gpu_e2e import llama7b_engine_kwargs
     from torch.profiler import ProfilerActivity, profile
     from vllm import LLM, SamplingParams
 
-    model = Path("/tmp/mesa-gpu-bench/llama2-7b-shape")
-    model.mkdir(parents=True, exist_ok=True)
-    (model / "config.json").write_text(json.dumps(LLAMA2_7B))
-    max_len = length + 2 * steps + 64
-    kw = dict(
-        model=str(model),
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        dtype="bfloat16",
-        max_model_len=max_len,
-        gpu_memory_utilization=0.85,
-        max_num_seqs=1,
-        max_num_batched_tokens=16384,
-        attention_backend=backend,
-    )
-    if backend != "mesa":
-        kw["enable_prefix_caching"] = False
-        kw["hf_overrides"] = {"max_position_embeddings": max_len}
+    kw = llama7b_engine_kwargs(backend, length + 2 * steps + 64, Path("/tmp/mesa-gpu-bench"))
     llm = LLM(**kw)
     prompt = {"prompt_token_ids": [random.Random(1).randrange(3, 31000) for _ in range(length)]}
     one_tok = SamplingParams(max_tokens=1, ignore_eos=True)

@@ -189,3 +189,15 @@ def dense_greedy(
         if eos_token_id is not None and tok == eos_token_id:
             break
     return out
+
+
+def prompt_logprob_error(model_dir, prompt: list[int], prompt_logprobs, mesa: dict | None) -> float:
+    """max |engine - oracle| over the logprobs of prompt tokens 1..S-1.  ``prompt_logprobs``
+    is vLLM's ``RequestOutput.prompt_logprobs`` (first entry None)."""
+    got = torch.tensor(
+        [d[t].logprob for d, t in zip(prompt_logprobs[1:], prompt[1:], strict=True)],
+        dtype=torch.float64,
+    )
+    logits = dense_model_logits(model_dir, prompt, mesa=mesa).to(torch.float64)
+    want = torch.log_softmax(logits, -1)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    return (got - want).abs().max().item()

@@ -10,9 +10,8 @@ import os
 import random
 
 import pytest
-import torch
 from conftest import MESA_SMALL, TRAIN_LEN, cpu_engine_kwargs
-from oracle import dense_greedy, dense_model_logits
+from oracle import dense_greedy, dense_model_logits, prompt_logprob_error
 
 from mesa_vllm.testing.cases import VARIANT_CASES
 
@@ -54,13 +53,7 @@ def test_variant_matches_oracle(variant, tiny_llama):
     sp = SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=0, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
     for p, o in zip(prompts, outs, strict=True):
-        got = torch.tensor(
-            [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], p[1:], strict=True)],
-            dtype=torch.float64,
-        )
-        logits = dense_model_logits(tiny_llama, p, mesa=mesa).to(torch.float64)
-        want = torch.log_softmax(logits, -1)[torch.arange(len(p) - 1), torch.tensor(p[1:])]
-        err = (got - want).abs().max().item()
+        err = prompt_logprob_error(tiny_llama, p, o.prompt_logprobs, mesa)
         assert err <= ATOL, f"{name} T={len(p)} seed={SEED}: max |dlogprob| {err:.2e}"
     # decode (long generated tokens) through the same rule: greedy equals the oracle's
     p, o = prompts[1], outs[1]
