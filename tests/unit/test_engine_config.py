@@ -54,6 +54,10 @@ def test_stock_backend_keeps_vllm_length_check(tiny64, monkeypatch):
         ({"log_n_scaling": "on"}, "mesa.log_n_scaling"),
         ({"chunk": 3}, "mesa.chunk: unknown field"),
         ({}, "first_chunk=100 must be < train_len - 1 = 63"),  # paper default vs a 64-token model
+        ({"pe": "rerope", "window": 64}, "window=64 must be <= train_len - 1 = 63"),
+        ({"pe": "streaming", "chunked_prefill": True}, "chunked_prefill=true is not allowed"),
+        ({"pe": "self_extend", "group_size": 0}, "mesa.group_size"),
+        ({"pe": "ntk"}, "mesa.pe"),
     ],
 )
 def test_bad_mesa_config_fails_at_startup(tiny64, mesa, needle):
@@ -104,3 +108,17 @@ def test_unsupported_architecture_is_refused(tmp_path):
     copy_tokenizer(tmp_path / "gpt2")
     with pytest.raises(MesaConfigError, match="does not support architecture 'GPT2LMHeadModel'"):
         _config(tmp_path / "gpt2", attention_backend="mesa", max_model_len=64)
+
+
+def test_variant_defaults_resolved_from_max_model_len(tiny64):
+    """Workers get the resolved variant (no 'auto' left): k and G sized for max-model-len."""
+    cfg = _config(
+        tiny64,
+        attention_backend="mesa",
+        max_model_len=2048,
+        additional_config={"mesa": {"pe": "self_extend"}},
+    )
+    mesa = cfg.additional_config["mesa"]
+    assert (mesa["window"], mesa["chunked_prefill"], mesa["log_n_scaling"]) == (32, False, False)
+    G = mesa["group_size"]
+    assert 2047 // G + 32 - 32 // G <= 63 < 2047 // (G - 1) + 32 - 32 // (G - 1)
