@@ -4,6 +4,16 @@ GPU scripts in benchmarks/ (which have no pytest)."""
 
 from __future__ import annotations
 
+# Llama-3.1 rope scaling, shrunk so its frequency bands matter for short test sequences
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+
 TRAIN_LEN = 64
 # Mesa parameters scaled to a 64-token model (the paper's are for 4k models).
 MESA_SMALL = {

@@ -10,21 +10,14 @@ import random
 import pytest
 from conftest import cpu_engine_kwargs
 
+from mesa_vllm.testing.cases import LLAMA3_ROPE
+
 pytestmark = pytest.mark.e2e
 
 TRAIN_LEN = 128
 CASES = {
     "llama": {},
-    "llama3-rope": {
-        "rope_parameters": {
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-        }
-    },
+    "llama3-rope": {"rope_parameters": LLAMA3_ROPE},
     "linear-rope": {
         "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
     },

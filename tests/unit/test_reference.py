@@ -19,6 +19,7 @@ from mesa_vllm.ops.reference import (
     rope_angles,
     rope_inv_freq,
 )
+from mesa_vllm.testing.cases import LLAMA3_ROPE
 
 pytestmark = pytest.mark.unit
 
@@ -26,14 +27,7 @@ pytestmark = pytest.mark.unit
 # T=230: X = 210, Nq = 3, M = 30 >= 8 -> C = 210 // 4 = 52, 4 middle chunks at 4, 56, 108,
 # 160; last chunk [212, 230); last-chunk anchor A = 230 - (229 mod 52) = 209.
 SMALL = dict(L=64, F=4, Lc=16, Mmax=8, E=10)
-LLAMA3 = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 32,
-}
+LLAMA3 = LLAMA3_ROPE
 LINEAR = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
 DEFAULT = {"rope_type": "default", "rope_theta": 10000.0}
 

@@ -23,19 +23,13 @@ from mesa_vllm.ops.reference_variants import (
     variant_attention_reference,
     variant_rel_positions,
 )
+from mesa_vllm.testing.cases import LLAMA3_ROPE
 
 pytestmark = pytest.mark.unit
 
 VARIANT_PES = [pe for pe in PES if pe != "stair"]
 CHUNKED_PES = ["stair", "rerope", "leaky_rerope", "self_extend"]
-LLAMA3 = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 32,
-}
+LLAMA3 = LLAMA3_ROPE
 PARTIAL = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
 
 
