@@ -50,6 +50,7 @@ from mesa_vllm.ops.reference_variants import (  # noqa: E402
     variant_attention_reference,
 )
 from mesa_vllm.plan import MesaParams, dynamic_split, plan_request  # noqa: E402
+from mesa_vllm.testing.paged import random_paged_batch  # noqa: E402
 
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 LLAMA2 = dict(L=4096, F=100, Lc=512, Mmax=200, E=50)
@@ -70,26 +71,12 @@ def build(reqs, D, Hkv, G, page, dtype, params, seed, rope=ROPE, with_ref=True, 
     Returns dict: query [n, Hq, D], key_cache/value_cache [blocks, page, Hkv, D], block_table
     int32 [reqs, max_blocks], prefill/decode SegmentTables, ref [n, Hq, D] fp32 (CPU) or None.
     """
-    g = torch.Generator().manual_seed(seed)
     dev = DEV
-    Hq = Hkv * G
-    need = [-(-S // page) for _, S, _ in reqs]
-    n_blocks = sum(need) + 7
-    key_cache = torch.randn(n_blocks, page, Hkv, D, generator=g).to(dtype)
-    value_cache = torch.randn(n_blocks, page, Hkv, D, generator=g).to(dtype)
-    perm = torch.randperm(n_blocks, generator=g).to(torch.int32)
-    block_table = torch.zeros(len(reqs), max(need), dtype=torch.int32)
-    qs, refs, entries, used, q_off = [], [], [], 0, 0
-    for r, (T, S, ctx) in enumerate(reqs):
-        block_table[r, : need[r]] = perm[used : used + need[r]]
-        used += need[r]
-        q = torch.randn(S, Hq, D, generator=g).to(dtype)
-        idx = torch.arange(S)
-        blocks = block_table[r, idx // page].long()
-        k = torch.randn(S, Hkv, D, generator=g).to(dtype)
-        v = torch.randn(S, Hkv, D, generator=g).to(dtype)
-        key_cache[blocks, idx % page] = k
-        value_cache[blocks, idx % page] = v
+    batch = random_paged_batch(
+        reqs, params, Hkv, G, D, page, dtype, torch.Generator().manual_seed(seed), 7
+    )
+    refs = []
+    for (T, _, ctx), (q, k, v) in zip(reqs, batch.qkv, strict=True):
         if with_ref and params.pe != "stair":
             refs.append(variant_ref(q, k, v, T, params, rope, D**-0.5)[ctx:].float().cpu())
         elif with_ref:
@@ -108,16 +95,14 @@ def build(reqs, D, Hkv, G, page, dtype, params, seed, rope=ROPE, with_ref=True, 
                 D**-0.5,
             )
             refs.append(ref[ctx:].float())
-        qs.append(q[ctx:])
-        entries += [(r, q_off + s.q_start - ctx, s) for s in plan_request(T, ctx, S, params)]
-        q_off += S - ctx
+    entries = batch.entries
     pre, dec = tm.split_prefill_decode(entries)
     bq = block_q or tm.default_block_q(G)
     return dict(
-        query=torch.cat(qs).to(dev),
-        key_cache=key_cache.to(dev),
-        value_cache=value_cache.to(dev),
-        block_table=block_table.to(dev),
+        query=batch.query.to(dev),
+        key_cache=batch.key_cache.to(dev),
+        value_cache=batch.value_cache.to(dev),
+        block_table=batch.block_table.to(dev),
         pre=tm.build_segment_table(pre, params, bq, dev) if pre else None,
         dec=tm.build_segment_table(dec, params, 1, dev) if dec else None,
         ref=torch.cat(refs) if with_ref else None,
@@ -820,14 +805,20 @@ def variants_main(args) -> None:
     log(f"variants done in {time.time() - t0:.0f}s")
     table = variants_markdown(check_rows, speed_rows)
     log("\n" + table)
+    finish("bench_variants", table, check_rows, speed_rows, args.seed)
+
+
+def finish(stem: str, table: str, check_rows: list, speed, seed: int) -> None:
+    """Write ``$OUT/<stem>.json`` and ``.md`` (when OUT is set); exit non-zero on a failed
+    check."""
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
-        (Path(os.environ["OUT"]) / "bench_variants.json").write_text(
-            json.dumps(dict(checks=check_rows, speed=speed_rows, seed=args.seed), indent=1)
-        )
-        (Path(os.environ["OUT"]) / "bench_variants.md").write_text(table + "\n")
+        out = Path(os.environ["OUT"])
+        out.mkdir(parents=True, exist_ok=True)
+        payload = dict(checks=check_rows, speed=speed, seed=seed)
+        (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+        (out / f"{stem}.md").write_text(table + "\n")
     if check_rows and not all(r["ok"] for r in check_rows):
-        sys.exit("some variant checks failed")
+        sys.exit(f"{stem}: some checks failed")
 
 
 def main() -> None:
@@ -860,14 +851,7 @@ def main() -> None:
     sp = None if args.skip_speed else speed(args)
     table = markdown(check_rows, sp)
     log("\n" + table)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
-        (Path(os.environ["OUT"]) / "bench_kernels.json").write_text(
-            json.dumps(dict(checks=check_rows, speed=sp, seed=args.seed), indent=1)
-        )
-        (Path(os.environ["OUT"]) / "bench_kernels.md").write_text(table + "\n")
-    if check_rows and not all(r["ok"] for r in check_rows):
-        sys.exit("some checks failed")
+    finish("bench_kernels", table, check_rows, sp, args.seed)
 
 
 if __name__ == "__main__":

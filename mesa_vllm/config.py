@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mesa_vllm.plan import WINDOWED_PE
+
 
 class MesaConfigError(ValueError):
     """Invalid Mesa configuration; the message names the field and the allowed range."""
@@ -21,7 +23,6 @@ class MesaConfigError(ValueError):
 PeName = Literal["stair", "rerope", "leaky_rerope", "self_extend", "streaming", "lm_infinite"]
 PE_NAMES: tuple[str, ...] = PeName.__args__
 _LOG_N_DEFAULT_ON = ("stair", "rerope", "leaky_rerope")
-_WINDOWED = ("streaming", "lm_infinite")
 
 
 class MesaConfig(BaseModel):
@@ -67,7 +68,7 @@ class MesaConfig(BaseModel):
             )
         if self.pe == "stair" and self.chunked_prefill is False:
             raise ValueError("chunked_prefill=false is not allowed with pe='stair'")
-        if self.pe in _WINDOWED and self.chunked_prefill:
+        if self.pe in WINDOWED_PE and self.chunked_prefill:
             raise ValueError(f"chunked_prefill=true is not allowed with pe={self.pe!r}")
         L, w = self.train_len, self.window
         if L is not None and w is not None:

@@ -240,6 +240,22 @@ def _stair(j, A, E):
 
 
 @triton.jit
+def _online_softmax(acc, l_i, m_i, qk, v_row, kmask, dd, HEAD: tl.constexpr,
+                    BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """One online-softmax step: fold the scores qk [rows, keys] (log2 units, -inf masked) and
+    the value rows at v_row [keys] into (acc, l_i, m_i); returns the new triple."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_row[:, None] + dd[None, :], mask=_mask2(kmask, dd, HEAD, BLOCK_D), other=0.0)
+    acc = acc * alpha[:, None]
+    acc = _dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, UPCAST, PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attend_block(
     acc, l_i, m_i, q1, q2, q3, qt, t0, t_end,
     K, V, BT, req, kind, F, s, A, E, base, hkv, inv, ci, si,
@@ -293,15 +309,9 @@ def _attend_block(
         qk = _dot(q3, tl.trans(k3.to(DOT_DTYPE)), qk, UPCAST, PREC)
     if MASK:
         qk = tl.where((t[None, :] <= qt[:, None]) & kmask[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
     v_row = V + page * s_vb + slot * s_vt + hkv * s_vh
-    v = tl.load(v_row[:, None] + dd[None, :], mask=_mask2(kmask, dd, HEAD, BLOCK_D), other=0.0)
-    acc = acc * alpha[:, None]
-    acc = _dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, UPCAST, PREC)
-    return acc, l_i, m_new
+    return _online_softmax(acc, l_i, m_i, qk, v_row, kmask, dd, HEAD, BLOCK_D, DOT_DTYPE, PREC,
+                           UPCAST)
 
 
 @triton.jit
@@ -442,15 +452,9 @@ def _weave_block(
         if PE >= 4:  # streaming, lm_infinite: sinks and the window only
             ok = ok & (near | (j < SINK)[None, :])
     qk = tl.where(ok, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    pr = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(pr, 1)
     v_row = V + page * s_vb + slot * s_vt + hkv * s_vh
-    v = tl.load(v_row[:, None] + dd[None, :], mask=_mask2(kmask, dd, HEAD, BLOCK_D), other=0.0)
-    acc = acc * alpha[:, None]
-    acc = _dot(pr.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, UPCAST, PREC)
-    return acc, l_i, m_new
+    return _online_softmax(acc, l_i, m_i, qk, v_row, kmask, dd, HEAD, BLOCK_D, DOT_DTYPE, PREC,
+                           UPCAST)
 
 
 @triton.jit

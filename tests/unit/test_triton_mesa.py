@@ -145,7 +145,7 @@ def run_case(case: dict, seed: int) -> dict:
     from mesa_vllm.ops import triton_mesa as tm
     from mesa_vllm.ops.reference import mesa_attention_reference, rope_inv_freq
     from mesa_vllm.ops.reference_variants import variant_attention_reference
-    from mesa_vllm.plan import plan_request
+    from mesa_vllm.testing.paged import random_paged_batch
 
     g = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, case["dtype"])
@@ -159,34 +159,18 @@ def run_case(case: dict, seed: int) -> dict:
         "partial_rotary_factor": case.get("rotary", 1.0),
     }
     inv = rope_inv_freq(D, rope)
-    Hq = Hkv * G
-    need = [-(-S // page) for _, S, _ in reqs]
-    n_blocks = sum(need) + 3
-    key_cache = torch.randn(n_blocks, page, Hkv, D, generator=g).to(dtype)
-    value_cache = torch.randn(n_blocks, page, Hkv, D, generator=g).to(dtype)
-    perm = torch.randperm(n_blocks, generator=g).to(torch.int32)
-    block_table = torch.zeros(len(reqs), max(need), dtype=torch.int32)
-    queries, refs, entries, used, q_off = [], [], [], 0, 0
-    for r, (T, S, ctx) in enumerate(reqs):
-        block_table[r, : need[r]] = perm[used : used + need[r]]
-        used += need[r]
-        q = torch.randn(S, Hq, D, generator=g).to(dtype)
-        k = torch.randn(S, Hkv, D, generator=g).to(dtype)
-        v = torch.randn(S, Hkv, D, generator=g).to(dtype)
-        blocks = block_table[r, torch.arange(S) // page].long()
-        key_cache[blocks, torch.arange(S) % page] = k
-        value_cache[blocks, torch.arange(S) % page] = v
+    batch = random_paged_batch(reqs, params, Hkv, G, D, page, dtype, g, 3)
+    key_cache, value_cache, block_table = batch.key_cache, batch.value_cache, batch.block_table
+    refs, entries = [], batch.entries
+    for (T, _, ctx), (q, k, v) in zip(reqs, batch.qkv, strict=True):
         if spec is None:
             ref = mesa_attention_reference(
                 q, k, v, T, m["L"], m["F"], m["Lc"], m["Mmax"], m["E"], log_n, rope, D**-0.5
             )
         else:
             ref = variant_attention_reference(q, k, v, T, m["L"], spec, rope, D**-0.5)
-        queries.append(q[ctx:])
         refs.append(ref[ctx:])
-        entries += [(r, q_off + s.q_start - ctx, s) for s in plan_request(T, ctx, S, params)]
-        q_off += S - ctx
-    query, ref = torch.cat(queries), torch.cat(refs).float()
+    query, ref = batch.query, torch.cat(refs).float()
     out = torch.full_like(query, float("nan"))
     pre, dec = tm.split_prefill_decode(entries)
     cache = (query, key_cache, value_cache, block_table)

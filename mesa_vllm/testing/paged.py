@@ -1,0 +1,63 @@
+"""Random attention problems over a paged KV cache, shared by the kernel tests and the GPU
+kernel benchmark (benchmarks/bench_kernels.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mesa_vllm.plan import MesaParams, Segment, plan_request
+
+
+@dataclass
+class PagedBatch:
+    """``key_cache`` / ``value_cache`` [blocks, page, Hkv, D] (a shuffled block order),
+    ``block_table`` int32 [reqs, max_blocks]; ``qkv``: per request the full-sequence q
+    [S, Hq, D], k / v [S, Hkv, D] (unrotated); ``query`` [rows, Hq, D]: rows ctx.. of each
+    request, packed; ``entries``: (req, packed row of the segment's first query, Segment)."""
+
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    block_table: torch.Tensor
+    qkv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    query: torch.Tensor
+    entries: list[tuple[int, int, Segment]]
+
+
+def random_paged_batch(
+    reqs: list[tuple[int, int, int]],
+    params: MesaParams,
+    Hkv: int,
+    G: int,
+    D: int,
+    page: int,
+    dtype: torch.dtype,
+    generator: torch.Generator,
+    spare_blocks: int,
+) -> PagedBatch:
+    """Requests ``(T_prompt, seq_len, ctx)``: fresh random q/k/v (CPU) written to a paged cache
+    with ``spare_blocks`` unused blocks; the step computes queries ctx..seq_len-1."""
+    g = generator
+    need = [-(-S // page) for _, S, _ in reqs]
+    n_blocks = sum(need) + spare_blocks
+    key_cache = torch.randn(n_blocks, page, Hkv, D, generator=g).to(dtype)
+    value_cache = torch.randn(n_blocks, page, Hkv, D, generator=g).to(dtype)
+    perm = torch.randperm(n_blocks, generator=g).to(torch.int32)
+    block_table = torch.zeros(len(reqs), max(need), dtype=torch.int32)
+    qkv, queries, entries, used, q_off = [], [], [], 0, 0
+    for r, (T, S, ctx) in enumerate(reqs):
+        block_table[r, : need[r]] = perm[used : used + need[r]]
+        used += need[r]
+        q = torch.randn(S, Hkv * G, D, generator=g).to(dtype)
+        k = torch.randn(S, Hkv, D, generator=g).to(dtype)
+        v = torch.randn(S, Hkv, D, generator=g).to(dtype)
+        idx = torch.arange(S)
+        blocks = block_table[r, idx // page].long()
+        key_cache[blocks, idx % page] = k
+        value_cache[blocks, idx % page] = v
+        qkv.append((q, k, v))
+        queries.append(q[ctx:])
+        entries += [(r, q_off + s.q_start - ctx, s) for s in plan_request(T, ctx, S, params)]
+        q_off += S - ctx
+    return PagedBatch(key_cache, value_cache, block_table, qkv, torch.cat(queries), entries)
