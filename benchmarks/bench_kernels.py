@@ -400,9 +400,10 @@ PREFILL_CONFIGS = [  # block_m, block_n, warps, stages, fast_trig, angle_add
     (128, 32, 8, 2, True, True), (256, 64, 16, 2, True, True), (64, 32, 4, 2, True, True),
     (128, 64, 8, 2, False, True),
 ]  # fmt: skip
-DECODE_CONFIGS = [  # block_n, warps, stages, angle_add
-    (64, 4, 3, False), (64, 4, 2, False), (32, 4, 3, False), (64, 8, 3, False),
-    (128, 8, 3, False), (64, 4, 3, True),
+DECODE_CONFIGS = [  # block_n, warps, stages, angle_add, rotation (query: session 3; key: before)
+    (64, 4, 3, False, "query"), (32, 4, 3, False, "query"), (64, 4, 2, False, "query"),
+    (64, 8, 3, False, "query"), (32, 4, 4, False, "query"), (64, 4, 3, False, "key"),
+    (32, 4, 3, False, "key"),
 ]  # fmt: skip
 DECODE_SPLITS = (16, 32, 64, 128)
 
@@ -413,8 +414,8 @@ def _pre_kw(cfg) -> dict:
 
 
 def _dec_kw(cfg) -> dict:
-    bn, w, st, aa = cfg
-    return dict(block_n=bn, num_warps=w, num_stages=st, angle_add=aa)
+    bn, w, st, aa, rot = cfg
+    return dict(block_n=bn, num_warps=w, num_stages=st, angle_add=aa, rotation=rot)
 
 
 def sweep_prefill(T, params) -> list[dict]:
@@ -480,9 +481,13 @@ def speed(args) -> dict:
         if res["sweep"]:
             pre_cfg = tuple(min(res["sweep"], key=lambda r: r["ms"])["cfg"])
         torch.cuda.empty_cache()
-        res["decode_sweep"] = sweep_decode(args.decode_sweep_len, params)
-        if res["decode_sweep"]:
-            dec_cfg = tuple(min(res["decode_sweep"], key=lambda r: r["ms"])["cfg"])
+        for S in map(int, str(args.decode_sweep_len).split(",")):
+            res["decode_sweep"] += sweep_decode(S, params)
+            torch.cuda.empty_cache()
+        top = max((r["S"] for r in res["decode_sweep"]), default=0)
+        longest = [r for r in res["decode_sweep"] if r["S"] == top]
+        if longest:
+            dec_cfg = tuple(min(longest, key=lambda r: r["ms"])["cfg"])
         torch.cuda.empty_cache()
     res["prefill_cfg"], res["decode_cfg"] = list(pre_cfg), list(dec_cfg)
     log(f"prefill config {pre_cfg}, decode config {dec_cfg}")
@@ -581,19 +586,20 @@ def markdown(check_rows, sp) -> str:
         lines.append("")
     if sp["decode_sweep"]:
         lines += [
-            f"Decode configs at S = {sp['decode_sweep'][0]['S']} (ms, CUDA graph):",
+            "Decode configs (ms, CUDA graph); rotation: query = per stair position and key block"
+            " (session 3), key = every key (before); split floor 256 keys:",
             "",
-            "| BLOCK_N, warps, stages, angle add | "
+            "| S | BLOCK_N, warps, stages, angle add, rotation | "
             + " | ".join(f"{n} splits" for n in DECODE_SPLITS)
             + " |",
-            "|---|" + "---|" * len(DECODE_SPLITS),
+            "|---|---|" + "---|" * len(DECODE_SPLITS),
         ]
         by_cfg: dict = {}
         for r in sp["decode_sweep"]:
-            by_cfg.setdefault(tuple(r["cfg"]), {})[r["splits"]] = r["ms"]
-        for cfg, d in by_cfg.items():
+            by_cfg.setdefault((r["S"], tuple(r["cfg"])), {})[r["splits"]] = r["ms"]
+        for (S, cfg), d in by_cfg.items():
             cells = " | ".join(f"{d[n]:.4f}" if n in d else "-" for n in DECODE_SPLITS)
-            lines.append(f"| {', '.join(map(str, cfg))} | {cells} |")
+            lines.append(f"| {S} | {', '.join(map(str, cfg))} | {cells} |")
         lines.append("")
     b = sp["baseline"]
     lines += [
@@ -828,7 +834,7 @@ def main() -> None:
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--lengths", default="4096,32768,131072")
     ap.add_argument("--sweep-len", type=int, default=32768)
-    ap.add_argument("--decode-sweep-len", type=int, default=131072)
+    ap.add_argument("--decode-sweep-len", default="4096,131072", help="comma list")
     ap.add_argument("--block-m", type=int, default=128)
     ap.add_argument("--variants", action="store_true", help="weave-PE variants instead")
     ap.add_argument("--variant-lengths", default="4096,32768", help="--variants speed: T")

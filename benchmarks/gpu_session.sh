@@ -7,6 +7,10 @@
 #   bash benchmarks/gpu_session.sh speed BACKEND [lengths]   7B-shape speed of one backend
 #   bash benchmarks/gpu_session.sh graphs       smoke eager-vs-graphs + Mesa speed + correctness
 #   bash benchmarks/gpu_session.sh variants     each weave-PE variant served on the GPU
+#   bash benchmarks/gpu_session.sh kernels      kernel checks + sweeps + speed vs FA3, and the
+#                                               7B GEMM floor of prefill (prefill_floor.py)
+#   bash benchmarks/gpu_session.sh check        smoke eager-vs-graphs + correctness vs FLASH_ATTN
+#   (speed takes a comma list of backends: each runs in its own process, same call)
 #
 # If .gpu/snap exists (a `git archive` of the committed mesa_vllm/), it replaces the working
 # copy first, so a burst runs the committed code even while files are being edited.
@@ -46,5 +50,16 @@ graphs)  # CUDA-graph decode: smoke eager vs graphs, Mesa speed, correctness vs 
 variants)
     timeout 560 python3 benchmarks/gpu_variants.py --out "$OUT" > "$OUT/variants.log" 2>&1
     echo "variants rc=$?"; short "$OUT/variants.log" 30 ;;
+kernels)
+    timeout 420 python3 benchmarks/bench_kernels.py > "$OUT/kernels.log" 2>&1
+    echo "kernels rc=$?"; grep -E "^\| |checks done|config" "$OUT/kernels.log" | tail -60
+    timeout 120 python3 benchmarks/prefill_floor.py --out "$OUT" > "$OUT/floor.log" 2>&1
+    echo "floor rc=$?"; tail -8 "$OUT/floor.log" ;;
+check)
+    timeout 300 python3 benchmarks/gpu_smoke.py > "$OUT/smoke.log" 2>&1
+    echo "smoke rc=$?"; grep -E "^SMOKE|Error" "$OUT/smoke.log" | tail -8
+    timeout 280 python3 benchmarks/bench_gpu_e2e.py --parts correctness --out "$OUT" \
+        > "$OUT/correctness.log" 2>&1
+    echo "correctness rc=$?"; short "$OUT/correctness.log" 20 ;;
 *) echo "unknown part $1"; exit 2 ;;
 esac

@@ -5,6 +5,10 @@ MESA_VLLM_KERNEL: which attention implementation the Mesa backend runs.
     ``torch``: the torch path everywhere (a correct fallback on any device).
     ``triton``: the Triton kernels everywhere (on the CPU only under TRITON_INTERPRET=1,
     which the tests use to check the integration against the dense oracle).
+MESA_VLLM_FRESH_FA: ``1`` (default) or ``0``.  With the Triton kernels on a GPU that has
+    vLLM's FlashAttention, fresh prompts no longer than the training length (plain causal
+    attention, nothing cached before them) run through FlashAttention after vLLM's own
+    rotary kernel, exactly as the stock backend does; ``0`` keeps them on the Mesa kernels.
 """
 
 from __future__ import annotations
@@ -27,3 +31,10 @@ def resolve_kernel(device_type: str) -> str:
     if choice == "auto":
         return "triton" if device_type == "cuda" else "torch"
     return choice
+
+
+def fresh_prefill_fa() -> bool:
+    value = os.environ.get("MESA_VLLM_FRESH_FA", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"MESA_VLLM_FRESH_FA={value!r} must be 0 or 1")
+    return value == "1"

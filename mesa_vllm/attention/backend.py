@@ -18,7 +18,7 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 
-from mesa_vllm.attention.metadata import MesaMetadata, MesaMetadataBuilder
+from mesa_vllm.attention.metadata import FreshPrefill, MesaMetadata, MesaMetadataBuilder
 from mesa_vllm.ops.rope import RopeSpec
 from mesa_vllm.ops.torch_mesa import run_segments
 
@@ -167,6 +167,8 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
                 "Mesa-registered architecture (mesa_vllm.models)"
             )
         if attn_metadata.block_table is not None:
+            if attn_metadata.fresh is not None:
+                self._forward_fresh(query, key, value, attn_metadata.fresh, output)
             self._forward_triton(query, kv_cache, attn_metadata, output)
             return output
         run_segments(
@@ -197,6 +199,60 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
             mesa_decode(
                 *args, md.decode_table, inv_freq, self.scale, output, md.num_splits, rotary_dim=rd
             )
+
+    def _forward_fresh(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        fresh: FreshPrefill,
+        output: torch.Tensor,
+    ) -> None:
+        """Fresh prompts within L, as the stock backend runs them: vLLM's rotary kernel on
+        copies of their q/k (the cache keeps the keys unrotated), then FlashAttention varlen
+        causal over the step's own keys."""
+        from vllm import _custom_ops as ops
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        rows = fresh.rows
+        if isinstance(rows, slice):
+            q, k, v = query[rows].clone(), key[rows].clone(), value[rows]
+            out = output[rows]
+        else:
+            q, k, v = query[rows], key[rows], value[rows]
+            out = None
+        cos_sin = self._cos_sin_cache(fresh.max_len, q)
+        n = q.shape[0]
+        ops.rotary_embedding(
+            fresh.positions, q.view(n, -1), k.view(n, -1), self.head_size, cos_sin, True
+        )
+        res = flash_attn_varlen_func(
+            q,
+            k,
+            v,
+            max_seqlen_q=fresh.max_len,
+            cu_seqlens_q=fresh.cu_seqlens,
+            max_seqlen_k=fresh.max_len,
+            cu_seqlens_k=fresh.cu_seqlens,
+            softmax_scale=self.scale,
+            causal=True,
+            out=out,
+            fa_version=fresh.fa_version,
+        )
+        if out is None:
+            output.index_copy_(0, rows, res)
+
+    def _cos_sin_cache(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """[rows >= n, rotary_dim]: cos | sin of position * inv_freq (fp32, then like's dtype),
+        built as vLLM's RotaryEmbedding builds its cache."""
+        cached = getattr(self, "_cos_sin", None)
+        if cached is None or cached.shape[0] < n or cached.dtype != like.dtype:
+            rows = max(4096, 1 << (n - 1).bit_length())
+            t = torch.arange(rows, dtype=torch.float, device=like.device)
+            freqs = torch.einsum("i,j -> ij", t, self._inv_freq_on(like.device))
+            cached = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(like.dtype)
+            self._cos_sin = cached
+        return cached
 
     def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
         cached = getattr(self, "_inv_freq_dev", None)

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import numpy as np
 import torch
 from vllm.config import VllmConfig
 from vllm.v1.attention.backend import (
@@ -22,7 +23,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from mesa_vllm.engine_config import params_from_vllm_config
-from mesa_vllm.envs import resolve_kernel
+from mesa_vllm.envs import fresh_prefill_fa, resolve_kernel
 from mesa_vllm.plan import ChunkPlan, MesaParams, Segment, dynamic_split, plan_request
 
 
@@ -49,9 +50,23 @@ class SegmentWork:
 
 
 @dataclass
+class FreshPrefill:
+    """Fresh prompts no longer than L (plain causal attention over the step's own keys), run
+    by FlashAttention: batch rows ``rows`` (a slice when they are one span, else int64 [n]),
+    ``positions`` int64 [n] (0.. per prompt), ``cu_seqlens`` int32 [k + 1], ``max_len``."""
+
+    rows: slice | torch.Tensor
+    positions: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_len: int
+    fa_version: int
+
+
+@dataclass
 class MesaMetadata:
     """Torch path: ``segments``.  Triton path: ``prefill_table`` (segments of 2+ queries),
-    ``decode_table`` (single-query segments), ``num_splits`` and the ``block_table``."""
+    ``decode_table`` (single-query segments), ``num_splits``, the ``block_table`` and
+    ``fresh`` (prompts for FlashAttention, or None)."""
 
     num_actual_tokens: int
     slot_mapping: torch.Tensor
@@ -60,6 +75,66 @@ class MesaMetadata:
     prefill_table: object | None = None
     decode_table: object | None = None
     num_splits: int = 1
+    fresh: FreshPrefill | None = None
+
+
+def take_fresh(
+    prefill_entries: list[tuple[int, int, Segment]], train_len: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int, Segment]]]:
+    """Split prefill entries ``(req, row, segment)`` into fresh prompts, as (first row, length),
+    and the rest.  Fresh: a causal segment from token 0 (nothing cached before it: no prefix
+    hit, not a resumed chunk) of at most ``train_len`` tokens, whose keys are exactly its own
+    queries, so stock causal attention over the step's rotated q/k is its Mesa result."""
+    fresh, rest = [], []
+    for entry in prefill_entries:
+        _, row, seg = entry
+        if seg.kind == "causal" and seg.q_start == 0 and seg.q_end <= train_len:
+            fresh.append((row, seg.q_end))
+        else:
+            rest.append(entry)
+    return fresh, rest
+
+
+def fresh_prefill(spans: list[tuple[int, int]], fa_version: int, device) -> FreshPrefill:
+    """FreshPrefill of (first row, length) spans (one host->device copy per tensor)."""
+    lengths = [n for _, n in spans]
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    positions = np.concatenate([np.arange(n) for n in lengths]).astype(np.int64)
+    one_span = all(spans[i][0] + spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
+    if one_span:
+        rows: slice | torch.Tensor = slice(spans[0][0], spans[0][0] + int(cu[-1]))
+    else:
+        idx = np.concatenate([np.arange(r, r + n) for r, n in spans]).astype(np.int64)
+        rows = torch.from_numpy(idx).to(device, non_blocking=True)
+    return FreshPrefill(
+        rows,
+        torch.from_numpy(positions).to(device, non_blocking=True),
+        torch.from_numpy(cu).to(device, non_blocking=True),
+        max(lengths),
+        fa_version,
+    )
+
+
+def flash_attn_version(model_dtype: torch.dtype, device: torch.device) -> int | None:
+    """vLLM's FlashAttention version usable for fresh prompts here, or None (not CUDA, fp32,
+    no FlashAttention build, MESA_VLLM_FRESH_FA=0)."""
+    if device.type != "cuda" or model_dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if not fresh_prefill_fa():
+        return None
+    try:
+        from vllm.v1.attention.backends.fa_utils import (
+            get_flash_attn_version,
+            is_flash_attn_varlen_func_available,
+        )
+        from vllm.vllm_flash_attn.flash_attn_interface import is_fa_version_supported
+
+        version = get_flash_attn_version()
+        if version is None or not is_flash_attn_varlen_func_available():
+            return None
+        return version if is_fa_version_supported(version) else None
+    except Exception:  # noqa: BLE001 - no FlashAttention build: the Mesa kernels serve all
+        return None
 
 
 @lru_cache(maxsize=4096)
@@ -143,6 +218,11 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
             vllm_config.compilation_config.max_cudagraph_capture_size or 0,
         )
         self._decode_buffers: dict[str, torch.Tensor] = {}  # persistent decode-table rows
+        self.fa_version = None
+        if self.kernel == "triton":
+            self.fa_version = flash_attn_version(
+                vllm_config.model_config.dtype, torch.device(device)
+            )
 
     def build(
         self,
@@ -206,8 +286,13 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
         device = cm.block_table_tensor.device
         pre, dec = split_prefill_decode(entries)
         md = MesaMetadata(cm.num_actual_tokens, cm.slot_mapping, block_table=cm.block_table_tensor)
-        if pre:
-            md.prefill_table = build_segment_table(pre, self.params, self.block_q, device)
+        if pre and self.fa_version is not None:
+            spans, pre = take_fresh(pre, self.params.train_len)
+            if spans:
+                md.fresh = fresh_prefill(spans, self.fa_version, device)
+        if pre or md.fresh is not None:
+            if pre:
+                md.prefill_table = build_segment_table(pre, self.params, self.block_q, device)
             md.num_splits = decode_num_splits(int(max_seq_len), len(dec), self.num_kv_heads)
             if dec:
                 md.decode_table = build_segment_table(dec, self.params, 1, device)

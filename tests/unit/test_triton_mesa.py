@@ -58,7 +58,16 @@ _CASES = [
      dict(log_n=False)),
     ("fp32-d64-g1-p32-blockq3-no-angle-add", "float32", 64, 1, 1, 32,
      [(130, 130, 0), (60, 62, 61), (200, 210, 209)],
-     dict(block_q=3, splits=5, flip_angle_add=True)),
+     dict(block_q=3, splits=5, flip_angle_add=True, rotation="key")),
+    ("fp32-d32-g4-p16-decode-key-rotation", "float32", 32, 2, 4, 16,
+     [(20, 50, 49), (200, 230, 229), (150, 71, 70)], dict(splits=4, rotation="key")),
+    # stair runs wider than a key block (E = 20 > 16): blocks with one or two stair
+    # positions; a split floor of 48 keys leaves most of the 8 splits idle
+    ("bf16-d64-g1-p16-wide-stair-min-split", "bfloat16", 64, 2, 1, 16,
+     [(256, 256, 255), (200, 240, 239), (40, 90, 89), (20, 21, 20)],
+     dict(E=20, splits=8, min_split=48)),
+    ("fp32-d64-g2-p32-wide-stair-partial", "float32", 64, 1, 2, 32,
+     [(230, 231, 230), (100, 101, 100)], dict(E=17, rotary=0.5, splits=3)),
     # weave-PE variants: below L, several L, chunked prefill from mid-sequence, decode rows of
     # long prompts and of short prompts grown past L, in one launch each.
     ("rerope-fp32-d32-g1-p16", "float32", 32, 2, 1, 16,
@@ -110,7 +119,7 @@ def case_params(case: dict):
     """(MesaParams, VariantSpec or None) of a case: Mesa, or a weave-PE variant."""
     from mesa_vllm.plan import MesaParams
 
-    m, pe = MESA, case.get("pe", "stair")
+    m, pe = dict(MESA, E=case.get("E", MESA["E"])), case.get("pe", "stair")
     log_n = case.get("log_n", pe in ("stair", "rerope", "leaky_rerope"))
     chunked = case.get("chunked", pe == "stair")
     w, k, G = case.get("window", 0), case.get("k", 1.0), case.get("group", 1)
@@ -150,7 +159,7 @@ def run_case(case: dict, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, case["dtype"])
     D, Hkv, G, page, reqs = case["D"], case["Hkv"], case["G"], case["page"], case["reqs"]
-    m = MESA
+    m = dict(MESA, E=case.get("E", MESA["E"]))
     params, spec = case_params(case)
     log_n = params.log_n_scaling
     rope = {
@@ -182,7 +191,17 @@ def run_case(case: dict, seed: int) -> dict:
     if dec:
         table = tm.build_segment_table(dec, params, 1)
         flip = case.get("flip_angle_add", False)
-        tm.mesa_decode(*cache, table, inv, D**-0.5, out, case.get("splits", 3), angle_add=flip)
+        tm.mesa_decode(
+            *cache,
+            table,
+            inv,
+            D**-0.5,
+            out,
+            case.get("splits", 3),
+            angle_add=flip,
+            rotation=case.get("rotation", "query"),
+            min_split_keys=case.get("min_split"),
+        )
     err = (out.float() - ref).abs()
     return dict(
         id=case["id"],
