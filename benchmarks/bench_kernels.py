@@ -328,9 +328,9 @@ def bench_ms(fn, graph=False) -> float:
 
 def baselines():
     try:
-        from vllm.vllm_flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
 
-        return "FA3 (vllm_flash_attn)", flash_attn_varlen_func, flash_attn_with_kvcache
+        return "FA3 (vllm_flash_attn)", flash_attn_varlen_func, flash_attn_varlen_func
     except Exception:  # noqa: BLE001 - vLLM absent on the bench machine
         return "torch SDPA (flash backend)", None, None
 
@@ -384,13 +384,23 @@ def baseline_prefill(fa_varlen, T: int, H: int, D: int):
     return sdpa
 
 
-def baseline_decode(fa_kvcache, S: int, H: int, D: int):
-    """One query token against S cached tokens (bf16): FA3 with_kvcache or SDPA."""
+def baseline_decode(fa_varlen, S: int, H: int, D: int):
+    """One query token against S cached tokens (bf16): FA3 over a paged cache (block 16, as
+    vLLM's FLASH_ATTN decodes) or SDPA on contiguous KV."""
+    if fa_varlen is not None:
+        q = torch.randn(1, H, D, device=DEV, dtype=torch.bfloat16)
+        kc = torch.randn(-(-S // 16), 16, H, D, device=DEV, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        bt = torch.arange(kc.shape[0], device=DEV, dtype=torch.int32)[None]
+        cu = torch.tensor([0, 1], dtype=torch.int32, device=DEV)
+        used = torch.tensor([S], dtype=torch.int32, device=DEV)
+        return lambda: fa_varlen(
+            q, kc, vc, max_seqlen_q=1, cu_seqlens_q=cu, max_seqlen_k=S, seqused_k=used,
+            causal=True, block_table=bt, fa_version=3,
+        )  # fmt: skip
     q = torch.randn(1, 1, H, D, device=DEV, dtype=torch.bfloat16)
     kc = torch.randn(1, S, H, D, device=DEV, dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
-    if fa_kvcache is not None:
-        return lambda: fa_kvcache(q, kc, vc, causal=True, fa_version=3)
     qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
     return lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
 
@@ -400,10 +410,8 @@ PREFILL_CONFIGS = [  # block_m, block_n, warps, stages, fast_trig, angle_add
     (128, 32, 8, 2, True, True), (256, 64, 16, 2, True, True), (64, 32, 4, 2, True, True),
     (128, 64, 8, 2, False, True),
 ]  # fmt: skip
-DECODE_CONFIGS = [  # block_n, warps, stages, angle_add, rotation (query: session 3; key: before)
-    (64, 4, 3, False, "query"), (32, 4, 3, False, "query"), (64, 4, 2, False, "query"),
-    (64, 8, 3, False, "query"), (32, 4, 4, False, "query"), (64, 4, 3, False, "key"),
-    (32, 4, 3, False, "key"),
+DECODE_CONFIGS = [  # block_n, warps, stages, angle_add
+    (64, 4, 3, False), (32, 4, 3, False), (64, 4, 2, False), (32, 4, 2, False),
 ]  # fmt: skip
 DECODE_SPLITS = (16, 32, 64, 128)
 
@@ -414,8 +422,8 @@ def _pre_kw(cfg) -> dict:
 
 
 def _dec_kw(cfg) -> dict:
-    bn, w, st, aa, rot = cfg
-    return dict(block_n=bn, num_warps=w, num_stages=st, angle_add=aa, rotation=rot)
+    bn, w, st, aa = cfg
+    return dict(block_n=bn, num_warps=w, num_stages=st, angle_add=aa)
 
 
 def sweep_prefill(T, params) -> list[dict]:
@@ -586,10 +594,10 @@ def markdown(check_rows, sp) -> str:
         lines.append("")
     if sp["decode_sweep"]:
         lines += [
-            "Decode configs (ms, CUDA graph); rotation: query = per stair position and key block"
-            " (session 3), key = every key (before); split floor 256 keys:",
+            "Decode configs (ms, CUDA graph; a split reads at least 256 keys, idle splits"
+            " return at once):",
             "",
-            "| S | BLOCK_N, warps, stages, angle add, rotation | "
+            "| S | BLOCK_N, warps, stages, angle add | "
             + " | ".join(f"{n} splits" for n in DECODE_SPLITS)
             + " |",
             "|---|---|" + "---|" * len(DECODE_SPLITS),
@@ -834,7 +842,7 @@ def main() -> None:
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--lengths", default="4096,32768,131072")
     ap.add_argument("--sweep-len", type=int, default=32768)
-    ap.add_argument("--decode-sweep-len", default="4096,131072", help="comma list")
+    ap.add_argument("--decode-sweep-len", default="4096,32768,131072", help="comma list")
     ap.add_argument("--block-m", type=int, default=128)
     ap.add_argument("--variants", action="store_true", help="weave-PE variants instead")
     ap.add_argument("--variant-lengths", default="4096,32768", help="--variants speed: T")

@@ -325,124 +325,35 @@ def _angle_table(inv, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr,
 
 
 @triton.jit
-def _query_halves(
-    Q, rows_q, head, row_ok, p, is_stair, s_qn, s_qh, qk_scale, inv_log_L,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
-    BLOCK_REST: tl.constexpr, LOG_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
-):
-    """Scaled, unrotated query rows: q1, q2 fp32 [M, BLOCK_HALF], q3 [M, BLOCK_REST] in
-    DOT_DTYPE.  rows_q int32 [M] rows of Q, head int32 [M], p int32 [M] absolute index; the
-    scale is qk_scale (softmax scale * log2 e) times log-n for stair rows."""
-    dh = tl.arange(0, BLOCK_HALF)
-    q_row = Q + rows_q.to(tl.int64) * s_qn + head * s_qh
-    hm = _mask2(row_ok, dh, HALF, BLOCK_HALF)
-    sc = tl.zeros_like(p.to(tl.float32)) + qk_scale
-    if LOG_N:
-        ln = tl.log((p + 1).to(tl.float32)) * inv_log_L
-        sc = tl.where(is_stair, tl.maximum(ln, 1.0), 1.0) * qk_scale
-    q1 = tl.load(q_row[:, None] + dh[None, :], mask=hm, other=0.0).to(tl.float32) * sc[:, None]
-    q2 = tl.load(q_row[:, None] + HALF + dh[None, :], mask=hm, other=0.0).to(tl.float32)
-    q2 = q2 * sc[:, None]
-    q3 = tl.zeros([q1.shape[0], BLOCK_REST], dtype=DOT_DTYPE)
-    if REST > 0:
-        dr = tl.arange(0, BLOCK_REST)
-        q3 = tl.load(q_row[:, None] + 2 * HALF + dr[None, :],
-                     mask=_mask2(row_ok, dr, REST, BLOCK_REST), other=0.0).to(tl.float32)
-        q3 = (q3 * sc[:, None]).to(DOT_DTYPE)
-    return q1, q2, q3
-
-
-@triton.jit
-def _rotate(x1, x2, pos, inv, FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Halves x1, x2 fp32 [M, BLOCK_HALF] turned by pos (int32 [M], or [1] for every row),
-    neox style, in DOT_DTYPE."""
-    c, s = _cos_sin(pos, inv, FAST_TRIG)
-    return (x1 * c - x2 * s).to(DOT_DTYPE), (x2 * c + x1 * s).to(DOT_DTYPE)
-
-
-@triton.jit
 def _load_query(
     Q, rows_q, head, row_ok, p, qpos, is_stair, inv, s_qn, s_qh, qk_scale, inv_log_L,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
     BLOCK_REST: tl.constexpr, LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    """Rotated, scaled query rows (``_query_halves`` turned by qpos [M], the rebased
-    position): q1, q2 [M, BLOCK_HALF], q3 [M, BLOCK_REST] in DOT_DTYPE."""
-    q1, q2, q3 = _query_halves(Q, rows_q, head, row_ok, p, is_stair, s_qn, s_qh, qk_scale,
-                               inv_log_L, HALF, BLOCK_HALF, REST, BLOCK_REST, LOG_N, DOT_DTYPE)
-    q1r, q2r = _rotate(q1, q2, qpos, inv, FAST_TRIG, DOT_DTYPE)
-    return q1r, q2r, q3
+    """Rotated, scaled query rows: q1, q2 [M, BLOCK_HALF], q3 [M, BLOCK_REST] in DOT_DTYPE.
 
-
-@triton.jit
-def _decode_block(
-    acc, l_i, m_i, qa1, qa2, q3, qpos, t0, t_end,
-    K, V, BT, req, kind, F, s, A, E, base, hkv, inv, ci, si,
-    s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
-    BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """Decode keys [t0, t0 + BLOCK_N) (t < t_end) of a Mesa segment into the online softmax,
-    rotating the query instead of the keys where it can: <R(a) q, R(b) k> = <R(a - b) q, k>.
-
-    qa1/qa2 fp32 [M, BLOCK_HALF] the scaled UNROTATED query, q3 its unrotated dims; qpos
-    (int32 scalar) its rebased position.  Stair keys (t < A) share a position per run of E:
-    for each of the block's few stair positions r the query is turned by qpos - r and
-    multiplied with the raw keys (no per-key trig, no key rotation).  Keys at contiguous
-    positions (causal, middle, and stair keys t >= A) at kpos(t0) + i: the query is turned
-    by qpos - kpos(t0) once and key i by the loop-invariant table ci/si = cos/sin(i *
-    inv_freq) [BLOCK_N, BLOCK_HALF].
-    """
-    t = t0 + tl.arange(0, BLOCK_N)
+    rows_q int32 [M] rows of Q, head int32 [M], p int32 [M] absolute index, qpos [M] rebased
+    position; the scale is qk_scale (softmax scale * log2 e) times log-n for stair rows."""
     dh = tl.arange(0, BLOCK_HALF)
-    dd = tl.arange(0, BLOCK_D)
-    kmask = t < t_end
-    j = tl.where((kind == 1) & (t >= F), s + t - F, t)
-    page = tl.load(BT + req * s_bt + j // PAGE, mask=kmask, other=0).to(tl.int64)
-    slot = (j % PAGE).to(tl.int64)
-    k_row = K + page * s_kb + slot * s_kt + hkv * s_kh
-    hm = _mask2(kmask, dh, HALF, BLOCK_HALF)
-    k1 = tl.load(k_row[:, None] + dh[None, :], mask=hm, other=0.0)
-    k2 = tl.load(k_row[:, None] + HALF + dh[None, :], mask=hm, other=0.0)
-    rows: tl.constexpr = qa1.shape[0]
-    qk = tl.zeros([rows, BLOCK_N], dtype=tl.float32)
-    stair = (kind == 2) & (t < A)  # [BLOCK_N]
-    one = tl.zeros([1], dtype=tl.int32)
-    if (kind == 2) & (t0 < A):  # stair keys: a few query rotations, raw keys
-        k1d = k1.to(DOT_DTYPE)
-        k2d = k2.to(DOT_DTYPE)
-        kst = _stair(t, A, E)
-        r_hi = _stair(tl.minimum(t0 + BLOCK_N, A) - 1, A, E)
-        for r in range(_stair(t0, A, E), r_hi + 1):
-            u1, u2 = _rotate(qa1, qa2, one + (qpos - (r - base)), inv, FAST_TRIG, DOT_DTYPE)
-            part = _dot(u1, tl.trans(k1d), tl.zeros([rows, BLOCK_N], dtype=tl.float32),
-                        UPCAST, PREC)
-            part = _dot(u2, tl.trans(k2d), part, UPCAST, PREC)
-            qk = tl.where((kst == r)[None, :], part, qk)
-    if (kind != 2) | (t0 + BLOCK_N > A):  # keys at contiguous positions
-        c0 = t0 - tl.where(kind == 2, base, 0)  # position of key t0 (of the t >= A rule)
-        u1, u2 = _rotate(qa1, qa2, one + (qpos - c0), inv, FAST_TRIG, DOT_DTYPE)
-        k1f = k1.to(tl.float32)
-        k2f = k2.to(tl.float32)
-        k1r = (k1f * ci - k2f * si).to(DOT_DTYPE)
-        k2r = (k2f * ci + k1f * si).to(DOT_DTYPE)
-        part = _dot(u1, tl.trans(k1r), tl.zeros([rows, BLOCK_N], dtype=tl.float32), UPCAST,
-                    PREC)
-        part = _dot(u2, tl.trans(k2r), part, UPCAST, PREC)
-        qk = tl.where(stair[None, :], qk, part)
-    if REST > 0:  # unrotated dims
+    q_row = Q + rows_q.to(tl.int64) * s_qn + head * s_qh
+    hm = _mask2(row_ok, dh, HALF, BLOCK_HALF)
+    q1 = tl.load(q_row[:, None] + dh[None, :], mask=hm, other=0.0).to(tl.float32)
+    q2 = tl.load(q_row[:, None] + HALF + dh[None, :], mask=hm, other=0.0).to(tl.float32)
+    cq, sq = _cos_sin(qpos, inv, FAST_TRIG)
+    sc = tl.zeros_like(p.to(tl.float32)) + qk_scale
+    if LOG_N:
+        ln = tl.log((p + 1).to(tl.float32)) * inv_log_L
+        sc = tl.where(is_stair, tl.maximum(ln, 1.0), 1.0) * qk_scale
+    q1r = ((q1 * cq - q2 * sq) * sc[:, None]).to(DOT_DTYPE)
+    q2r = ((q2 * cq + q1 * sq) * sc[:, None]).to(DOT_DTYPE)
+    q3 = tl.zeros([q1.shape[0], BLOCK_REST], dtype=DOT_DTYPE)
+    if REST > 0:
         dr = tl.arange(0, BLOCK_REST)
-        rm = _mask2(kmask, dr, REST, BLOCK_REST)
-        k3 = tl.load(k_row[:, None] + 2 * HALF + dr[None, :], mask=rm, other=0.0)
-        qk = _dot(q3, tl.trans(k3.to(DOT_DTYPE)), qk, UPCAST, PREC)
-    qk = tl.where(kmask[None, :], qk, float("-inf"))
-    v_row = V + page * s_vb + slot * s_vt + hkv * s_vh
-    return _online_softmax(acc, l_i, m_i, qk, v_row, kmask, dd, HEAD, BLOCK_D, DOT_DTYPE, PREC,
-                           UPCAST)
+        q3 = tl.load(q_row[:, None] + 2 * HALF + dr[None, :],
+                     mask=_mask2(row_ok, dr, REST, BLOCK_REST), other=0.0).to(tl.float32)
+        q3 = (q3 * sc[:, None]).to(DOT_DTYPE)
+    return q1r, q2r, q3
 
 
 @triton.jit
@@ -714,6 +625,22 @@ def _prefill_kernel(
 
 
 @triton.jit
+def _split_len(n_keys, num_splits, min_split, BLOCK_N: tl.constexpr):
+    """Keys per decode split: n_keys / num_splits in whole key blocks, at least min_split."""
+    return tl.maximum(tl.cdiv(tl.cdiv(n_keys, num_splits), BLOCK_N) * BLOCK_N, min_split)
+
+
+@triton.jit
+def _store_split(M_WS, L_WS, ACC_WS, idx, m_i, l_i, acc, row_ok, BLOCK_D: tl.constexpr):
+    """One split's softmax state (m, l [rows], acc [rows, BLOCK_D]) at workspace rows idx."""
+    tl.store(M_WS + idx, m_i, mask=row_ok)
+    tl.store(L_WS + idx, l_i, mask=row_ok)
+    dd = tl.arange(0, BLOCK_D)
+    tl.store(ACC_WS + idx.to(tl.int64)[:, None] * BLOCK_D + dd[None, :], acc,
+             mask=row_ok[:, None])
+
+
+@triton.jit
 def _decode_kernel(
     Q, K, V, BT, M_WS, L_WS, ACC_WS,
     SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_REQ, INV_FREQ,
@@ -723,7 +650,7 @@ def _decode_kernel(
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
     BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr, PE: tl.constexpr, QSIDE: tl.constexpr,
+    UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr, PE: tl.constexpr,
 ):
     seg = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -749,24 +676,14 @@ def _decode_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     n_keys = tl.where(kind == 1, F + p_abs - s, p_abs) + 1
+    idx = (seg * (G * tl.num_programs(1)) + head) * num_splits + split  # [rows, Hq, splits]
     if PE == 0:
-        per_split = tl.cdiv(tl.cdiv(n_keys, num_splits), BLOCK_N) * BLOCK_N
-        per_split = tl.maximum(per_split, min_split)
+        # An idle split (a short sequence in a grid sized for max_model_len) does nothing:
+        # the reduction reads only the busy splits.
+        per_split = _split_len(n_keys, num_splits, min_split, BLOCK_N)
         lo = split * per_split
-        hi = tl.minimum(lo + per_split, n_keys)
-        if QSIDE:
-            qa1, qa2, q3 = _query_halves(Q, q_lo + rows * 0, head, row_ok, p, kind == 2, s_qn,
-                                         s_qh, qk_scale, inv_log_L, HALF, BLOCK_HALF, REST,
-                                         BLOCK_REST, LOG_N, DOT_DTYPE)
-            qpos0 = tl.where(kind == 2, _stair(p_abs, A, E), tl.where(kind == 1, F + p_abs - s,
-                                                                        p_abs)) - base
-            for t0 in range(lo, hi, BLOCK_N):
-                acc, l_i, m_i = _decode_block(
-                    acc, l_i, m_i, qa1, qa2, q3, qpos0, t0, hi, K, V, BT, req, kind, F, s, A,
-                    E, base, hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF,
-                    BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, FAST_TRIG,
-                    DOT_DTYPE, PREC, UPCAST)
-        else:
+        if lo < n_keys:
+            hi = tl.minimum(lo + per_split, n_keys)
             q1, q2, q3 = _load_query(Q, q_lo + rows * 0, head, row_ok, p, qpos, kind == 2, inv,
                                      s_qn, s_qh, qk_scale, inv_log_L, HALF, BLOCK_HALF, REST,
                                      BLOCK_REST, LOG_N, FAST_TRIG, DOT_DTYPE)
@@ -776,6 +693,7 @@ def _decode_kernel(
                     base, hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF,
                     BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, True, FAST_TRIG,
                     DOT_DTYPE, PREC, UPCAST, ANGLE_ADD)
+            _store_split(M_WS, L_WS, ACC_WS, idx, m_i, l_i, acc, row_ok, BLOCK_D)
     else:
         # Weave: the key list is the far keys [0, fe_l), then the near keys from j = fe_j
         # on (list index t -> key t + shift); windowed, the far keys are the sinks.
@@ -788,8 +706,7 @@ def _decode_kernel(
         shift = fe_j - fe_l
         qpos = tl.where(weave, p - fe_j, qpos)
         n_keys = tl.where(weave, p_abs + 1 - shift, n_keys)
-        per_split = tl.cdiv(tl.cdiv(n_keys, num_splits), BLOCK_N) * BLOCK_N
-        per_split = tl.maximum(per_split, min_split)
+        per_split = _split_len(n_keys, num_splits, min_split, BLOCK_N)
         lo = split * per_split
         hi = tl.minimum(lo + per_split, n_keys)
         q1, q2, q3 = _load_query(Q, q_lo + rows * 0, head, row_ok, p, qpos, kind >= 2, inv,
@@ -821,28 +738,33 @@ def _decode_kernel(
                     base, hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF,
                     BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, True, FAST_TRIG,
                     DOT_DTYPE, PREC, UPCAST, ANGLE_ADD)
-
-    idx = (seg * (G * tl.num_programs(1)) + head) * num_splits + split  # [rows, Hq, splits]
-    tl.store(M_WS + idx, m_i, mask=row_ok)
-    tl.store(L_WS + idx, l_i, mask=row_ok)
-    dd = tl.arange(0, BLOCK_D)
-    tl.store(ACC_WS + idx.to(tl.int64)[:, None] * BLOCK_D + dd[None, :], acc,
-             mask=row_ok[:, None])
+        _store_split(M_WS, L_WS, ACC_WS, idx, m_i, l_i, acc, row_ok, BLOCK_D)
 
 
 @triton.jit
 def _decode_reduce_kernel(
-    Out, M_WS, L_WS, ACC_WS, SEG_QLO, num_splits, s_on, s_oh,
-    HEAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    Out, M_WS, L_WS, ACC_WS, SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, F, num_splits, min_split,
+    s_on, s_oh,
+    HEAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+    BUSY_ONLY: tl.constexpr,
 ):
+    """Merge the splits of one (segment, head); BUSY_ONLY (Mesa segments): only the splits
+    ``_decode_kernel`` ran, the others' workspace is stale."""
     seg = tl.program_id(0)
     head = tl.program_id(1)
     sp = tl.arange(0, BLOCK_S)
-    ok = sp < num_splits
+    n_busy = num_splits
+    if BUSY_ONLY:
+        p_abs = tl.load(SEG_QABS + seg)
+        n_keys = tl.where(tl.load(SEG_KIND + seg) == 1, F + p_abs - tl.load(SEG_CHUNK + seg),
+                          p_abs) + 1
+        n_busy = tl.minimum(tl.cdiv(n_keys, _split_len(n_keys, num_splits, min_split, BLOCK_N)),
+                            num_splits)
+    ok = sp < n_busy
     base = (seg * tl.num_programs(1) + head) * num_splits
     m = tl.load(M_WS + base + sp, mask=ok, other=_NEG_BIG)
     l_s = tl.load(L_WS + base + sp, mask=ok, other=0.0)
-    w = tl.exp2(m - tl.max(m, 0))
+    w = tl.where(ok, tl.exp2(m - tl.max(m, 0)), 0.0)
     dd = tl.arange(0, BLOCK_D)
     acc = tl.load(ACC_WS + (base + sp).to(tl.int64)[:, None] * BLOCK_D + dd[None, :],
                   mask=ok[:, None], other=0.0)
@@ -973,7 +895,6 @@ def mesa_decode(
     num_stages: int | None = None,
     fast_trig: bool | None = None,
     angle_add: bool = False,
-    rotation: str = "query",
     min_split_keys: int | None = None,
 ) -> torch.Tensor:
     """Split-KV decode: every segment of ``table`` must hold exactly one query.
@@ -981,15 +902,11 @@ def mesa_decode(
     Shapes as ``mesa_prefill``; ``num_splits`` a host int (``decode_num_splits``): the grid's
     split count; a split reads at least ``min_split_keys`` keys (default 256 on the GPU, one
     key block under the interpreter), so a short sequence in a grid sized for max_model_len
-    runs few busy programs.  workspace: (m, l fp32 [num_segments * Hq * num_splits], acc fp32
-    [num_segments * Hq * num_splits, BLOCK_D]) or None to allocate.  rotation (Mesa segments;
-    weave ones always turn keys): "query" turns the query per stair position and per key
-    block (``_decode_block``), "key" turns every key (``_attend_block``; ``angle_add`` picks
-    its angle method).  No host sync, grid from host ints: CUDA-graph safe when ``table`` and
-    ``workspace`` live in persistent buffers.  Returns ``output``.
+    keeps few splits busy; the idle ones (Mesa segments) return at once.  workspace: (m, l
+    fp32 [num_segments * Hq * num_splits], acc fp32 [num_segments * Hq * num_splits,
+    BLOCK_D]) or None to allocate.  No host sync, grid from host ints: CUDA-graph safe when
+    ``table`` and ``workspace`` live in persistent buffers.  Returns ``output``.
     """
-    if rotation not in ("query", "key"):
-        raise ValueError(f"rotation must be 'query' or 'key', not {rotation!r}")
     n_seg = table.num_segments
     if n_seg == 0:
         return output
@@ -1007,20 +924,21 @@ def mesa_decode(
     if min_split_keys is None:
         min_split_keys = block_n if interp else 256
     min_split = -(-min_split_keys // block_n) * block_n
-    qside = rotation == "query" and table.pe == 0
     seg = (table.q_lo, table.q_abs, table.kind, table.chunk_start, table.anchor, table.req)
     _decode_kernel[(n_seg, Hkv, num_splits)](
         query, key_cache, value_cache, block_table, *workspace, *seg, inv_freq,
         *_scalars(table, scale), num_splits, min_split,
         *_strides(query, key_cache, value_cache), block_table.stride(0),
         BLOCK_G=max(16, triton.next_power_of_2(meta["G"])), BLOCK_N=block_n, LOG_N=table.log_n,
-        FAST_TRIG=not interp if fast_trig is None else fast_trig,
-        ANGLE_ADD=angle_add or qside, PE=table.pe, QSIDE=qside,
+        FAST_TRIG=not interp if fast_trig is None else fast_trig, ANGLE_ADD=angle_add,
+        PE=table.pe,
         num_warps=num_warps or 4, num_stages=num_stages or 3, **meta,
     )  # fmt: skip
     _decode_reduce_kernel[(n_seg, Hq)](
-        output, *workspace, table.q_lo, num_splits, output.stride(0), output.stride(1),
+        output, *workspace, table.q_lo, table.q_abs, table.kind, table.chunk_start,
+        table.first_chunk, num_splits, min_split, output.stride(0), output.stride(1),
         HEAD=meta["HEAD"], BLOCK_D=meta["BLOCK_D"],
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_N=block_n,
+        BUSY_ONLY=table.pe == 0, num_warps=4,
     )  # fmt: skip
     return output

@@ -58,9 +58,9 @@ _CASES = [
      dict(log_n=False)),
     ("fp32-d64-g1-p32-blockq3-no-angle-add", "float32", 64, 1, 1, 32,
      [(130, 130, 0), (60, 62, 61), (200, 210, 209)],
-     dict(block_q=3, splits=5, flip_angle_add=True, rotation="key")),
-    ("fp32-d32-g4-p16-decode-key-rotation", "float32", 32, 2, 4, 16,
-     [(20, 50, 49), (200, 230, 229), (150, 71, 70)], dict(splits=4, rotation="key")),
+     dict(block_q=3, splits=5, flip_angle_add=True)),
+    ("fp32-d32-g4-p16-decode-idle-splits", "float32", 32, 2, 4, 16,
+     [(20, 50, 49), (200, 230, 229), (150, 71, 70), (5, 6, 5)], dict(splits=16, min_split=32)),
     # stair runs wider than a key block (E = 20 > 16): blocks with one or two stair
     # positions; a split floor of 48 keys leaves most of the 8 splits idle
     ("bf16-d64-g1-p16-wide-stair-min-split", "bfloat16", 64, 2, 1, 16,
@@ -199,7 +199,6 @@ def run_case(case: dict, seed: int) -> dict:
             out,
             case.get("splits", 3),
             angle_add=flip,
-            rotation=case.get("rotation", "query"),
             min_split_keys=case.get("min_split"),
         )
     err = (out.float() - ref).abs()
