@@ -173,7 +173,7 @@ CHECKS = [
         1,
         8,
         64,
-        (512, 100, 128, 50, 40),  # 2 E >= BLOCK_N: decode picks stair angles per block
+        (512, 100, 128, 50, 16),
         [(2048, 2048, 0), (600, 700, 699), (5000, 5001, 5000), (512, 512, 0)],
         16,
     ),
@@ -184,7 +184,7 @@ CHECKS = [
         8,
         1,
         16,
-        (512, 32, 128, 50, 32),
+        (512, 32, 128, 50, 16),
         [(3000, 3100, 2900), (513, 600, 513), (100, 1500, 1499)],
         5,
     ),
@@ -410,9 +410,8 @@ PREFILL_CONFIGS = [  # block_m, block_n, warps, stages, fast_trig, angle_add
     (128, 32, 8, 2, True, True), (256, 64, 16, 2, True, True), (64, 32, 4, 2, True, True),
     (128, 64, 8, 2, False, True),
 ]  # fmt: skip
-DECODE_CONFIGS = [  # block_n, warps, stages, angle_add, stair_select
-    (64, 4, 3, False, True), (64, 4, 3, False, False), (32, 4, 2, False, True),
-    (64, 4, 2, False, True),
+DECODE_CONFIGS = [  # block_n, warps, stages, angle_add
+    (64, 4, 3, False), (32, 4, 3, False), (64, 4, 2, False), (32, 4, 2, False),
 ]  # fmt: skip
 DECODE_SPLITS = (16, 32, 64, 128)
 
@@ -423,8 +422,8 @@ def _pre_kw(cfg) -> dict:
 
 
 def _dec_kw(cfg) -> dict:
-    bn, w, st, aa, sel = cfg
-    return dict(block_n=bn, num_warps=w, num_stages=st, angle_add=aa, stair_select=sel)
+    bn, w, st, aa = cfg
+    return dict(block_n=bn, num_warps=w, num_stages=st, angle_add=aa)
 
 
 def sweep_prefill(T, params) -> list[dict]:
@@ -598,7 +597,7 @@ def markdown(check_rows, sp) -> str:
             "Decode configs (ms, CUDA graph; a split reads at least 256 keys, idle splits"
             " return at once):",
             "",
-            "| S | BLOCK_N, warps, stages, angle add, stair select | "
+            "| S | BLOCK_N, warps, stages, angle add | "
             + " | ".join(f"{n} splits" for n in DECODE_SPLITS)
             + " |",
             "|---|---|" + "---|" * len(DECODE_SPLITS),

@@ -256,19 +256,6 @@ def _online_softmax(acc, l_i, m_i, qk, v_row, kmask, dd, HEAD: tl.constexpr,
 
 
 @triton.jit
-def _key_angles(kind, t0, kpos, A, base, inv, ci, si, FAST_TRIG: tl.constexpr,
-                ANGLE_ADD: tl.constexpr):
-    """cos/sin [BLOCK_N, BLOCK_HALF] of the keys at rebased positions kpos: by angle addition
-    from the table ci/si where ANGLE_ADD and the block's positions are contiguous (all but
-    stair keys below the anchor), else one evaluation per key and frequency."""
-    if ANGLE_ADD:
-        if (kind != 2) | (t0 >= A):
-            c0, s0 = _cos_sin(tl.zeros([1], dtype=tl.int32) + (t0 - base), inv, FAST_TRIG)
-            return c0 * ci - s0 * si, s0 * ci + c0 * si
-    return _cos_sin(kpos, inv, FAST_TRIG)
-
-
-@triton.jit
 def _attend_block(
     acc, l_i, m_i, q1, q2, q3, qt, t0, t_end,
     K, V, BT, req, kind, F, s, A, E, base, hkv, inv, ci, si,
@@ -277,7 +264,7 @@ def _attend_block(
     BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
     FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr, STAIR_SELECT: tl.constexpr,
+    UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr,
 ):
     """One BLOCK_N slice [t0, t0 + BLOCK_N) of the key list into the online softmax.
 
@@ -287,9 +274,7 @@ def _attend_block(
     ANGLE_ADD: where the slice's positions are contiguous (all but stair keys below the
     anchor), cos/sin come from angle addition with ci/si = cos/sin(i * inv_freq) [BLOCK_N,
     BLOCK_HALF] fp32 (loop-invariant) and one [BLOCK_HALF] cos/sin of the slice's first
-    position, instead of BLOCK_N * BLOCK_HALF trig evaluations.  STAIR_SELECT: a block of
-    stair keys wholly below the anchor with 2 E >= BLOCK_N takes its key angles from the
-    three positions it can span.
+    position, instead of BLOCK_N * BLOCK_HALF trig evaluations.
     """
     t = t0 + tl.arange(0, BLOCK_N)
     dh = tl.arange(0, BLOCK_HALF)
@@ -303,22 +288,15 @@ def _attend_block(
     k1 = tl.load(k_row[:, None] + dh[None, :], mask=hm, other=0.0).to(tl.float32)
     k2 = tl.load(k_row[:, None] + HALF + dh[None, :], mask=hm, other=0.0).to(tl.float32)
     kpos = tl.where(kind == 2, _stair(t, A, E), t) - base
-    if STAIR_SELECT:
-        if (kind == 2) & (t0 + BLOCK_N <= A) & (2 * E >= BLOCK_N):
-            # a block of stair keys spans at most 3 positions p0, p0 + 1, p0 + 2: three
-            # [BLOCK_HALF] cos/sin rows picked per key instead of one per key and frequency
-            one = tl.zeros([1], dtype=tl.int32)
-            p0 = _stair(t0, A, E) - base
-            r = (kpos - p0)[:, None]
-            c0, s0 = _cos_sin(one + p0, inv, FAST_TRIG)
-            c1, s1 = _cos_sin(one + p0 + 1, inv, FAST_TRIG)
-            c2, s2 = _cos_sin(one + p0 + 2, inv, FAST_TRIG)
-            ck = tl.where(r == 0, c0, tl.where(r == 1, c1, c2))
-            sk = tl.where(r == 0, s0, tl.where(r == 1, s1, s2))
+    if ANGLE_ADD:
+        if (kind != 2) | (t0 >= A):
+            c0, s0 = _cos_sin(tl.zeros([1], dtype=tl.int32) + (t0 - base), inv, FAST_TRIG)
+            ck = c0 * ci - s0 * si
+            sk = s0 * ci + c0 * si
         else:
-            ck, sk = _key_angles(kind, t0, kpos, A, base, inv, ci, si, FAST_TRIG, ANGLE_ADD)
+            ck, sk = _cos_sin(kpos, inv, FAST_TRIG)
     else:
-        ck, sk = _key_angles(kind, t0, kpos, A, base, inv, ci, si, FAST_TRIG, ANGLE_ADD)
+        ck, sk = _cos_sin(kpos, inv, FAST_TRIG)
     k1r = (k1 * ck - k2 * sk).to(DOT_DTYPE)
     k2r = (k2 * ck + k1 * sk).to(DOT_DTYPE)
     qk = tl.zeros([q1.shape[0], BLOCK_N], dtype=tl.float32)
@@ -498,13 +476,13 @@ def _mesa_tile(
             acc, l_i, m_i, q1, q2, q3, qt, t0, t_end, K, V, BT, req, kind, F, s, A, E, base,
             hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF, REST,
             BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, False, FAST_TRIG, DOT_DTYPE, PREC, UPCAST,
-            ANGLE_ADD, False)
+            ANGLE_ADD)
     for t0 in range(n_full, t_end, BLOCK_N):
         acc, l_i, m_i = _attend_block(
             acc, l_i, m_i, q1, q2, q3, qt, t0, t_end, K, V, BT, req, kind, F, s, A, E, base,
             hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF, REST,
             BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, True, FAST_TRIG, DOT_DTYPE, PREC, UPCAST,
-            ANGLE_ADD, False)
+            ANGLE_ADD)
     return acc, l_i, m_i
 
 
@@ -673,7 +651,6 @@ def _decode_kernel(
     BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr, PE: tl.constexpr,
-    STAIR_SELECT: tl.constexpr,
 ):
     seg = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -715,7 +692,7 @@ def _decode_kernel(
                     acc, l_i, m_i, q1, q2, q3, qt, t0, hi, K, V, BT, req, kind, F, s, A, E,
                     base, hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF,
                     BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, True, FAST_TRIG,
-                    DOT_DTYPE, PREC, UPCAST, ANGLE_ADD, STAIR_SELECT)
+                    DOT_DTYPE, PREC, UPCAST, ANGLE_ADD)
             _store_split(M_WS, L_WS, ACC_WS, idx, m_i, l_i, acc, row_ok, BLOCK_D)
     else:
         # Weave: the key list is the far keys [0, fe_l), then the near keys from j = fe_j
@@ -760,7 +737,7 @@ def _decode_kernel(
                     acc, l_i, m_i, q1, q2, q3, qt, t0, hi, K, V, BT, req, kind, F, s, A, E,
                     base, hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF,
                     BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, True, FAST_TRIG,
-                    DOT_DTYPE, PREC, UPCAST, ANGLE_ADD, STAIR_SELECT)
+                    DOT_DTYPE, PREC, UPCAST, ANGLE_ADD)
         _store_split(M_WS, L_WS, ACC_WS, idx, m_i, l_i, acc, row_ok, BLOCK_D)
 
 
@@ -918,7 +895,6 @@ def mesa_decode(
     num_stages: int | None = None,
     fast_trig: bool | None = None,
     angle_add: bool = False,
-    stair_select: bool = True,
     min_split_keys: int | None = None,
 ) -> torch.Tensor:
     """Split-KV decode: every segment of ``table`` must hold exactly one query.
@@ -928,9 +904,8 @@ def mesa_decode(
     key block under the interpreter), so a short sequence in a grid sized for max_model_len
     keeps few splits busy; the idle ones (Mesa segments) return at once.  workspace: (m, l
     fp32 [num_segments * Hq * num_splits], acc fp32 [num_segments * Hq * num_splits,
-    BLOCK_D]) or None to allocate.  stair_select: see ``_attend_block``.  No host sync, grid
-    from host ints: CUDA-graph safe when ``table`` and ``workspace`` live in persistent
-    buffers.  Returns ``output``.
+    BLOCK_D]) or None to allocate.  No host sync, grid from host ints: CUDA-graph safe when
+    ``table`` and ``workspace`` live in persistent buffers.  Returns ``output``.
     """
     n_seg = table.num_segments
     if n_seg == 0:
@@ -956,7 +931,7 @@ def mesa_decode(
         *_strides(query, key_cache, value_cache), block_table.stride(0),
         BLOCK_G=max(16, triton.next_power_of_2(meta["G"])), BLOCK_N=block_n, LOG_N=table.log_n,
         FAST_TRIG=not interp if fast_trig is None else fast_trig, ANGLE_ADD=angle_add,
-        PE=table.pe, STAIR_SELECT=stair_select,
+        PE=table.pe,
         num_warps=num_warps or 4, num_stages=num_stages or 3, **meta,
     )  # fmt: skip
     _decode_reduce_kernel[(n_seg, Hq)](

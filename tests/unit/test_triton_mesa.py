@@ -68,8 +68,6 @@ _CASES = [
      dict(E=20, splits=8, min_split=48)),
     ("fp32-d64-g2-p32-wide-stair-partial", "float32", 64, 1, 2, 32,
      [(230, 231, 230), (100, 101, 100)], dict(E=17, rotary=0.5, splits=3)),
-    ("bf16-d64-g4-p16-wide-stair-no-select", "bfloat16", 64, 2, 4, 16,
-     [(250, 251, 250), (180, 200, 199)], dict(E=9, splits=2, stair_select=False)),
     # weave-PE variants: below L, several L, chunked prefill from mid-sequence, decode rows of
     # long prompts and of short prompts grown past L, in one launch each.
     ("rerope-fp32-d32-g1-p16", "float32", 32, 2, 1, 16,
@@ -202,7 +200,6 @@ def run_case(case: dict, seed: int) -> dict:
             case.get("splits", 3),
             angle_add=flip,
             min_split_keys=case.get("min_split"),
-            stair_select=case.get("stair_select", True),
         )
     err = (out.float() - ref).abs()
     return dict(
