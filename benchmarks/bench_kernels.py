@@ -632,7 +632,8 @@ def markdown(check_rows, sp) -> str:
     lines += [
         "",
         f"Decode of one token, one layer-call (CUDA graph replay), config "
-        f"{sp['decode_cfg']}, best split count; baseline {b} on contiguous KV.",
+        f"{sp['decode_cfg']}, best split count; baseline {b} "
+        f"({'paged cache, block 16' if b.startswith('FA3') else 'contiguous KV'}).",
         "",
         f"| S | KV heads | Mesa ms | splits | Mesa KV TB/s | {b} ms | {b} KV TB/s |",
         "|---|---|---|---|---|---|---|",
