@@ -327,12 +327,13 @@ def bench_ms(fn, graph=False) -> float:
 
 
 def baselines():
+    """(name, FA3's flash_attn_varlen_func or None): FA3 serves prefill and paged decode."""
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func
 
-        return "FA3 (vllm_flash_attn)", flash_attn_varlen_func, flash_attn_varlen_func
+        return "FA3 (vllm_flash_attn)", flash_attn_varlen_func
     except Exception:  # noqa: BLE001 - vLLM absent on the bench machine
-        return "torch SDPA (flash backend)", None, None
+        return "torch SDPA (flash backend)", None
 
 
 def speed_problem(T, ctx, D, H, page, params, block_q, seed=7, Hkv=None):
@@ -479,7 +480,7 @@ def sweep_decode(S, params) -> list[dict]:
 def speed(args) -> dict:
     D, H, page = SPEED_SHAPE
     params = MesaParams(*LLAMA2.values())
-    base_name, fa_varlen, fa_kvcache = baselines()
+    base_name, fa_varlen = baselines()
     res: dict = dict(baseline=base_name, prefill=[], decode=[], sweep=[], decode_sweep=[])
     lengths = [int(x) for x in args.lengths.split(",")]
     pre_cfg = (args.block_m, 64, 8, 2, True, True)
@@ -509,7 +510,7 @@ def speed(args) -> dict:
             torch.cuda.empty_cache()
         for S in lengths if Hkv == H else lengths[1:]:
             try:
-                row = speed_decode(S, Hkv, dec_cfg, params, fa_kvcache if Hkv == H else None)
+                row = speed_decode(S, Hkv, dec_cfg, params, fa_varlen if Hkv == H else None)
                 res["decode"].append(row)
             except Exception as e:  # noqa: BLE001
                 log(f"decode {S}: {type(e).__name__}: {e}")
@@ -534,7 +535,7 @@ def speed_prefill(T, Hkv, cfg, params, fa_varlen) -> dict:
     return row
 
 
-def speed_decode(S, Hkv, cfg, params, fa_kvcache) -> dict:
+def speed_decode(S, Hkv, cfg, params, fa_varlen) -> dict:
     """One decode token at index S - 1 (CUDA-graph replay), best of DECODE_SPLITS."""
     D, H, page = SPEED_SHAPE
     pb = speed_problem(S, S - 1, D, H, page, params, 1, seed=11, Hkv=Hkv)
@@ -555,7 +556,7 @@ def speed_decode(S, Hkv, cfg, params, fa_kvcache) -> dict:
         mesa_tbs=gb / ms,
     )
     if Hkv == H:
-        base_ms = bench_ms(baseline_decode(fa_kvcache, S, H, D), graph=True)
+        base_ms = bench_ms(baseline_decode(fa_varlen, S, H, D), graph=True)
         row.update(base_ms=base_ms, base_tbs=gb / base_ms)
     log(f"decode {row}")
     return row

@@ -44,6 +44,20 @@ def cpu_engine_kwargs(max_model_len: int) -> dict:
     )
 
 
+def mesa_engine_kwargs(model: Path, max_model_len: int, mesa: dict, **overrides) -> dict:
+    """LLM(...) arguments for a small float32 CPU engine serving ``model`` with the Mesa
+    backend and the ``mesa`` settings, in 16-token cache blocks; ``overrides`` on top."""
+    kw = cpu_engine_kwargs(max_model_len)
+    kw.update(
+        model=str(model),
+        attention_backend="mesa",
+        additional_config={"mesa": mesa},
+        block_size=16,
+    )
+    kw.update(overrides)
+    return kw
+
+
 def cli_server(model: Path, args: list[str], log_path: Path, served_name: str = "tiny"):
     """A LocalServer started as `mesa-vllm serve MODEL ARGS` through bash (a real shell)."""
     from mesa_vllm.eval.server import LocalServer

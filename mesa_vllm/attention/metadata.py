@@ -286,11 +286,12 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
         device = cm.block_table_tensor.device
         pre, dec = split_prefill_decode(entries)
         md = MesaMetadata(cm.num_actual_tokens, cm.slot_mapping, block_table=cm.block_table_tensor)
-        if pre and self.fa_version is not None:
-            spans, pre = take_fresh(pre, self.params.train_len)
+        if pre:  # a step with prefill (never a CUDA graph): tables sized for this step
+            spans = []
+            if self.fa_version is not None:
+                spans, pre = take_fresh(pre, self.params.train_len)
             if spans:
                 md.fresh = fresh_prefill(spans, self.fa_version, device)
-        if pre or md.fresh is not None:
             if pre:
                 md.prefill_table = build_segment_table(pre, self.params, self.block_q, device)
             md.num_splits = decode_num_splits(int(max_seq_len), len(dec), self.num_kv_heads)

@@ -625,6 +625,13 @@ def _prefill_kernel(
 
 
 @triton.jit
+def _mesa_n_keys(kind, p_abs, F, s):
+    """Length of a Mesa segment's key list for its query at absolute index p_abs: F + p - s + 1
+    for a middle segment (first chunk + own chunk), else p + 1."""
+    return tl.where(kind == 1, F + p_abs - s, p_abs) + 1
+
+
+@triton.jit
 def _split_len(n_keys, num_splits, min_split, BLOCK_N: tl.constexpr):
     """Keys per decode split: n_keys / num_splits in whole key blocks, at least min_split."""
     return tl.maximum(tl.cdiv(tl.cdiv(n_keys, num_splits), BLOCK_N) * BLOCK_N, min_split)
@@ -675,7 +682,7 @@ def _decode_kernel(
     m_i = tl.zeros([BLOCK_G], dtype=tl.float32) + _NEG_BIG
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    n_keys = tl.where(kind == 1, F + p_abs - s, p_abs) + 1
+    n_keys = _mesa_n_keys(kind, p_abs, F, s)
     idx = (seg * (G * tl.num_programs(1)) + head) * num_splits + split  # [rows, Hq, splits]
     if PE == 0:
         # An idle split (a short sequence in a grid sized for max_model_len) does nothing:
@@ -755,9 +762,8 @@ def _decode_reduce_kernel(
     sp = tl.arange(0, BLOCK_S)
     n_busy = num_splits
     if BUSY_ONLY:
-        p_abs = tl.load(SEG_QABS + seg)
-        n_keys = tl.where(tl.load(SEG_KIND + seg) == 1, F + p_abs - tl.load(SEG_CHUNK + seg),
-                          p_abs) + 1
+        n_keys = _mesa_n_keys(tl.load(SEG_KIND + seg), tl.load(SEG_QABS + seg), F,
+                              tl.load(SEG_CHUNK + seg))
         n_busy = tl.minimum(tl.cdiv(n_keys, _split_len(n_keys, num_splits, min_split, BLOCK_N)),
                             num_splits)
     ok = sp < n_busy

@@ -13,7 +13,7 @@ import random
 
 import pytest
 import torch
-from conftest import MESA_SMALL, TRAIN_LEN, cpu_engine_kwargs
+from conftest import MESA_SMALL, TRAIN_LEN, mesa_engine_kwargs
 from oracle import dense_greedy, dense_model_logits
 
 pytestmark = pytest.mark.e2e
@@ -30,16 +30,7 @@ def _prompt(n: int, rng: random.Random) -> list[int]:
 def _engine(model, **overrides):
     from vllm import LLM
 
-    kw = cpu_engine_kwargs(MAX_LEN)
-    kw.update(
-        model=str(model),
-        attention_backend="mesa",
-        additional_config={"mesa": MESA_SMALL},
-        block_size=16,
-        max_num_seqs=8,
-    )
-    kw.update(overrides)
-    return LLM(**kw)
+    return LLM(**mesa_engine_kwargs(model, MAX_LEN, MESA_SMALL, **{"max_num_seqs": 8, **overrides}))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from conftest import MESA_SMALL, cpu_engine_kwargs
+from conftest import MESA_SMALL, mesa_engine_kwargs
 from oracle import dense_greedy, dense_model_logits
 
 pytestmark = pytest.mark.e2e
@@ -23,14 +23,7 @@ def triton_llm(tiny_llama):
 
     saved = {k: os.environ.get(k) for k in ("MESA_VLLM_KERNEL", "TRITON_INTERPRET")}
     os.environ.update(MESA_VLLM_KERNEL="triton", TRITON_INTERPRET="1")  # engine inherits
-    kw = cpu_engine_kwargs(512)
-    kw.update(
-        model=str(tiny_llama),
-        attention_backend="mesa",
-        block_size=16,
-        additional_config={"mesa": MESA_SMALL},
-        max_num_batched_tokens=100,
-    )
+    kw = mesa_engine_kwargs(tiny_llama, 512, MESA_SMALL, max_num_batched_tokens=100)
     try:
         llm = LLM(**kw)
     finally:

@@ -10,7 +10,7 @@ import os
 import random
 
 import pytest
-from conftest import MESA_SMALL, TRAIN_LEN, cpu_engine_kwargs
+from conftest import MESA_SMALL, TRAIN_LEN, mesa_engine_kwargs
 from oracle import dense_greedy, dense_model_logits, prompt_logprob_error
 
 from mesa_vllm.testing.cases import VARIANT_CASES
@@ -29,15 +29,8 @@ def variant(request, tiny_llama):
     from vllm import LLM
 
     mesa = {**MESA_SMALL, **VARIANTS[request.param]}
-    kw = cpu_engine_kwargs(MAX_LEN)
-    kw.update(
-        model=str(tiny_llama),
-        attention_backend="mesa",
-        additional_config={"mesa": mesa},
-        block_size=16,
-        max_num_seqs=4,
-        max_num_batched_tokens=160,  # prefill split in 160-token steps
-    )
+    # prefill split in 160-token steps
+    kw = mesa_engine_kwargs(tiny_llama, MAX_LEN, mesa, max_num_seqs=4, max_num_batched_tokens=160)
     llm = LLM(**kw)
     yield request.param, mesa, llm
     del llm

@@ -115,11 +115,16 @@ TOL = {"float32": (1e-4, 1e-5), "float16": (5e-2, 1.5e-2), "bfloat16": (5e-2, 1.
 WEAVE_TOL_FP32 = (2e-4, 2e-5)
 
 
+def case_mesa(case: dict) -> dict:
+    """The case's Mesa setting: MESA with its own stair width E where it sets one."""
+    return dict(MESA, E=case.get("E", MESA["E"]))
+
+
 def case_params(case: dict):
     """(MesaParams, VariantSpec or None) of a case: Mesa, or a weave-PE variant."""
     from mesa_vllm.plan import MesaParams
 
-    m, pe = dict(MESA, E=case.get("E", MESA["E"])), case.get("pe", "stair")
+    m, pe = case_mesa(case), case.get("pe", "stair")
     log_n = case.get("log_n", pe in ("stair", "rerope", "leaky_rerope"))
     chunked = case.get("chunked", pe == "stair")
     w, k, G = case.get("window", 0), case.get("k", 1.0), case.get("group", 1)
@@ -159,7 +164,7 @@ def run_case(case: dict, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, case["dtype"])
     D, Hkv, G, page, reqs = case["D"], case["Hkv"], case["G"], case["page"], case["reqs"]
-    m = dict(MESA, E=case.get("E", MESA["E"]))
+    m = case_mesa(case)
     params, spec = case_params(case)
     log_n = params.log_n_scaling
     rope = {
