@@ -189,6 +189,17 @@ CHECKS = [
         5,
     ),
     (
+        "bf16 D128 G1 p16 decode 1..32L (heads kernel)",
+        torch.bfloat16,
+        128,
+        6,
+        1,
+        16,
+        (256, 16, 64, 32, 8),
+        [(8000, 8192, 8191), (300, 301, 300), (2000, 4000, 3999), (100, 101, 100)],
+        32,
+    ),
+    (
         "fp32 D64 G4 p16",
         torch.float32,
         64,
@@ -223,23 +234,24 @@ def checks(seed: int) -> list[dict]:
             )
         log(f"check {r}")
         rows.append(r)
-    try:
-        rows.append(graph_check(seed + 100))
-    except Exception as e:  # noqa: BLE001
-        rows.append(
-            dict(
-                name="decode CUDA graph",
-                seed=seed + 100,
-                nan=-1,
-                max_abs=float("nan"),
-                rel_l2=float("nan"),
-                atol=0,
-                rtol=0,
-                ok=False,
-                error=f"{type(e).__name__}: {e}"[:500],
+    for G in (4, 1):  # the per-head decode kernel, then the heads kernel
+        try:
+            rows.append(graph_check(seed + 100 + G, G))
+        except Exception as e:  # noqa: BLE001
+            rows.append(
+                dict(
+                    name=f"decode CUDA graph G{G}",
+                    seed=seed + 100 + G,
+                    nan=-1,
+                    max_abs=float("nan"),
+                    rel_l2=float("nan"),
+                    atol=0,
+                    rtol=0,
+                    ok=False,
+                    error=f"{type(e).__name__}: {e}"[:500],
+                )
             )
-        )
-        log(f"check {rows[-1]}")
+            log(f"check {rows[-1]}")
     return rows
 
 
@@ -267,11 +279,15 @@ def one_check(name, dtype, D, Hkv, G, page, params, reqs, splits, seed) -> dict:
     return r
 
 
-def graph_check(seed: int) -> dict:
-    """Capture mesa_decode in a CUDA graph, change the table in place, replay, compare."""
+def graph_check(seed: int, G: int) -> dict:
+    """Capture mesa_decode in a CUDA graph, change the table in place, replay, compare
+    (G query heads per KV head: 1 runs the heads kernel)."""
     params = MesaParams(256, 16, 64, 32, 8)
-    a = build([(900, 1000, 999), (300, 301, 300)], 128, 2, 4, 16, torch.bfloat16, params, seed)
-    b = build([(900, 1200, 1199), (50, 600, 599)], 128, 2, 4, 16, torch.bfloat16, params, seed + 1)
+    Hkv = 8 // G
+    a = build([(900, 1000, 999), (300, 301, 300)], 128, Hkv, G, 16, torch.bfloat16, params, seed)
+    b = build(
+        [(900, 1200, 1199), (50, 600, 599)], 128, Hkv, G, 16, torch.bfloat16, params, seed + 1
+    )
     # b's cache and block table are larger: give a's graph b's buffers from the start.
     table = a["dec"]
     out = torch.full_like(b["query"], float("nan"))
@@ -288,7 +304,7 @@ def graph_check(seed: int) -> dict:
     o = out.float().cpu()
     err = (o - b["ref"]).abs()
     r = dict(
-        name="decode CUDA-graph replay, table changed",
+        name=f"decode CUDA-graph replay G{G}, table changed",
         seed=seed,
         nan=int(o.isnan().sum()),
         max_abs=float(err.nan_to_num(float("inf")).max()),
@@ -411,10 +427,13 @@ PREFILL_CONFIGS = [  # block_m, block_n, warps, stages, fast_trig, angle_add
     (128, 32, 8, 2, True, True), (256, 64, 16, 2, True, True), (64, 32, 4, 2, True, True),
     (128, 64, 8, 2, False, True),
 ]  # fmt: skip
-DECODE_CONFIGS = [  # block_n, warps, stages, angle_add
-    (64, 4, 3, False), (32, 4, 3, False), (64, 4, 2, False), (32, 4, 2, False),
+DECODE_CONFIGS = [  # block_n, warps, stages, angle_add, heads per program (0: per-head kernel)
+    (64, 4, 3, False, 0), (32, 4, 2, False, 0),
+    (16, 4, 2, False, 4), (16, 4, 3, False, 4), (32, 4, 2, False, 4), (32, 8, 2, False, 4),
+    (32, 8, 3, False, 4), (64, 8, 2, False, 4), (32, 4, 2, False, 2), (64, 4, 2, False, 2),
+    (64, 8, 3, False, 2), (16, 4, 2, False, 8), (16, 8, 2, False, 8), (32, 8, 2, False, 8),
 ]  # fmt: skip
-DECODE_SPLITS = (16, 32, 64, 128)
+DECODE_SPLITS = (16, 32, 64, 128, 256)
 
 
 def _pre_kw(cfg) -> dict:
@@ -423,8 +442,8 @@ def _pre_kw(cfg) -> dict:
 
 
 def _dec_kw(cfg) -> dict:
-    bn, w, st, aa = cfg
-    return dict(block_n=bn, num_warps=w, num_stages=st, angle_add=aa)
+    bn, w, st, aa, hg = cfg
+    return dict(block_n=bn, num_warps=w, num_stages=st, angle_add=aa, heads_per_program=hg)
 
 
 def sweep_prefill(T, params) -> list[dict]:
@@ -484,9 +503,10 @@ def speed(args) -> dict:
     res: dict = dict(baseline=base_name, prefill=[], decode=[], sweep=[], decode_sweep=[])
     lengths = [int(x) for x in args.lengths.split(",")]
     pre_cfg = (args.block_m, 64, 8, 2, True, True)
-    dec_cfg = DECODE_CONFIGS[0]
+    dec_cfg = gqa_cfg = DECODE_CONFIGS[0]  # GQA rows run the per-head kernel (heads = 0)
     if not args.skip_sweep:
-        res["sweep"] = sweep_prefill(args.sweep_len, params)
+        if args.sweep_len:
+            res["sweep"] = sweep_prefill(args.sweep_len, params)
         if res["sweep"]:
             pre_cfg = tuple(min(res["sweep"], key=lambda r: r["ms"])["cfg"])
         torch.cuda.empty_cache()
@@ -497,9 +517,12 @@ def speed(args) -> dict:
         longest = [r for r in res["decode_sweep"] if r["S"] == top]
         if longest:
             dec_cfg = tuple(min(longest, key=lambda r: r["ms"])["cfg"])
+            per_head = [r for r in longest if r["cfg"][4] == 0]
+            gqa_cfg = tuple(min(per_head, key=lambda r: r["ms"])["cfg"]) if per_head else gqa_cfg
         torch.cuda.empty_cache()
     res["prefill_cfg"], res["decode_cfg"] = list(pre_cfg), list(dec_cfg)
-    log(f"prefill config {pre_cfg}, decode config {dec_cfg}")
+    res["decode_cfg_gqa"] = list(gqa_cfg)
+    log(f"prefill config {pre_cfg}, decode config {dec_cfg} (GQA: {gqa_cfg})")
     for Hkv in (H, H // 4):
         for T in lengths if Hkv == H else lengths[1:]:
             try:
@@ -510,7 +533,8 @@ def speed(args) -> dict:
             torch.cuda.empty_cache()
         for S in lengths if Hkv == H else lengths[1:]:
             try:
-                row = speed_decode(S, Hkv, dec_cfg, params, fa_varlen if Hkv == H else None)
+                cfg = dec_cfg if Hkv == H else gqa_cfg
+                row = speed_decode(S, Hkv, cfg, params, fa_varlen if Hkv == H else None)
                 res["decode"].append(row)
             except Exception as e:  # noqa: BLE001
                 log(f"decode {S}: {type(e).__name__}: {e}")
@@ -541,7 +565,7 @@ def speed_decode(S, Hkv, cfg, params, fa_varlen) -> dict:
     pb = speed_problem(S, S - 1, D, H, page, params, 1, seed=11, Hkv=Hkv)
     out = torch.empty_like(pb["query"])
     rows = []
-    for sp in sorted({tm.decode_num_splits(S, 1, Hkv), *DECODE_SPLITS}):
+    for sp in sorted({tm.decode_num_splits(S, 1, Hkv, heads_per_program=cfg[4]), *DECODE_SPLITS}):
         fn = lambda sp=sp: run(pb, sp, out=out, dec_kw=_dec_kw(cfg))  # noqa: E731
         rows.append((bench_ms(fn, graph=True), sp))
     ms, splits = min(rows)
@@ -598,7 +622,7 @@ def markdown(check_rows, sp) -> str:
             "Decode configs (ms, CUDA graph; a split reads at least 256 keys, idle splits"
             " return at once):",
             "",
-            "| S | BLOCK_N, warps, stages, angle add | "
+            "| S | BLOCK_N, warps, stages, angle add, heads/program | "
             + " | ".join(f"{n} splits" for n in DECODE_SPLITS)
             + " |",
             "|---|---|" + "---|" * len(DECODE_SPLITS),
@@ -633,7 +657,8 @@ def markdown(check_rows, sp) -> str:
     lines += [
         "",
         f"Decode of one token, one layer-call (CUDA graph replay), config "
-        f"{sp['decode_cfg']}, best split count; baseline {b} "
+        f"{sp['decode_cfg']} (8 KV heads: {sp.get('decode_cfg_gqa', sp['decode_cfg'])}), "
+        f"best split count; baseline {b} "
         f"({'paged cache, block 16' if b.startswith('FA3') else 'contiguous KV'}).",
         "",
         f"| S | KV heads | Mesa ms | splits | Mesa KV TB/s | {b} ms | {b} KV TB/s |",
@@ -843,7 +868,7 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--lengths", default="4096,32768,131072")
-    ap.add_argument("--sweep-len", type=int, default=32768)
+    ap.add_argument("--sweep-len", type=int, default=32768, help="prefill sweep T (0: none)")
     ap.add_argument("--decode-sweep-len", default="4096,32768,131072", help="comma list")
     ap.add_argument("--block-m", type=int, default=128)
     ap.add_argument("--variants", action="store_true", help="weave-PE variants instead")

@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh variants     each weave-PE variant served on the GPU
 #   bash benchmarks/gpu_session.sh kernels      kernel checks + sweeps + speed vs FA3, and the
 #                                               7B GEMM floor of prefill (prefill_floor.py)
+#   bash benchmarks/gpu_session.sh decode       kernel checks + decode sweep + speed vs FA3
 #   bash benchmarks/gpu_session.sh check        smoke eager-vs-graphs + correctness vs FLASH_ATTN
 #   (speed takes a comma list of backends: each runs in its own process, same call)
 #
@@ -55,6 +56,9 @@ kernels)
     echo "kernels rc=$?"; grep -E "^\| |checks done|config" "$OUT/kernels.log" | tail -60
     timeout 120 python3 benchmarks/prefill_floor.py --out "$OUT" > "$OUT/floor.log" 2>&1
     echo "floor rc=$?"; tail -8 "$OUT/floor.log" ;;
+decode)  # kernel checks + decode sweep + speed vs FA3, no prefill sweep or floor
+    timeout 560 python3 benchmarks/bench_kernels.py --sweep-len 0 > "$OUT/kernels.log" 2>&1
+    echo "kernels rc=$?"; grep -E "^\| |checks done|config" "$OUT/kernels.log" | tail -80 ;;
 check)
     timeout 300 python3 benchmarks/gpu_smoke.py > "$OUT/smoke.log" 2>&1
     echo "smoke rc=$?"; grep -E "^SMOKE|Error" "$OUT/smoke.log" | tail -8

@@ -55,6 +55,8 @@ _TWO_PI_B = tl.constexpr(_C2)
 _TWO_PI_C = tl.constexpr(2 * math.pi - _C1 - _C2)
 _INV_TWO_PI = tl.constexpr(1.0 / (2 * math.pi))
 _NEG_BIG = tl.constexpr(-1.0e30)
+DECODE_HEADS = 4  # heads per program of _decode_heads_kernel (H200 sweep, kernels_h200.md)
+_HEADS_META = ("HALF", "BLOCK_HALF", "REST", "BLOCK_REST", "HEAD", "BLOCK_D", "PAGE")
 
 
 def _interpreting() -> bool:
@@ -175,6 +177,21 @@ def default_block_q(num_queries_per_kv: int, block_m: int = 128) -> int:
     return max(1, block_m // num_queries_per_kv)
 
 
+def decode_heads_per_program(num_queries_per_kv: int, pe: int, requested: int | None = None):
+    """Heads per decode program: HG > 0 for ``_decode_heads_kernel`` (one query head per KV
+    head, stair engines), 0 for the per-head ``_decode_kernel``.  ``requested`` (None: the
+    default, DECODE_HEADS where the heads kernel applies) is checked."""
+    fits = num_queries_per_kv == 1 and pe == 0
+    if requested is None:
+        return DECODE_HEADS if fits else 0
+    if requested and (not fits or requested & (requested - 1)):
+        raise ValueError(
+            f"heads_per_program={requested}: needs a power of two, one query head per KV head "
+            f"(got {num_queries_per_kv}) and a stair engine (PE 0, got {pe})"
+        )
+    return requested
+
+
 def decode_num_splits(
     max_seq_len: int,
     num_rows: int,
@@ -183,14 +200,17 @@ def decode_num_splits(
     keys_per_split: int = 1024,
     min_keys: int = 256,
     max_splits: int = 128,
+    heads_per_program: int = 0,
 ) -> int:
     """Split-KV count from host ints only (CUDA graphs: pass the captured batch size and
     max_model_len).  At least ~``target_programs`` programs and one split per
-    ``keys_per_split`` keys, never under ``min_keys`` keys per split, at most ``max_splits``.
+    ``keys_per_split`` keys, never under ``min_keys`` keys per split, at most ``max_splits``;
+    heads_per_program > 0 (the heads kernel) makes one program per that many KV heads.
     Fitted on an H200 (benchmarks/kernels_h200.md): 32 KV heads, 1 row: 16 / 32 / 128 splits
     at 4k / 32k / 128k; 8 KV heads: 128 at 32k and 128k."""
+    head_programs = -(-num_kv_heads // heads_per_program) if heads_per_program else num_kv_heads
     want = max(
-        -(-target_programs // max(1, num_rows * num_kv_heads)), -(-max_seq_len // keys_per_split)
+        -(-target_programs // max(1, num_rows * head_programs)), -(-max_seq_len // keys_per_split)
     )
     return int(max(1, min(want, -(-max_seq_len // min_keys), max_splits)))
 
@@ -749,6 +769,100 @@ def _decode_kernel(
 
 
 @triton.jit
+def _mask3(h_ok, kmask, cols, N: tl.constexpr, BLOCK: tl.constexpr):
+    """[HG, BLOCK_N, BLOCK] load mask: head rows h_ok [HG], keys kmask [BLOCK_N], cols < N."""
+    hk = (h_ok[:, None] & kmask[None, :])[:, :, None]
+    if N == BLOCK:
+        return tl.broadcast_to(hk, (h_ok.shape[0], kmask.shape[0], BLOCK))
+    return hk & (cols < N)[None, None, :]
+
+
+@triton.jit
+def _decode_heads_kernel(
+    Q, K, V, BT, M_WS, L_WS, ACC_WS,
+    SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_REQ, INV_FREQ,
+    qk_scale, inv_log_L, F, E, num_splits, min_split,
+    s_qn, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
+    HKV: tl.constexpr, HG: tl.constexpr, BLOCK_N: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
+    BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr,
+):
+    """Split-KV Mesa decode for one query head per KV head (G = 1), HG heads per program.
+
+    Program (segment, head group, split).  All heads of a request see the same key
+    positions, so a key block's block-table lookups, positions and cos/sin [BLOCK_N,
+    BLOCK_HALF] are computed once for HG heads (the per-head kernel does them per head).
+    Scores and the value sum are elementwise products and reductions over [HG, BLOCK_N, D]
+    (a one-row tl.dot would waste 15 of its 16 rows).  Writes the same workspace as
+    ``_decode_kernel`` (row (segment, head, split)) for ``_decode_reduce_kernel``.
+    """
+    seg = tl.program_id(0)
+    split = tl.program_id(2)
+    kind = tl.load(SEG_KIND + seg)
+    p_abs = tl.load(SEG_QABS + seg)
+    s = tl.load(SEG_CHUNK + seg)
+    n_keys = _mesa_n_keys(kind, p_abs, F, s)
+    per_split = _split_len(n_keys, num_splits, min_split, BLOCK_N)
+    lo = split * per_split
+    if lo < n_keys:  # idle splits (short sequences in a max_model_len grid) do nothing
+        hi = tl.minimum(lo + per_split, n_keys)
+        q_lo = tl.load(SEG_QLO + seg)
+        A = tl.load(SEG_ANCHOR + seg)
+        req = tl.load(SEG_REQ + seg)
+        heads = tl.program_id(1) * HG + tl.arange(0, HG)
+        h_ok = heads < HKV
+        p = tl.zeros([HG], dtype=tl.int32) + p_abs
+        base = tl.where(kind == 2, A - 1 - tl.maximum(A - 1, 0) // E, 0)
+        qpos = tl.where(kind == 2, _stair(p, A, E), tl.where(kind == 1, F + p - s, p)) - base
+        dh = tl.arange(0, BLOCK_HALF)
+        dd = tl.arange(0, BLOCK_D)
+        inv = tl.load(INV_FREQ + dh, mask=dh < HALF, other=0.0)
+        q1, q2, q3 = _load_query(Q, q_lo + p * 0, heads, h_ok, p, qpos, kind == 2, inv, s_qn,
+                                 s_qh, qk_scale, inv_log_L, HALF, BLOCK_HALF, REST, BLOCK_REST,
+                                 LOG_N, FAST_TRIG, tl.float32)
+        q1 = q1[:, None, :]
+        q2 = q2[:, None, :]
+        k_head = (heads * s_kh)[:, None, None]
+        v_head = (heads * s_vh)[:, None, None]
+        m_i = tl.zeros([HG], dtype=tl.float32) + _NEG_BIG
+        l_i = tl.zeros([HG], dtype=tl.float32)
+        acc = tl.zeros([HG, BLOCK_D], dtype=tl.float32)
+        for t0 in range(lo, hi, BLOCK_N):
+            t = t0 + tl.arange(0, BLOCK_N)
+            kmask = t < hi
+            j = tl.where((kind == 1) & (t >= F), s + t - F, t)
+            page = tl.load(BT + req * s_bt + j // PAGE, mask=kmask, other=0).to(tl.int64)
+            slot = (j % PAGE).to(tl.int64)
+            k_row = K + (page * s_kb + slot * s_kt)[None, :, None] + k_head  # [HG, BLOCK_N, 1]
+            k_ptr = k_row + dh[None, None, :]
+            hm = _mask3(h_ok, kmask, dh, HALF, BLOCK_HALF)
+            k1 = tl.load(k_ptr, mask=hm, other=0.0).to(tl.float32)
+            k2 = tl.load(k_ptr + HALF, mask=hm, other=0.0).to(tl.float32)
+            c, sn = _cos_sin(tl.where(kind == 2, _stair(t, A, E), t) - base, inv, FAST_TRIG)
+            c = c[None, :, :]
+            sn = sn[None, :, :]
+            # q . R(pos) k = k1 . (q1 c + q2 s) + k2 . (q2 c - q1 s), per frequency
+            qk = tl.sum(k1 * (q1 * c + q2 * sn) + k2 * (q2 * c - q1 * sn), 2)
+            if REST > 0:
+                dr = tl.arange(0, BLOCK_REST)
+                k3 = tl.load(k_row + 2 * HALF + dr[None, None, :],
+                             mask=_mask3(h_ok, kmask, dr, REST, BLOCK_REST), other=0.0)
+                qk += tl.sum(k3.to(tl.float32) * q3[:, None, :], 2)
+            qk = tl.where(kmask[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            pr = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(pr, 1)
+            v_ptr = V + (page * s_vb + slot * s_vt)[None, :, None] + v_head + dd[None, None, :]
+            v = tl.load(v_ptr, mask=_mask3(h_ok, kmask, dd, HEAD, BLOCK_D), other=0.0)
+            acc = acc * alpha[:, None] + tl.sum(pr[:, :, None] * v.to(tl.float32), 1)
+            m_i = m_new
+        idx = (seg * HKV + heads) * num_splits + split  # [rows, Hq, splits], Hq = HKV
+        _store_split(M_WS, L_WS, ACC_WS, idx, m_i, l_i, acc, h_ok, BLOCK_D)
+
+
+@triton.jit
 def _decode_reduce_kernel(
     Out, M_WS, L_WS, ACC_WS, SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, F, num_splits, min_split,
     s_on, s_oh,
@@ -902,6 +1016,7 @@ def mesa_decode(
     fast_trig: bool | None = None,
     angle_add: bool = False,
     min_split_keys: int | None = None,
+    heads_per_program: int | None = None,
 ) -> torch.Tensor:
     """Split-KV decode: every segment of ``table`` must hold exactly one query.
 
@@ -911,13 +1026,16 @@ def mesa_decode(
     keeps few splits busy; the idle ones (Mesa segments) return at once.  workspace: (m, l
     fp32 [num_segments * Hq * num_splits], acc fp32 [num_segments * Hq * num_splits,
     BLOCK_D]) or None to allocate.  No host sync, grid from host ints: CUDA-graph safe when
-    ``table`` and ``workspace`` live in persistent buffers.  Returns ``output``.
+    ``table`` and ``workspace`` live in persistent buffers.  heads_per_program: HG > 0 runs
+    ``_decode_heads_kernel`` (G = 1 and a stair engine only; HG a power of two), 0 the
+    per-head kernel, None the default of ``decode_heads_per_program``.  Returns ``output``.
     """
     n_seg = table.num_segments
     if n_seg == 0:
         return output
     meta, Hkv, interp = _common(query, key_cache, value_cache, inv_freq, rotary_dim)
     Hq = query.shape[1]
+    hg = decode_heads_per_program(meta["G"], table.pe, heads_per_program)
     if workspace is None:
         size, dev = n_seg * Hq * num_splits, query.device
         workspace = (
@@ -926,20 +1044,31 @@ def mesa_decode(
             torch.empty(size, meta["BLOCK_D"], dtype=torch.float32, device=dev),
         )
     if block_n is None:
-        block_n = 16 if interp else (32 if query.dtype == torch.float32 else 64)
+        block_n = 16 if interp or hg else (32 if query.dtype == torch.float32 else 64)
     if min_split_keys is None:
         min_split_keys = block_n if interp else 256
     min_split = -(-min_split_keys // block_n) * block_n
     seg = (table.q_lo, table.q_abs, table.kind, table.chunk_start, table.anchor, table.req)
-    _decode_kernel[(n_seg, Hkv, num_splits)](
-        query, key_cache, value_cache, block_table, *workspace, *seg, inv_freq,
-        *_scalars(table, scale), num_splits, min_split,
-        *_strides(query, key_cache, value_cache), block_table.stride(0),
-        BLOCK_G=max(16, triton.next_power_of_2(meta["G"])), BLOCK_N=block_n, LOG_N=table.log_n,
-        FAST_TRIG=not interp if fast_trig is None else fast_trig, ANGLE_ADD=angle_add,
-        PE=table.pe,
-        num_warps=num_warps or 4, num_stages=num_stages or 3, **meta,
-    )  # fmt: skip
+    if hg:
+        _decode_heads_kernel[(n_seg, -(-Hkv // hg), num_splits)](
+            query, key_cache, value_cache, block_table, *workspace, *seg, inv_freq,
+            *_scalars(table, scale)[:4], num_splits, min_split,
+            *_strides(query, key_cache, value_cache), block_table.stride(0),
+            HKV=Hkv, HG=hg, BLOCK_N=block_n, LOG_N=table.log_n,
+            FAST_TRIG=not interp if fast_trig is None else fast_trig,
+            num_warps=num_warps or 4, num_stages=num_stages or 3,
+            **{k: v for k, v in meta.items() if k in _HEADS_META},
+        )  # fmt: skip
+    else:
+        _decode_kernel[(n_seg, Hkv, num_splits)](
+            query, key_cache, value_cache, block_table, *workspace, *seg, inv_freq,
+            *_scalars(table, scale), num_splits, min_split,
+            *_strides(query, key_cache, value_cache), block_table.stride(0),
+            BLOCK_G=max(16, triton.next_power_of_2(meta["G"])), BLOCK_N=block_n,
+            LOG_N=table.log_n, FAST_TRIG=not interp if fast_trig is None else fast_trig,
+            ANGLE_ADD=angle_add, PE=table.pe,
+            num_warps=num_warps or 4, num_stages=num_stages or 3, **meta,
+        )  # fmt: skip
     _decode_reduce_kernel[(n_seg, Hq)](
         output, *workspace, table.q_lo, table.q_abs, table.kind, table.chunk_start,
         table.first_chunk, num_splits, min_split, output.stride(0), output.stride(1),
