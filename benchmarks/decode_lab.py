@@ -182,8 +182,9 @@ def lab_decode(pb, out, num_splits, mode, prefetch, block_n, warps, stages):
         *tm._strides(q, pb["key_cache"], pb["value_cache"]), pb["block_table"].stride(0),
         G=meta["G"], BLOCK_G=16, BLOCK_N=block_n, HALF=meta["HALF"],
         BLOCK_HALF=meta["BLOCK_HALF"], HEAD=meta["HEAD"], BLOCK_D=meta["BLOCK_D"],
-        PAGE=meta["PAGE"], LOG_N=table.log_n, FAST_TRIG=not tm._interpreting(), DOT_DTYPE=meta["DOT_DTYPE"],
-        UPCAST=meta["UPCAST"], MODE=mode, PREFETCH=prefetch, num_warps=warps, num_stages=stages,
+        PAGE=meta["PAGE"], LOG_N=table.log_n, FAST_TRIG=not tm._interpreting(),
+        DOT_DTYPE=meta["DOT_DTYPE"], UPCAST=meta["UPCAST"], MODE=mode, PREFETCH=prefetch,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     tm._decode_reduce_kernel[(n_seg, Hq)](
         out, *ws, table.q_lo, table.q_abs, table.kind, table.chunk_start, table.first_chunk,
@@ -204,6 +205,40 @@ LAB = [
 SPLITS = (32, 64, 128)
 
 
+def lab_length(S, D, H, page, params, fa) -> list[dict]:
+    """Production kernel, FA3 and every LAB config at context S (best of SPLITS each)."""
+    pb = bk.speed_problem(S, S - 1, D, H, page, params, 1, seed=11)
+    ref = torch.empty_like(pb["query"])
+    per_head = dict(heads_per_program=0)
+    bk.run(pb, 64, out=ref, dec_kw=per_head)
+    prod = min(
+        bk.bench_ms(lambda sp=sp: bk.run(pb, sp, out=ref, dec_kw=per_head), graph=True)
+        for sp in SPLITS
+    )
+    base = bk.bench_ms(bk.baseline_decode(fa, S, H, D), graph=True) if fa else float("nan")
+    print(f"S={S}: production {prod:.4f} ms, FA3 {base:.4f} ms", flush=True)
+    rows = [dict(S=S, cfg="production", ms=prod, fa3_ms=base)]
+    out = torch.empty_like(ref)
+    for cfg in LAB:
+        best, info = float("inf"), {}
+        for sp in SPLITS:
+            try:
+                k = lab_decode(pb, out, sp, *cfg)
+                ms = bk.bench_ms(lambda sp=sp, cfg=cfg: lab_decode(pb, out, sp, *cfg), True)
+            except Exception as e:  # noqa: BLE001 - report, go on
+                print(f"S={S} {cfg} {sp}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                break
+            if ms < best:
+                diff = float((out.float() - ref.float()).abs().max())
+                best = ms
+                info = dict(splits=sp, n_regs=getattr(k, "n_regs", -1),
+                            n_spills=getattr(k, "n_spills", -1), max_diff=diff)  # fmt: skip
+        rows.append(dict(S=S, cfg=list(cfg), ms=best, fa3_ms=base, **info))
+        print(json.dumps(rows[-1]), flush=True)
+    pb.clear()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="32768,131072")
@@ -214,36 +249,7 @@ def main() -> None:
     _, fa = bk.baselines()
     rows = []
     for S in map(int, args.lengths.split(",")):
-        pb = bk.speed_problem(S, S - 1, D, H, page, params, 1, seed=11)
-        ref = torch.empty_like(pb["query"])
-        bk.run(pb, 64, out=ref, dec_kw=dict(heads_per_program=0))
-        prod = min(
-            bk.bench_ms(lambda sp=sp: bk.run(pb, sp, out=ref, dec_kw=dict(heads_per_program=0)),
-                        graph=True)
-            for sp in SPLITS
-        )  # fmt: skip
-        base = bk.bench_ms(bk.baseline_decode(fa, S, H, D), graph=True) if fa else float("nan")
-        print(f"S={S}: production {prod:.4f} ms, FA3 {base:.4f} ms", flush=True)
-        rows.append(dict(S=S, cfg="production", ms=prod, fa3_ms=base))
-        out = torch.empty_like(ref)
-        for cfg in LAB:
-            best, info = float("inf"), {}
-            for sp in SPLITS:
-                try:
-                    k = lab_decode(pb, out, sp, *cfg)
-                    ms = bk.bench_ms(lambda sp=sp, cfg=cfg: lab_decode(pb, out, sp, *cfg), True)
-                except Exception as e:  # noqa: BLE001 - report, go on
-                    print(f"S={S} {cfg} {sp}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                    break
-                if ms < best:
-                    diff = float((out.float() - ref.float()).abs().max())
-                    best = ms
-                    info = dict(splits=sp, n_regs=getattr(k, "n_regs", -1),
-                                n_spills=getattr(k, "n_spills", -1), max_diff=diff)  # fmt: skip
-            row = dict(S=S, cfg=list(cfg), ms=best, fa3_ms=base, **info)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        pb.clear()
+        rows += lab_length(S, D, H, page, params, fa)
         torch.cuda.empty_cache()
     lines = [
         "| S | mode, prefetch, BLOCK_N, warps, stages | ms | / FA3 | splits | regs | spills "
