@@ -189,7 +189,7 @@ CHECKS = [
         5,
     ),
     (
-        "bf16 D128 G1 p16 decode 1..32L (heads kernel)",
+        "bf16 D128 G1 p16 decode 1..32L",
         torch.bfloat16,
         128,
         6,
@@ -197,6 +197,17 @@ CHECKS = [
         16,
         (256, 16, 64, 32, 8),
         [(8000, 8192, 8191), (300, 301, 300), (2000, 4000, 3999), (100, 101, 100)],
+        32,
+    ),
+    (
+        "bf16 D128 G4 p16 decode, E 32",
+        torch.bfloat16,
+        128,
+        2,
+        4,
+        16,
+        (512, 32, 128, 50, 32),
+        [(8000, 8192, 8191), (600, 601, 600), (3000, 4000, 3999), (200, 201, 200)],
         32,
     ),
     (
@@ -234,7 +245,7 @@ def checks(seed: int) -> list[dict]:
             )
         log(f"check {r}")
         rows.append(r)
-    for G in (4, 1):  # the per-head decode kernel, then the heads kernel
+    for G in (4, 1):
         try:
             rows.append(graph_check(seed + 100 + G, G))
         except Exception as e:  # noqa: BLE001
@@ -427,11 +438,9 @@ PREFILL_CONFIGS = [  # block_m, block_n, warps, stages, fast_trig, angle_add
     (128, 32, 8, 2, True, True), (256, 64, 16, 2, True, True), (64, 32, 4, 2, True, True),
     (128, 64, 8, 2, False, True),
 ]  # fmt: skip
-DECODE_CONFIGS = [  # block_n, warps, stages, angle_add, heads per program (0: per-head kernel)
-    (64, 4, 3, False, 0), (32, 4, 2, False, 0),
-    (16, 4, 2, False, 4), (16, 4, 3, False, 4), (32, 4, 2, False, 4), (32, 8, 2, False, 4),
-    (32, 8, 3, False, 4), (64, 8, 2, False, 4), (32, 4, 2, False, 2), (64, 4, 2, False, 2),
-    (64, 8, 3, False, 2), (16, 4, 2, False, 8), (16, 8, 2, False, 8), (32, 8, 2, False, 8),
+DECODE_CONFIGS = [  # block_n, warps, stages, angle_add
+    (64, 4, 3, False), (32, 4, 2, False), (64, 4, 2, False), (64, 8, 3, False),
+    (128, 8, 2, False), (32, 4, 3, False),
 ]  # fmt: skip
 DECODE_SPLITS = (16, 32, 64, 128, 256)
 
@@ -442,8 +451,8 @@ def _pre_kw(cfg) -> dict:
 
 
 def _dec_kw(cfg) -> dict:
-    bn, w, st, aa, hg = cfg
-    return dict(block_n=bn, num_warps=w, num_stages=st, angle_add=aa, heads_per_program=hg)
+    bn, w, st, aa = cfg
+    return dict(block_n=bn, num_warps=w, num_stages=st, angle_add=aa)
 
 
 def sweep_prefill(T, params) -> list[dict]:
@@ -503,7 +512,7 @@ def speed(args) -> dict:
     res: dict = dict(baseline=base_name, prefill=[], decode=[], sweep=[], decode_sweep=[])
     lengths = [int(x) for x in args.lengths.split(",")]
     pre_cfg = (args.block_m, 64, 8, 2, True, True)
-    dec_cfg = gqa_cfg = DECODE_CONFIGS[0]  # GQA rows run the per-head kernel (heads = 0)
+    dec_cfg = DECODE_CONFIGS[0]
     if not args.skip_sweep:
         if args.sweep_len:
             res["sweep"] = sweep_prefill(args.sweep_len, params)
@@ -517,12 +526,9 @@ def speed(args) -> dict:
         longest = [r for r in res["decode_sweep"] if r["S"] == top]
         if longest:
             dec_cfg = tuple(min(longest, key=lambda r: r["ms"])["cfg"])
-            per_head = [r for r in longest if r["cfg"][4] == 0]
-            gqa_cfg = tuple(min(per_head, key=lambda r: r["ms"])["cfg"]) if per_head else gqa_cfg
         torch.cuda.empty_cache()
     res["prefill_cfg"], res["decode_cfg"] = list(pre_cfg), list(dec_cfg)
-    res["decode_cfg_gqa"] = list(gqa_cfg)
-    log(f"prefill config {pre_cfg}, decode config {dec_cfg} (GQA: {gqa_cfg})")
+    log(f"prefill config {pre_cfg}, decode config {dec_cfg}")
     for Hkv in (H, H // 4):
         for T in lengths if Hkv == H else lengths[1:]:
             try:
@@ -533,8 +539,7 @@ def speed(args) -> dict:
             torch.cuda.empty_cache()
         for S in lengths if Hkv == H else lengths[1:]:
             try:
-                cfg = dec_cfg if Hkv == H else gqa_cfg
-                row = speed_decode(S, Hkv, cfg, params, fa_varlen if Hkv == H else None)
+                row = speed_decode(S, Hkv, dec_cfg, params, fa_varlen if Hkv == H else None)
                 res["decode"].append(row)
             except Exception as e:  # noqa: BLE001
                 log(f"decode {S}: {type(e).__name__}: {e}")
@@ -565,7 +570,7 @@ def speed_decode(S, Hkv, cfg, params, fa_varlen) -> dict:
     pb = speed_problem(S, S - 1, D, H, page, params, 1, seed=11, Hkv=Hkv)
     out = torch.empty_like(pb["query"])
     rows = []
-    for sp in sorted({tm.decode_num_splits(S, 1, Hkv, heads_per_program=cfg[4]), *DECODE_SPLITS}):
+    for sp in sorted({tm.decode_num_splits(S, 1, Hkv), *DECODE_SPLITS}):
         fn = lambda sp=sp: run(pb, sp, out=out, dec_kw=_dec_kw(cfg))  # noqa: E731
         rows.append((bench_ms(fn, graph=True), sp))
     ms, splits = min(rows)
@@ -622,7 +627,7 @@ def markdown(check_rows, sp) -> str:
             "Decode configs (ms, CUDA graph; a split reads at least 256 keys, idle splits"
             " return at once):",
             "",
-            "| S | BLOCK_N, warps, stages, angle add, heads/program | "
+            "| S | BLOCK_N, warps, stages, angle add | "
             + " | ".join(f"{n} splits" for n in DECODE_SPLITS)
             + " |",
             "|---|---|" + "---|" * len(DECODE_SPLITS),
@@ -657,8 +662,7 @@ def markdown(check_rows, sp) -> str:
     lines += [
         "",
         f"Decode of one token, one layer-call (CUDA graph replay), config "
-        f"{sp['decode_cfg']} (8 KV heads: {sp.get('decode_cfg_gqa', sp['decode_cfg'])}), "
-        f"best split count; baseline {b} "
+        f"{sp['decode_cfg']}, best split count; baseline {b} "
         f"({'paged cache, block 16' if b.startswith('FA3') else 'contiguous KV'}).",
         "",
         f"| S | KV heads | Mesa ms | splits | Mesa KV TB/s | {b} ms | {b} KV TB/s |",

@@ -209,12 +209,8 @@ def lab_length(S, D, H, page, params, fa) -> list[dict]:
     """Production kernel, FA3 and every LAB config at context S (best of SPLITS each)."""
     pb = bk.speed_problem(S, S - 1, D, H, page, params, 1, seed=11)
     ref = torch.empty_like(pb["query"])
-    per_head = dict(heads_per_program=0)
-    bk.run(pb, 64, out=ref, dec_kw=per_head)
-    prod = min(
-        bk.bench_ms(lambda sp=sp: bk.run(pb, sp, out=ref, dec_kw=per_head), graph=True)
-        for sp in SPLITS
-    )
+    bk.run(pb, 64, out=ref)
+    prod = min(bk.bench_ms(lambda sp=sp: bk.run(pb, sp, out=ref), graph=True) for sp in SPLITS)
     base = bk.bench_ms(bk.baseline_decode(fa, S, H, D), graph=True) if fa else float("nan")
     print(f"S={S}: production {prod:.4f} ms, FA3 {base:.4f} ms", flush=True)
     rows = [dict(S=S, cfg="production", ms=prod, fa3_ms=base)]

@@ -208,15 +208,9 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
         num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
         self.kernel = resolve_kernel(torch.device(device).type)
         if self.kernel == "triton":
-            from mesa_vllm.ops.triton_mesa import (
-                PE_CODES,
-                decode_heads_per_program,
-                default_block_q,
-            )
+            from mesa_vllm.ops.triton_mesa import default_block_q
 
-            G = num_heads // self.num_kv_heads
-            self.block_q = default_block_q(G)
-            self.decode_heads = decode_heads_per_program(G, PE_CODES.get(self.params.pe, 0))
+            self.block_q = default_block_q(num_heads // self.num_kv_heads)
         self.max_model_len = vllm_config.model_config.max_model_len
         # padded CUDA-graph batches can hold more requests than max_num_seqs
         self.max_num_reqs = max(
@@ -283,7 +277,11 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
     def _triton_metadata(
         self, cm: CommonAttentionMetadata, entries, max_seq_len: int, padded, qsl
     ) -> MesaMetadata:
-        from mesa_vllm.ops.triton_mesa import build_segment_table, split_prefill_decode
+        from mesa_vllm.ops.triton_mesa import (
+            build_segment_table,
+            decode_num_splits,
+            split_prefill_decode,
+        )
 
         device = cm.block_table_tensor.device
         pre, dec = split_prefill_decode(entries)
@@ -296,7 +294,7 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
                 md.fresh = fresh_prefill(spans, self.fa_version, device)
             if pre:
                 md.prefill_table = build_segment_table(pre, self.params, self.block_q, device)
-            md.num_splits = self._num_splits(int(max_seq_len), len(dec))
+            md.num_splits = decode_num_splits(int(max_seq_len), len(dec), self.num_kv_heads)
             if dec:
                 md.decode_table = build_segment_table(dec, self.params, 1, device)
             return md
@@ -311,15 +309,8 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
             dec.append((r, first_pad_row + i, Segment("causal", 0, 1)))
         table = build_segment_table(dec, self.params, 1, device)
         md.decode_table = self._persistent(table, len(dec))
-        md.num_splits = self._num_splits(self.max_model_len, len(dec))
+        md.num_splits = decode_num_splits(self.max_model_len, len(dec), self.num_kv_heads)
         return md
-
-    def _num_splits(self, max_seq_len: int, num_rows: int) -> int:
-        from mesa_vllm.ops.triton_mesa import decode_num_splits
-
-        return decode_num_splits(
-            max_seq_len, num_rows, self.num_kv_heads, heads_per_program=self.decode_heads
-        )
 
     def _persistent(self, table, n: int):
         """The table with every per-segment tensor [n] moved into a persistent buffer (same

@@ -13,7 +13,11 @@ per tile and to keys as they are loaded, neox style, on the first ``rotary_dim``
 heads of a KV head packed into the tile's rows; a tile reads only its key list (first chunk +
 own chunk for middle segments: O(T (F + C)) work).  ``mesa_decode`` is split-KV
 flash-decoding for single-query segments, with a reduction kernel; it does no host sync and
-its launch shapes depend only on host ints, so it can be captured in a CUDA graph.
+its launch shapes depend only on host ints, so it can be captured in a CUDA graph.  Its
+stair keys below the anchor (nearly all keys of a long context) are not turned at all: a
+key block spans a few stair positions, so the tile's rows hold the query turned once per
+position (relative angle) and each row scores only the keys at its position
+(``_stair_block``); the other keys are turned as they are loaded.
 
 Weave segments (docs/VARIANTS.md: rerope, leaky_rerope, self_extend, streaming,
 lm_infinite) read the keys [0, p] (sinks [0, S) and the window (p - W, p] for the windowed
@@ -55,8 +59,8 @@ _TWO_PI_B = tl.constexpr(_C2)
 _TWO_PI_C = tl.constexpr(2 * math.pi - _C1 - _C2)
 _INV_TWO_PI = tl.constexpr(1.0 / (2 * math.pi))
 _NEG_BIG = tl.constexpr(-1.0e30)
-DECODE_HEADS = 4  # heads per program of _decode_heads_kernel (H200 sweep, kernels_h200.md)
-_HEADS_META = ("HALF", "BLOCK_HALF", "REST", "BLOCK_REST", "HEAD", "BLOCK_D", "PAGE")
+# Stair positions per decode tile at least (BLOCK_N 64 keys span <= 4 positions for E >= 22)
+DECODE_STAIR_ROWS = 4
 
 
 def _interpreting() -> bool:
@@ -177,21 +181,6 @@ def default_block_q(num_queries_per_kv: int, block_m: int = 128) -> int:
     return max(1, block_m // num_queries_per_kv)
 
 
-def decode_heads_per_program(num_queries_per_kv: int, pe: int, requested: int | None = None):
-    """Heads per decode program: HG > 0 for ``_decode_heads_kernel`` (one query head per KV
-    head, stair engines), 0 for the per-head ``_decode_kernel``.  ``requested`` (None: the
-    default, DECODE_HEADS where the heads kernel applies) is checked."""
-    fits = num_queries_per_kv == 1 and pe == 0
-    if requested is None:
-        return DECODE_HEADS if fits else 0
-    if requested and (not fits or requested & (requested - 1)):
-        raise ValueError(
-            f"heads_per_program={requested}: needs a power of two, one query head per KV head "
-            f"(got {num_queries_per_kv}) and a stair engine (PE 0, got {pe})"
-        )
-    return requested
-
-
 def decode_num_splits(
     max_seq_len: int,
     num_rows: int,
@@ -200,17 +189,14 @@ def decode_num_splits(
     keys_per_split: int = 1024,
     min_keys: int = 256,
     max_splits: int = 128,
-    heads_per_program: int = 0,
 ) -> int:
     """Split-KV count from host ints only (CUDA graphs: pass the captured batch size and
     max_model_len).  At least ~``target_programs`` programs and one split per
-    ``keys_per_split`` keys, never under ``min_keys`` keys per split, at most ``max_splits``;
-    heads_per_program > 0 (the heads kernel) makes one program per that many KV heads.
+    ``keys_per_split`` keys, never under ``min_keys`` keys per split, at most ``max_splits``.
     Fitted on an H200 (benchmarks/kernels_h200.md): 32 KV heads, 1 row: 16 / 32 / 128 splits
     at 4k / 32k / 128k; 8 KV heads: 128 at 32k and 128k."""
-    head_programs = -(-num_kv_heads // heads_per_program) if heads_per_program else num_kv_heads
     want = max(
-        -(-target_programs // max(1, num_rows * head_programs)), -(-max_seq_len // keys_per_split)
+        -(-target_programs // max(1, num_rows * num_kv_heads)), -(-max_seq_len // keys_per_split)
     )
     return int(max(1, min(want, -(-max_seq_len // min_keys), max_splits)))
 
@@ -345,34 +331,52 @@ def _angle_table(inv, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr,
 
 
 @triton.jit
-def _load_query(
-    Q, rows_q, head, row_ok, p, qpos, is_stair, inv, s_qn, s_qh, qk_scale, inv_log_L,
+def _scaled_query(
+    Q, rows_q, head, row_ok, p, is_stair, s_qn, s_qh, qk_scale, inv_log_L,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
-    BLOCK_REST: tl.constexpr, LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    BLOCK_REST: tl.constexpr, LOG_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """Rotated, scaled query rows: q1, q2 [M, BLOCK_HALF], q3 [M, BLOCK_REST] in DOT_DTYPE.
+    """Scaled, unturned query rows: q1, q2 fp32 [M, BLOCK_HALF], q3 [M, BLOCK_REST] DOT_DTYPE.
 
-    rows_q int32 [M] rows of Q, head int32 [M], p int32 [M] absolute index, qpos [M] rebased
-    position; the scale is qk_scale (softmax scale * log2 e) times log-n for stair rows."""
+    rows_q int32 [M] rows of Q, head int32 [M], p int32 [M] absolute index; the scale is
+    qk_scale (softmax scale * log2 e) times log-n for stair rows."""
     dh = tl.arange(0, BLOCK_HALF)
     q_row = Q + rows_q.to(tl.int64) * s_qn + head * s_qh
     hm = _mask2(row_ok, dh, HALF, BLOCK_HALF)
     q1 = tl.load(q_row[:, None] + dh[None, :], mask=hm, other=0.0).to(tl.float32)
     q2 = tl.load(q_row[:, None] + HALF + dh[None, :], mask=hm, other=0.0).to(tl.float32)
-    cq, sq = _cos_sin(qpos, inv, FAST_TRIG)
     sc = tl.zeros_like(p.to(tl.float32)) + qk_scale
     if LOG_N:
         ln = tl.log((p + 1).to(tl.float32)) * inv_log_L
         sc = tl.where(is_stair, tl.maximum(ln, 1.0), 1.0) * qk_scale
-    q1r = ((q1 * cq - q2 * sq) * sc[:, None]).to(DOT_DTYPE)
-    q2r = ((q2 * cq + q1 * sq) * sc[:, None]).to(DOT_DTYPE)
     q3 = tl.zeros([q1.shape[0], BLOCK_REST], dtype=DOT_DTYPE)
     if REST > 0:
         dr = tl.arange(0, BLOCK_REST)
         q3 = tl.load(q_row[:, None] + 2 * HALF + dr[None, :],
                      mask=_mask2(row_ok, dr, REST, BLOCK_REST), other=0.0).to(tl.float32)
         q3 = (q3 * sc[:, None]).to(DOT_DTYPE)
+    return q1 * sc[:, None], q2 * sc[:, None], q3
+
+
+@triton.jit
+def _turn(x1, x2, pos, inv, FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Rows x1, x2 fp32 [R, BLOCK_HALF] turned (neox) by angle pos [R] * inv_freq, cast."""
+    c, s = _cos_sin(pos, inv, FAST_TRIG)
+    return (x1 * c - x2 * s).to(DOT_DTYPE), (x2 * c + x1 * s).to(DOT_DTYPE)
+
+
+@triton.jit
+def _load_query(
+    Q, rows_q, head, row_ok, p, qpos, is_stair, inv, s_qn, s_qh, qk_scale, inv_log_L,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
+    BLOCK_REST: tl.constexpr, LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    """Rotated, scaled query rows: q1, q2 [M, BLOCK_HALF], q3 [M, BLOCK_REST] in DOT_DTYPE;
+    ``_scaled_query`` turned by qpos [M] (rebased position)."""
+    q1, q2, q3 = _scaled_query(Q, rows_q, head, row_ok, p, is_stair, s_qn, s_qh, qk_scale,
+                               inv_log_L, HALF, BLOCK_HALF, REST, BLOCK_REST, LOG_N, DOT_DTYPE)
+    q1r, q2r = _turn(q1, q2, qpos, inv, FAST_TRIG, DOT_DTYPE)
     return q1r, q2r, q3
 
 
@@ -668,17 +672,74 @@ def _store_split(M_WS, L_WS, ACC_WS, idx, m_i, l_i, acc, row_ok, BLOCK_D: tl.con
 
 
 @triton.jit
+def _stair_block(
+    acc, l_i, m_i, q1, q2, q3, v_r, t0, d0, K, V, BT, req, A, E, hkv, inv,
+    s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
+    BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, FAST_TRIG: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Decode over the stair keys [t0, t0 + BLOCK_N), all below the anchor, keys unturned.
+
+    The block's keys sit at the stair positions pos(t0) + v, v < V_max (a few: E keys share
+    a position).  <R(a) q, R(b) k> = <R(a - b) q, k>, so tile row r holds the query turned
+    by d0 - v_r (d0 = query position - pos(t0)) and scores only the keys at pos(t0) + v_r.
+    Each row is its own online-softmax stream; the caller merges a head's rows at the end.
+    q1/q2 fp32 [M, BLOCK_HALF] scaled, unturned; q3 [M, BLOCK_REST]; v_r int32 [M].  The
+    keys go to the tensor cores as loaded: no per-key trig, no turned copy of the keys.
+    """
+    t = t0 + tl.arange(0, BLOCK_N)
+    dh = tl.arange(0, BLOCK_HALF)
+    dd = tl.arange(0, BLOCK_D)
+    whole = t >= t0  # every key of the block is in the list
+    page = tl.load(BT + req * s_bt + t // PAGE).to(tl.int64)
+    slot = (t % PAGE).to(tl.int64)
+    k_row = K + page * s_kb + slot * s_kt + hkv * s_kh
+    hm = _mask2(whole, dh, HALF, BLOCK_HALF)
+    k1 = tl.load(k_row[:, None] + dh[None, :], mask=hm, other=0.0).to(DOT_DTYPE)
+    k2 = tl.load(k_row[:, None] + HALF + dh[None, :], mask=hm, other=0.0).to(DOT_DTYPE)
+    q1r, q2r = _turn(q1, q2, d0 - v_r, inv, FAST_TRIG, DOT_DTYPE)
+    qk = tl.zeros([q1.shape[0], BLOCK_N], dtype=tl.float32)
+    qk = _dot(q1r, tl.trans(k1), qk, UPCAST, PREC)
+    qk = _dot(q2r, tl.trans(k2), qk, UPCAST, PREC)
+    if REST > 0:
+        dr = tl.arange(0, BLOCK_REST)
+        k3 = tl.load(k_row[:, None] + 2 * HALF + dr[None, :],
+                     mask=_mask2(whole, dr, REST, BLOCK_REST), other=0.0)
+        qk = _dot(q3, tl.trans(k3.to(DOT_DTYPE)), qk, UPCAST, PREC)
+    v_k = _stair(t, A, E) - _stair(t0, A, E)
+    qk = tl.where(v_r[:, None] == v_k[None, :], qk, float("-inf"))
+    v_row = V + page * s_vb + slot * s_vt + hkv * s_vh
+    return _online_softmax(acc, l_i, m_i, qk, v_row, whole, dd, HEAD, BLOCK_D, DOT_DTYPE, PREC,
+                           UPCAST)
+
+
+@triton.jit
+def _merge_rows(m_i, l_i, acc, NV: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the NV softmax streams of each head (rows r = v * G_PAD + g) into one per head:
+    m, l [G_PAD], acc [G_PAD, BLOCK_D]."""
+    m3 = tl.reshape(m_i, [NV, G_PAD])
+    m = tl.max(m3, 0)
+    w = tl.exp2(m3 - m[None, :])
+    l_h = tl.sum(tl.reshape(l_i, [NV, G_PAD]) * w, 0)
+    acc_h = tl.sum(tl.reshape(acc, [NV, G_PAD, BLOCK_D]) * w[:, :, None], 0)
+    return m, l_h, acc_h
+
+
+@triton.jit
 def _decode_kernel(
     Q, K, V, BT, M_WS, L_WS, ACC_WS,
     SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_REQ, INV_FREQ,
     qk_scale, inv_log_L, F, E, W, SINK, LEAKY, FAR_C, GROUP, num_splits, min_split,
     s_qn, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, NV: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
     BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr, PE: tl.constexpr,
 ):
+    """Split-KV decode, program (segment, KV head, split); BLOCK_G = G_PAD * NV tile rows."""
     seg = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
@@ -711,16 +772,35 @@ def _decode_kernel(
         lo = split * per_split
         if lo < n_keys:
             hi = tl.minimum(lo + per_split, n_keys)
-            q1, q2, q3 = _load_query(Q, q_lo + rows * 0, head, row_ok, p, qpos, kind == 2, inv,
-                                     s_qn, s_qh, qk_scale, inv_log_L, HALF, BLOCK_HALF, REST,
-                                     BLOCK_REST, LOG_N, FAST_TRIG, DOT_DTYPE)
-            for t0 in range(lo, hi, BLOCK_N):
+            # Tile row r = v * G_PAD + g: head g, and in stair blocks the v-th stair position
+            # of the block (_stair_block); in the other blocks only rows v = 0 see keys.
+            g_r = rows % G_PAD
+            v_r = rows // G_PAD
+            q1, q2, q3 = _scaled_query(Q, q_lo + rows * 0, hkv * G + g_r, g_r < G, p, kind == 2,
+                                       s_qn, s_qh, qk_scale, inv_log_L, HALF, BLOCK_HALF, REST,
+                                       BLOCK_REST, LOG_N, DOT_DTYPE)
+            # Whole key blocks below the anchor, while a block spans at most NV stair positions
+            few = (kind == 2) & ((BLOCK_N - 1) // E + 2 <= NV)
+            n_stair = tl.where(few, tl.maximum(tl.minimum(A, hi) - lo, 0) // BLOCK_N, 0)
+            stair_end = lo + n_stair * BLOCK_N
+            q_stair = _stair(p_abs, A, E)
+            for t0 in range(lo, stair_end, BLOCK_N):
+                acc, l_i, m_i = _stair_block(
+                    acc, l_i, m_i, q1, q2, q3, v_r, t0, q_stair - _stair(t0, A, E), K, V, BT,
+                    req, A, E, hkv, inv, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF,
+                    BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, FAST_TRIG,
+                    DOT_DTYPE, PREC, UPCAST)
+            q1r, q2r = _turn(q1, q2, qpos, inv, FAST_TRIG, DOT_DTYPE)
+            for t0 in range(stair_end, hi, BLOCK_N):
                 acc, l_i, m_i = _attend_block(
-                    acc, l_i, m_i, q1, q2, q3, qt, t0, hi, K, V, BT, req, kind, F, s, A, E,
-                    base, hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF,
-                    BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, True, FAST_TRIG,
-                    DOT_DTYPE, PREC, UPCAST, ANGLE_ADD)
-            _store_split(M_WS, L_WS, ACC_WS, idx, m_i, l_i, acc, row_ok, BLOCK_D)
+                    acc, l_i, m_i, q1r, q2r, q3, tl.where(v_r == 0, qt, -1), t0, hi, K, V, BT,
+                    req, kind, F, s, A, E, base, hkv, inv, ci, si, s_kb, s_kt, s_kh, s_vb, s_vt,
+                    s_vh, s_bt, HALF, BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N,
+                    True, FAST_TRIG, DOT_DTYPE, PREC, UPCAST, ANGLE_ADD)
+            m_h, l_h, acc_h = _merge_rows(m_i, l_i, acc, NV, G_PAD, BLOCK_D)
+            g = tl.arange(0, G_PAD)
+            idx_h = (seg * (G * tl.num_programs(1)) + hkv * G + g) * num_splits + split
+            _store_split(M_WS, L_WS, ACC_WS, idx_h, m_h, l_h, acc_h, g < G, BLOCK_D)
     else:
         # Weave: the key list is the far keys [0, fe_l), then the near keys from j = fe_j
         # on (list index t -> key t + shift); windowed, the far keys are the sinks.
@@ -766,100 +846,6 @@ def _decode_kernel(
                     BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, True, FAST_TRIG,
                     DOT_DTYPE, PREC, UPCAST, ANGLE_ADD)
         _store_split(M_WS, L_WS, ACC_WS, idx, m_i, l_i, acc, row_ok, BLOCK_D)
-
-
-@triton.jit
-def _mask3(h_ok, kmask, cols, N: tl.constexpr, BLOCK: tl.constexpr):
-    """[HG, BLOCK_N, BLOCK] load mask: head rows h_ok [HG], keys kmask [BLOCK_N], cols < N."""
-    hk = (h_ok[:, None] & kmask[None, :])[:, :, None]
-    if N == BLOCK:
-        return tl.broadcast_to(hk, (h_ok.shape[0], kmask.shape[0], BLOCK))
-    return hk & (cols < N)[None, None, :]
-
-
-@triton.jit
-def _decode_heads_kernel(
-    Q, K, V, BT, M_WS, L_WS, ACC_WS,
-    SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_REQ, INV_FREQ,
-    qk_scale, inv_log_L, F, E, num_splits, min_split,
-    s_qn, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
-    HKV: tl.constexpr, HG: tl.constexpr, BLOCK_N: tl.constexpr,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
-    BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-    LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr,
-):
-    """Split-KV Mesa decode for one query head per KV head (G = 1), HG heads per program.
-
-    Program (segment, head group, split).  All heads of a request see the same key
-    positions, so a key block's block-table lookups, positions and cos/sin [BLOCK_N,
-    BLOCK_HALF] are computed once for HG heads (the per-head kernel does them per head).
-    Scores and the value sum are elementwise products and reductions over [HG, BLOCK_N, D]
-    (a one-row tl.dot would waste 15 of its 16 rows).  Writes the same workspace as
-    ``_decode_kernel`` (row (segment, head, split)) for ``_decode_reduce_kernel``.
-    """
-    seg = tl.program_id(0)
-    split = tl.program_id(2)
-    kind = tl.load(SEG_KIND + seg)
-    p_abs = tl.load(SEG_QABS + seg)
-    s = tl.load(SEG_CHUNK + seg)
-    n_keys = _mesa_n_keys(kind, p_abs, F, s)
-    per_split = _split_len(n_keys, num_splits, min_split, BLOCK_N)
-    lo = split * per_split
-    if lo < n_keys:  # idle splits (short sequences in a max_model_len grid) do nothing
-        hi = tl.minimum(lo + per_split, n_keys)
-        q_lo = tl.load(SEG_QLO + seg)
-        A = tl.load(SEG_ANCHOR + seg)
-        req = tl.load(SEG_REQ + seg)
-        heads = tl.program_id(1) * HG + tl.arange(0, HG)
-        h_ok = heads < HKV
-        p = tl.zeros([HG], dtype=tl.int32) + p_abs
-        base = tl.where(kind == 2, A - 1 - tl.maximum(A - 1, 0) // E, 0)
-        qpos = tl.where(kind == 2, _stair(p, A, E), tl.where(kind == 1, F + p - s, p)) - base
-        dh = tl.arange(0, BLOCK_HALF)
-        dd = tl.arange(0, BLOCK_D)
-        inv = tl.load(INV_FREQ + dh, mask=dh < HALF, other=0.0)
-        q1, q2, q3 = _load_query(Q, q_lo + p * 0, heads, h_ok, p, qpos, kind == 2, inv, s_qn,
-                                 s_qh, qk_scale, inv_log_L, HALF, BLOCK_HALF, REST, BLOCK_REST,
-                                 LOG_N, FAST_TRIG, tl.float32)
-        q1 = q1[:, None, :]
-        q2 = q2[:, None, :]
-        k_head = (heads * s_kh)[:, None, None]
-        v_head = (heads * s_vh)[:, None, None]
-        m_i = tl.zeros([HG], dtype=tl.float32) + _NEG_BIG
-        l_i = tl.zeros([HG], dtype=tl.float32)
-        acc = tl.zeros([HG, BLOCK_D], dtype=tl.float32)
-        for t0 in range(lo, hi, BLOCK_N):
-            t = t0 + tl.arange(0, BLOCK_N)
-            kmask = t < hi
-            j = tl.where((kind == 1) & (t >= F), s + t - F, t)
-            page = tl.load(BT + req * s_bt + j // PAGE, mask=kmask, other=0).to(tl.int64)
-            slot = (j % PAGE).to(tl.int64)
-            k_row = K + (page * s_kb + slot * s_kt)[None, :, None] + k_head  # [HG, BLOCK_N, 1]
-            k_ptr = k_row + dh[None, None, :]
-            hm = _mask3(h_ok, kmask, dh, HALF, BLOCK_HALF)
-            k1 = tl.load(k_ptr, mask=hm, other=0.0).to(tl.float32)
-            k2 = tl.load(k_ptr + HALF, mask=hm, other=0.0).to(tl.float32)
-            c, sn = _cos_sin(tl.where(kind == 2, _stair(t, A, E), t) - base, inv, FAST_TRIG)
-            c = c[None, :, :]
-            sn = sn[None, :, :]
-            # q . R(pos) k = k1 . (q1 c + q2 s) + k2 . (q2 c - q1 s), per frequency
-            qk = tl.sum(k1 * (q1 * c + q2 * sn) + k2 * (q2 * c - q1 * sn), 2)
-            if REST > 0:
-                dr = tl.arange(0, BLOCK_REST)
-                k3 = tl.load(k_row + 2 * HALF + dr[None, None, :],
-                             mask=_mask3(h_ok, kmask, dr, REST, BLOCK_REST), other=0.0)
-                qk += tl.sum(k3.to(tl.float32) * q3[:, None, :], 2)
-            qk = tl.where(kmask[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            pr = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(pr, 1)
-            v_ptr = V + (page * s_vb + slot * s_vt)[None, :, None] + v_head + dd[None, None, :]
-            v = tl.load(v_ptr, mask=_mask3(h_ok, kmask, dd, HEAD, BLOCK_D), other=0.0)
-            acc = acc * alpha[:, None] + tl.sum(pr[:, :, None] * v.to(tl.float32), 1)
-            m_i = m_new
-        idx = (seg * HKV + heads) * num_splits + split  # [rows, Hq, splits], Hq = HKV
-        _store_split(M_WS, L_WS, ACC_WS, idx, m_i, l_i, acc, h_ok, BLOCK_D)
 
 
 @triton.jit
@@ -1016,7 +1002,6 @@ def mesa_decode(
     fast_trig: bool | None = None,
     angle_add: bool = False,
     min_split_keys: int | None = None,
-    heads_per_program: int | None = None,
 ) -> torch.Tensor:
     """Split-KV decode: every segment of ``table`` must hold exactly one query.
 
@@ -1026,16 +1011,13 @@ def mesa_decode(
     keeps few splits busy; the idle ones (Mesa segments) return at once.  workspace: (m, l
     fp32 [num_segments * Hq * num_splits], acc fp32 [num_segments * Hq * num_splits,
     BLOCK_D]) or None to allocate.  No host sync, grid from host ints: CUDA-graph safe when
-    ``table`` and ``workspace`` live in persistent buffers.  heads_per_program: HG > 0 runs
-    ``_decode_heads_kernel`` (G = 1 and a stair engine only; HG a power of two), 0 the
-    per-head kernel, None the default of ``decode_heads_per_program``.  Returns ``output``.
+    ``table`` and ``workspace`` live in persistent buffers.  Returns ``output``.
     """
     n_seg = table.num_segments
     if n_seg == 0:
         return output
     meta, Hkv, interp = _common(query, key_cache, value_cache, inv_freq, rotary_dim)
     Hq = query.shape[1]
-    hg = decode_heads_per_program(meta["G"], table.pe, heads_per_program)
     if workspace is None:
         size, dev = n_seg * Hq * num_splits, query.device
         workspace = (
@@ -1044,31 +1026,23 @@ def mesa_decode(
             torch.empty(size, meta["BLOCK_D"], dtype=torch.float32, device=dev),
         )
     if block_n is None:
-        block_n = 16 if interp or hg else (32 if query.dtype == torch.float32 else 64)
+        block_n = 16 if interp else (32 if query.dtype == torch.float32 else 64)
     if min_split_keys is None:
         min_split_keys = block_n if interp else 256
     min_split = -(-min_split_keys // block_n) * block_n
+    # tile rows: the G heads (padded) x at least DECODE_STAIR_ROWS stair positions
+    g_pad = triton.next_power_of_2(meta["G"])
+    block_g = max(16, g_pad * DECODE_STAIR_ROWS)
     seg = (table.q_lo, table.q_abs, table.kind, table.chunk_start, table.anchor, table.req)
-    if hg:
-        _decode_heads_kernel[(n_seg, -(-Hkv // hg), num_splits)](
-            query, key_cache, value_cache, block_table, *workspace, *seg, inv_freq,
-            *_scalars(table, scale)[:4], num_splits, min_split,
-            *_strides(query, key_cache, value_cache), block_table.stride(0),
-            HKV=Hkv, HG=hg, BLOCK_N=block_n, LOG_N=table.log_n,
-            FAST_TRIG=not interp if fast_trig is None else fast_trig,
-            num_warps=num_warps or 4, num_stages=num_stages or 3,
-            **{k: v for k, v in meta.items() if k in _HEADS_META},
-        )  # fmt: skip
-    else:
-        _decode_kernel[(n_seg, Hkv, num_splits)](
-            query, key_cache, value_cache, block_table, *workspace, *seg, inv_freq,
-            *_scalars(table, scale), num_splits, min_split,
-            *_strides(query, key_cache, value_cache), block_table.stride(0),
-            BLOCK_G=max(16, triton.next_power_of_2(meta["G"])), BLOCK_N=block_n,
-            LOG_N=table.log_n, FAST_TRIG=not interp if fast_trig is None else fast_trig,
-            ANGLE_ADD=angle_add, PE=table.pe,
-            num_warps=num_warps or 4, num_stages=num_stages or 3, **meta,
-        )  # fmt: skip
+    _decode_kernel[(n_seg, Hkv, num_splits)](
+        query, key_cache, value_cache, block_table, *workspace, *seg, inv_freq,
+        *_scalars(table, scale), num_splits, min_split,
+        *_strides(query, key_cache, value_cache), block_table.stride(0),
+        G_PAD=g_pad, NV=block_g // g_pad, BLOCK_G=block_g, BLOCK_N=block_n, LOG_N=table.log_n,
+        FAST_TRIG=not interp if fast_trig is None else fast_trig, ANGLE_ADD=angle_add,
+        PE=table.pe,
+        num_warps=num_warps or 4, num_stages=num_stages or 3, **meta,
+    )  # fmt: skip
     _decode_reduce_kernel[(n_seg, Hq)](
         output, *workspace, table.q_lo, table.q_abs, table.kind, table.chunk_start,
         table.first_chunk, num_splits, min_split, output.stride(0), output.stride(1),

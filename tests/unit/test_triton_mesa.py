@@ -58,7 +58,7 @@ _CASES = [
      dict(log_n=False)),
     ("fp32-d64-g1-p32-blockq3-no-angle-add", "float32", 64, 1, 1, 32,
      [(130, 130, 0), (60, 62, 61), (200, 210, 209)],
-     dict(block_q=3, splits=5, flip_angle_add=True, heads=0)),  # G = 1, per-head kernel
+     dict(block_q=3, splits=5, flip_angle_add=True)),
     ("fp32-d32-g4-p16-decode-idle-splits", "float32", 32, 2, 4, 16,
      [(20, 50, 49), (200, 230, 229), (150, 71, 70), (5, 6, 5)], dict(splits=16, min_split=32)),
     # stair runs wider than a key block (E = 20 > 16): blocks with one or two stair
@@ -68,11 +68,15 @@ _CASES = [
      dict(E=20, splits=8, min_split=48)),
     ("fp32-d64-g2-p32-wide-stair-partial", "float32", 64, 1, 2, 32,
      [(230, 231, 230), (100, 101, 100)], dict(E=17, rotary=0.5, splits=3)),
-    # G = 1 decode runs the heads kernel: 2 heads per program over 3 KV heads (the second
-    # program's other head masked), partial rotary
-    ("fp32-d64-g1-p16-heads2-partial", "float32", 64, 3, 1, 16,
-     [(120, 121, 120), (70, 75, 74), (200, 200, 199), (20, 33, 32)],
-     dict(rotary=0.5, heads=2, splits=3)),
+    # decode tiles of G heads x NV stair positions (_stair_block): NV = 4 at its limit
+    # (E = 6: a 16-key block spans 4 positions), 8 heads (32 rows), 3 heads padded to 4
+    ("bf16-d64-g4-p16-stair-rows", "bfloat16", 64, 2, 4, 16,
+     [(256, 256, 255), (200, 240, 239), (40, 90, 89), (100, 101, 100), (20, 31, 30)],
+     dict(E=6, splits=5)),
+    ("fp32-d32-g8-p16-stair-rows", "float32", 32, 1, 8, 16,
+     [(256, 256, 255), (150, 190, 189), (33, 34, 33)], dict(E=8, splits=3)),
+    ("fp32-d64-g3-p32-stair-rows-partial", "float32", 64, 2, 3, 32,
+     [(240, 250, 249), (90, 91, 90)], dict(E=7, rotary=0.5, splits=2, min_split=48)),
     # weave-PE variants: below L, several L, chunked prefill from mid-sequence, decode rows of
     # long prompts and of short prompts grown past L, in one launch each.
     ("rerope-fp32-d32-g1-p16", "float32", 32, 2, 1, 16,
@@ -155,13 +159,6 @@ def _base_seed() -> int:
     return int(os.environ.get("MESA_TEST_SEED", int.from_bytes(os.urandom(3), "little")))
 
 
-def dec_table_pe(params) -> int:
-    """The kernels' PE code of an engine's parameters (0 for stair)."""
-    from mesa_vllm.ops import triton_mesa as tm
-
-    return tm.PE_CODES.get(params.pe, 0)
-
-
 def run_case(case: dict, seed: int) -> dict:
     """Run one case under the interpreter; returns errors, NaN count and timing."""
     import time
@@ -217,7 +214,6 @@ def run_case(case: dict, seed: int) -> dict:
             case.get("splits", 3),
             angle_add=flip,
             min_split_keys=case.get("min_split"),
-            heads_per_program=case.get("heads"),
         )
     err = (out.float() - ref).abs()
     return dict(
@@ -227,7 +223,6 @@ def run_case(case: dict, seed: int) -> dict:
         rows=query.shape[0],
         n_prefill=len(pre),
         n_decode=len(dec),
-        decode_heads=tm.decode_heads_per_program(G, dec_table_pe(params), case.get("heads")),
         kinds=sorted(
             {("pre:" if s.q_end - s.q_start > 1 else "dec:") + s.kind for *_, s in entries}
         ),
@@ -274,8 +269,6 @@ def test_kernels_match_reference(results: dict, case: dict) -> None:
     assert r["n_prefill"] + r["n_decode"] > 0
     if "pe" in case:  # the variant rule ran in both kernels
         assert {"pre:weave", "dec:weave"} <= set(r["kinds"]), r
-    elif r["n_decode"] and case["G"] == 1 and case.get("heads") != 0:
-        assert r["decode_heads"] > 0, r  # G = 1 stair decode defaults to the heads kernel
 
 
 def test_segment_table_tiles() -> None:
@@ -322,21 +315,6 @@ def test_segment_table_weave() -> None:
     )
     assert set(t.kind.tolist()) == {0, 1, 3} and t.pe == 2 and t.sink == 0
     assert t.leaky_factor == 2.5
-
-
-def test_decode_heads_per_program() -> None:
-    """The heads kernel is the default exactly for one query head per KV head in a stair
-    engine; an explicit request it cannot serve is refused, naming the reason."""
-    from mesa_vllm.ops import triton_mesa as tm
-
-    assert tm.decode_heads_per_program(1, 0) == tm.DECODE_HEADS > 0
-    assert tm.decode_heads_per_program(4, 0) == 0
-    assert tm.decode_heads_per_program(1, tm.PE_CODES["rerope"]) == 0
-    assert tm.decode_heads_per_program(1, 0, 0) == 0
-    assert tm.decode_heads_per_program(1, 0, 8) == 8
-    for g, pe, hg in ((2, 0, 4), (1, 1, 4), (1, 0, 3)):
-        with pytest.raises(ValueError, match="heads_per_program"):
-            tm.decode_heads_per_program(g, pe, hg)
 
 
 if __name__ == "__main__":
