@@ -438,9 +438,10 @@ PREFILL_CONFIGS = [  # block_m, block_n, warps, stages, fast_trig, angle_add
     (128, 32, 8, 2, True, True), (256, 64, 16, 2, True, True), (64, 32, 4, 2, True, True),
     (128, 64, 8, 2, False, True),
 ]  # fmt: skip
-DECODE_CONFIGS = [  # block_n, warps, stages, angle_add
-    (64, 4, 3, False), (32, 4, 2, False), (64, 4, 2, False), (64, 8, 3, False),
-    (128, 8, 2, False), (32, 4, 3, False),
+DECODE_CONFIGS = [  # block_n, warps, stages, angle_add, turn_query (False: every key turned)
+    (64, 4, 3, False, True), (64, 4, 3, False, False), (32, 4, 2, False, True),
+    (64, 4, 2, False, True), (64, 8, 3, False, True), (128, 8, 2, False, True),
+    (64, 4, 3, True, True), (32, 4, 2, False, False),
 ]  # fmt: skip
 DECODE_SPLITS = (16, 32, 64, 128, 256)
 
@@ -451,8 +452,8 @@ def _pre_kw(cfg) -> dict:
 
 
 def _dec_kw(cfg) -> dict:
-    bn, w, st, aa = cfg
-    return dict(block_n=bn, num_warps=w, num_stages=st, angle_add=aa)
+    bn, w, st, aa, tq = cfg
+    return dict(block_n=bn, num_warps=w, num_stages=st, angle_add=aa, turn_query=tq)
 
 
 def sweep_prefill(T, params) -> list[dict]:
@@ -627,7 +628,7 @@ def markdown(check_rows, sp) -> str:
             "Decode configs (ms, CUDA graph; a split reads at least 256 keys, idle splits"
             " return at once):",
             "",
-            "| S | BLOCK_N, warps, stages, angle add | "
+            "| S | BLOCK_N, warps, stages, angle add, turn query | "
             + " | ".join(f"{n} splits" for n in DECODE_SPLITS)
             + " |",
             "|---|---|" + "---|" * len(DECODE_SPLITS),

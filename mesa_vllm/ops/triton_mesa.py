@@ -673,7 +673,7 @@ def _store_split(M_WS, L_WS, ACC_WS, idx, m_i, l_i, acc, row_ok, BLOCK_D: tl.con
 
 @triton.jit
 def _stair_block(
-    acc, l_i, m_i, q1, q2, q3, v_r, t0, d0, K, V, BT, req, A, E, hkv, inv,
+    acc, l_i, m_i, qa, qb, q3, v_r, t0, d0, K, V, BT, req, A, E, hkv, inv,
     s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
     BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -686,7 +686,8 @@ def _stair_block(
     a position).  <R(a) q, R(b) k> = <R(a - b) q, k>, so tile row r holds the query turned
     by d0 - v_r (d0 = query position - pos(t0)) and scores only the keys at pos(t0) + v_r.
     Each row is its own online-softmax stream; the caller merges a head's rows at the end.
-    q1/q2 fp32 [M, BLOCK_HALF] scaled, unturned; q3 [M, BLOCK_REST]; v_r int32 [M].  The
+    qa/qb fp32 [M, BLOCK_HALF]: the scaled query already turned by -v_r (loop-invariant), so
+    a block costs one [BLOCK_HALF] sin/cos (of d0); q3 [M, BLOCK_REST]; v_r int32 [M].  The
     keys go to the tensor cores as loaded: no per-key trig, no turned copy of the keys.
     """
     t = t0 + tl.arange(0, BLOCK_N)
@@ -699,8 +700,8 @@ def _stair_block(
     hm = _mask2(whole, dh, HALF, BLOCK_HALF)
     k1 = tl.load(k_row[:, None] + dh[None, :], mask=hm, other=0.0).to(DOT_DTYPE)
     k2 = tl.load(k_row[:, None] + HALF + dh[None, :], mask=hm, other=0.0).to(DOT_DTYPE)
-    q1r, q2r = _turn(q1, q2, d0 - v_r, inv, FAST_TRIG, DOT_DTYPE)
-    qk = tl.zeros([q1.shape[0], BLOCK_N], dtype=tl.float32)
+    q1r, q2r = _turn(qa, qb, tl.zeros([1], dtype=tl.int32) + d0, inv, FAST_TRIG, DOT_DTYPE)
+    qk = tl.zeros([qa.shape[0], BLOCK_N], dtype=tl.float32)
     qk = _dot(q1r, tl.trans(k1), qk, UPCAST, PREC)
     qk = _dot(q2r, tl.trans(k2), qk, UPCAST, PREC)
     if REST > 0:
@@ -737,9 +738,10 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
     BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr, PE: tl.constexpr,
+    UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr, PE: tl.constexpr, TURN_QUERY: tl.constexpr,
 ):
-    """Split-KV decode, program (segment, KV head, split); BLOCK_G = G_PAD * NV tile rows."""
+    """Split-KV decode, program (segment, KV head, split); BLOCK_G = G_PAD * NV tile rows;
+    TURN_QUERY: stair blocks by ``_stair_block`` (else every key is turned as loaded)."""
     seg = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
@@ -779,17 +781,20 @@ def _decode_kernel(
             q1, q2, q3 = _scaled_query(Q, q_lo + rows * 0, hkv * G + g_r, g_r < G, p, kind == 2,
                                        s_qn, s_qh, qk_scale, inv_log_L, HALF, BLOCK_HALF, REST,
                                        BLOCK_REST, LOG_N, DOT_DTYPE)
-            # Whole key blocks below the anchor, while a block spans at most NV stair positions
-            few = (kind == 2) & ((BLOCK_N - 1) // E + 2 <= NV)
-            n_stair = tl.where(few, tl.maximum(tl.minimum(A, hi) - lo, 0) // BLOCK_N, 0)
-            stair_end = lo + n_stair * BLOCK_N
-            q_stair = _stair(p_abs, A, E)
-            for t0 in range(lo, stair_end, BLOCK_N):
-                acc, l_i, m_i = _stair_block(
-                    acc, l_i, m_i, q1, q2, q3, v_r, t0, q_stair - _stair(t0, A, E), K, V, BT,
-                    req, A, E, hkv, inv, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF,
-                    BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, FAST_TRIG,
-                    DOT_DTYPE, PREC, UPCAST)
+            stair_end = lo
+            if TURN_QUERY:
+                # Whole key blocks below the anchor, while a block spans <= NV stair positions
+                few = (kind == 2) & ((BLOCK_N - 1) // E + 2 <= NV)
+                n_stair = tl.where(few, tl.maximum(tl.minimum(A, hi) - lo, 0) // BLOCK_N, 0)
+                stair_end = lo + n_stair * BLOCK_N
+                q_stair = _stair(p_abs, A, E)
+                qa, qb = _turn(q1, q2, -v_r, inv, FAST_TRIG, tl.float32)
+                for t0 in range(lo, stair_end, BLOCK_N):
+                    acc, l_i, m_i = _stair_block(
+                        acc, l_i, m_i, qa, qb, q3, v_r, t0, q_stair - _stair(t0, A, E), K, V,
+                        BT, req, A, E, hkv, inv, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF,
+                        BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, FAST_TRIG,
+                        DOT_DTYPE, PREC, UPCAST)
             q1r, q2r = _turn(q1, q2, qpos, inv, FAST_TRIG, DOT_DTYPE)
             for t0 in range(stair_end, hi, BLOCK_N):
                 acc, l_i, m_i = _attend_block(
@@ -1002,6 +1007,7 @@ def mesa_decode(
     fast_trig: bool | None = None,
     angle_add: bool = False,
     min_split_keys: int | None = None,
+    turn_query: bool = True,
 ) -> torch.Tensor:
     """Split-KV decode: every segment of ``table`` must hold exactly one query.
 
@@ -1010,8 +1016,10 @@ def mesa_decode(
     key block under the interpreter), so a short sequence in a grid sized for max_model_len
     keeps few splits busy; the idle ones (Mesa segments) return at once.  workspace: (m, l
     fp32 [num_segments * Hq * num_splits], acc fp32 [num_segments * Hq * num_splits,
-    BLOCK_D]) or None to allocate.  No host sync, grid from host ints: CUDA-graph safe when
-    ``table`` and ``workspace`` live in persistent buffers.  Returns ``output``.
+    BLOCK_D]) or None to allocate.  turn_query: stair keys below the anchor are scored with
+    the query turned per stair position (``_stair_block``); False turns every key instead.
+    No host sync, grid from host ints: CUDA-graph safe when ``table`` and ``workspace`` live
+    in persistent buffers.  Returns ``output``.
     """
     n_seg = table.num_segments
     if n_seg == 0:
@@ -1040,7 +1048,7 @@ def mesa_decode(
         *_strides(query, key_cache, value_cache), block_table.stride(0),
         G_PAD=g_pad, NV=block_g // g_pad, BLOCK_G=block_g, BLOCK_N=block_n, LOG_N=table.log_n,
         FAST_TRIG=not interp if fast_trig is None else fast_trig, ANGLE_ADD=angle_add,
-        PE=table.pe,
+        PE=table.pe, TURN_QUERY=turn_query,
         num_warps=num_warps or 4, num_stages=num_stages or 3, **meta,
     )  # fmt: skip
     _decode_reduce_kernel[(n_seg, Hq)](

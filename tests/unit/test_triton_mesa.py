@@ -52,8 +52,8 @@ _CASES = [
      dict(splits=4)),
     ("bf16-d64-g4-p32-chunked", "bfloat16", 64, 2, 4, 32,
      [(200, 140, 100), (96, 96, 33), (100, 120, 119)], dict(splits=2)),
-    ("fp16-d32-g1-p32-chunked", "float16", 32, 2, 1, 32,
-     [(180, 180, 150), (64, 80, 70), (33, 34, 33)], {}),
+    ("fp16-d32-g1-p32-chunked-keys-turned", "float16", 32, 2, 1, 32,
+     [(180, 180, 150), (64, 80, 70), (33, 34, 33)], dict(turn_query=False)),
     ("fp32-d32-g3-p16-nolog", "float32", 32, 2, 3, 16, [(100, 100, 0), (90, 95, 94)],
      dict(log_n=False)),
     ("fp32-d64-g1-p32-blockq3-no-angle-add", "float32", 64, 1, 1, 32,
@@ -214,6 +214,7 @@ def run_case(case: dict, seed: int) -> dict:
             case.get("splits", 3),
             angle_add=flip,
             min_split_keys=case.get("min_split"),
+            turn_query=case.get("turn_query", True),
         )
     err = (out.float() - ref).abs()
     return dict(
