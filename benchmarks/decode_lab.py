@@ -1,18 +1,21 @@
 """Decode-kernel lab on the GPU: where does the Mesa decode kernel lose to FA3?
 
-Runs experimental copies of the per-head split-KV decode kernel (``_decode_kernel`` of
-``mesa_vllm/ops/triton_mesa.py``, stair engines) on the Llama-2-7B decode shape of
-``bench_kernels.py`` (32 x 128 MHA, bf16, cache block 16, one token at S - 1), timed as
-CUDA-graph replays, next to the production kernel and FA3's paged decode:
+Runs experimental copies of session 3's stair decode loop (every key turned as loaded) on
+the Llama-2-7B decode shape of ``bench_kernels.py`` (32 x 128 MHA, bf16, cache block 16, one
+token at S - 1), timed as CUDA-graph replays, next to the production ``mesa_decode`` and
+FA3's paged decode.  Results and what they led to: ``benchmarks/decode_experiments_h200.md``
+(experiment 4; there "production" was still session 3's kernel).
 
-* ``MODE`` 0: the production math (keys turned by sin/cos of their stair position);
+* ``MODE`` 0: session 3's math (keys turned by sin/cos of their stair position);
   1: keys turned by a loop-invariant cos/sin table (no trig in the loop: wrong values,
   timing only); 2: keys not turned at all (wrong values, timing only).
 * ``PREFETCH``: the next key block's keys and values are loaded into registers before the
   current block is computed (software double-buffering; ``num_stages`` 1).
 
-Exact variants (MODE 0) are compared with the production kernel's output.  Prints one
-table (ms per layer-call, registers, spills) and writes ``$OUT/decode_lab.json``.
+Exact variants (MODE 0) are compared with the production kernel's output.  The copies load
+K and V at the top of the loop, so they are not speed replicas: compare them with each
+other.  Prints one table (ms per layer-call, registers, spills) and writes
+``$OUT/decode_lab.json``.
 
     python3 benchmarks/decode_lab.py [--lengths 32768,131072]
 """
