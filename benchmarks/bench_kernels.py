@@ -441,7 +441,8 @@ PREFILL_CONFIGS = [  # block_m, block_n, warps, stages, fast_trig, angle_add
 DECODE_CONFIGS = [  # block_n, warps, stages, angle_add, turn_query (False: every key turned)
     (64, 4, 3, False, True), (64, 4, 3, False, False), (32, 4, 2, False, True),
     (64, 4, 2, False, True), (64, 8, 3, False, True), (128, 8, 2, False, True),
-    (64, 4, 3, True, True), (32, 4, 2, False, False),
+    (64, 4, 3, True, True), (32, 4, 2, False, False), (128, 4, 2, False, True),
+    (128, 4, 3, False, True),
 ]  # fmt: skip
 DECODE_SPLITS = (16, 32, 64, 128, 256)
 
