@@ -1038,9 +1038,10 @@ def mesa_decode(
     if min_split_keys is None:
         min_split_keys = block_n if interp else 256
     min_split = -(-min_split_keys // block_n) * block_n
-    # tile rows: the G heads (padded) x at least DECODE_STAIR_ROWS stair positions
+    # tile rows: the G heads (padded) x at least DECODE_STAIR_ROWS stair positions (a weave
+    # engine's decode has no stair rows: the G heads only)
     g_pad = triton.next_power_of_2(meta["G"])
-    block_g = max(16, g_pad * DECODE_STAIR_ROWS)
+    block_g = max(16, g_pad * (DECODE_STAIR_ROWS if table.pe == 0 else 1))
     seg = (table.q_lo, table.q_abs, table.kind, table.chunk_start, table.anchor, table.req)
     _decode_kernel[(n_seg, Hkv, num_splits)](
         query, key_cache, value_cache, block_table, *workspace, *seg, inv_freq,
