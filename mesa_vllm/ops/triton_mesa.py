@@ -753,8 +753,6 @@ def _decode_kernel(
     req = tl.load(SEG_REQ + seg)
 
     rows = tl.arange(0, BLOCK_G)
-    head = hkv * G + rows
-    row_ok = rows < G
     p = tl.zeros([BLOCK_G], dtype=tl.int32) + p_abs
     qt = tl.where(kind == 1, F + p - s, p)
     base = tl.where(kind == 2, A - 1 - tl.maximum(A - 1, 0) // E, 0)
@@ -766,7 +764,6 @@ def _decode_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     n_keys = _mesa_n_keys(kind, p_abs, F, s)
-    idx = (seg * (G * tl.num_programs(1)) + head) * num_splits + split  # [rows, Hq, splits]
     if PE == 0:
         # An idle split (a short sequence in a grid sized for max_model_len) does nothing:
         # the reduction reads only the busy splits.
@@ -808,7 +805,11 @@ def _decode_kernel(
             _store_split(M_WS, L_WS, ACC_WS, idx_h, m_h, l_h, acc_h, g < G, BLOCK_D)
     else:
         # Weave: the key list is the far keys [0, fe_l), then the near keys from j = fe_j
-        # on (list index t -> key t + shift); windowed, the far keys are the sinks.
+        # on (list index t -> key t + shift); windowed, the far keys are the sinks.  Tile
+        # row r is head r (r < G).
+        head = hkv * G + rows
+        row_ok = rows < G
+        idx = (seg * (G * tl.num_programs(1)) + head) * num_splits + split  # [rows, Hq, splits]
         weave = kind == 3
         fe_j = tl.maximum(p_abs - W + 1, 0)
         if PE >= 4:
