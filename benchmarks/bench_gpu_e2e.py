@@ -203,6 +203,7 @@ def speed_one(backend: str, workdir: Path, lengths: list[int], decode_tokens: in
     t0 = time.time()
     llm = LLM(**kw)
     res: dict = {"startup_s": time.time() - t0}
+    res["MESA_VLLM_DECODE_KERNEL"] = os.environ.get("MESA_VLLM_DECODE_KERNEL", "")
     cc = llm.llm_engine.vllm_config.cache_config
     res["num_gpu_blocks"], res["block_size"] = cc.num_gpu_blocks, cc.block_size
     log(f"[{backend}] engine up in {res['startup_s']:.0f} s, {cc.num_gpu_blocks} KV blocks")

@@ -438,11 +438,15 @@ PREFILL_CONFIGS = [  # block_m, block_n, warps, stages, fast_trig, angle_add
     (128, 32, 8, 2, True, True), (256, 64, 16, 2, True, True), (64, 32, 4, 2, True, True),
     (128, 64, 8, 2, False, True),
 ]  # fmt: skip
-DECODE_CONFIGS = [  # block_n, warps, stages, angle_add, turn_query (False: every key turned)
-    (64, 4, 3, False, True), (64, 4, 3, False, False), (32, 4, 2, False, True),
-    (64, 4, 2, False, True), (64, 8, 3, False, True), (128, 8, 2, False, True),
-    (64, 4, 3, True, True), (32, 4, 2, False, False), (128, 4, 2, False, True),
-    (128, 4, 3, False, True),
+# block_n, warps, stages, angle_add, turn_query (False: every key turned), tile_rows, stair_run
+# (key blocks per query turn, 0: as many as the tile's stair rows allow; 1: session 4)
+DECODE_CONFIGS = [
+    (64, 4, 3, False, True, 16, 0), (64, 4, 3, False, True, 16, 1),
+    (64, 4, 3, False, True, 32, 0), (64, 4, 3, False, False, 16, 0),
+    (128, 4, 3, False, True, 16, 0), (128, 4, 2, False, True, 16, 0),
+    (128, 4, 3, False, True, 32, 0), (64, 4, 4, False, True, 16, 0),
+    (64, 8, 3, False, True, 32, 0), (32, 4, 3, False, True, 16, 0),
+    (128, 8, 3, False, True, 32, 0),
 ]  # fmt: skip
 DECODE_SPLITS = (16, 32, 64, 128, 256)
 
@@ -452,9 +456,61 @@ def _pre_kw(cfg) -> dict:
     return dict(block_n=bn, num_warps=w, num_stages=st, fast_trig=fast, angle_add=aa)
 
 
-def _dec_kw(cfg) -> dict:
-    bn, w, st, aa, tq = cfg
-    return dict(block_n=bn, num_warps=w, num_stages=st, angle_add=aa, turn_query=tq)
+def _dec_kw(cfg, split_keys=None) -> dict:
+    """mesa_decode keywords of a decode config; split_keys None: the grid's split count alone
+    (the sweep), else the engine's per-sequence split sizing."""
+    bn, w, st, aa, tq, rows, run = cfg
+    return dict(
+        block_n=bn,
+        num_warps=w,
+        num_stages=st,
+        angle_add=aa,
+        turn_query=tq,
+        tile_rows=rows,
+        stair_run=run or None,
+        split_keys=split_keys,
+    )
+
+
+ENGINE_MAX_LEN = 131072 + 64 + 8  # bench_gpu_e2e.py's speed engine: max_model_len
+SPLIT_KEYS = (512, 1024, 2048)  # candidate per-sequence keys per split (DECODE_SPLIT_KEYS)
+
+
+def engine_splits(S: int, split_keys: int, Hkv: int = SPEED_SHAPE[1]) -> int:
+    """Busy splits of one sequence of S keys in the engine (grid sized for ENGINE_MAX_LEN,
+    one request): ``_split_len`` in mesa_vllm/ops/triton_mesa.py, re-derived on the host."""
+    grid = tm.decode_num_splits(ENGINE_MAX_LEN, 1, Hkv)
+    own = min(-(-S // max(1, tm.DECODE_SPLIT_PROGRAMS // Hkv)), split_keys)
+    per = max(-(-S // grid), own, 256)
+    return -(-S // per)
+
+
+def pick_decode(sweep: list[dict]) -> tuple[tuple, int]:
+    """The decode config and split_keys the engine should launch: least sum over the swept
+    lengths of the config's time at the engine's split count over the best time there."""
+    at: dict = {}
+    for r in sweep:
+        if not r["cfg"][3] and r["cfg"][4]:  # launchable: no angle addition, query turned
+            at.setdefault(r["S"], {})[(tuple(r["cfg"]), r["splits"])] = r["ms"]
+    cands = {}  # (cfg, split_keys) -> its time at each length
+    for cfg in {c for d in at.values() for c, _ in d}:
+        for keys in SPLIT_KEYS:
+            ms = {S: at[S].get((cfg, engine_splits(S, keys))) for S in at}
+            if ms and None not in ms.values():
+                cands[(cfg, keys)] = ms
+    if not cands:
+        return DECODE_CONFIGS[0], tm.DECODE_SPLIT_KEYS
+    best = {S: min(ms[S] for ms in cands.values()) for S in at}
+    return min(cands, key=lambda c: sum(m / best[S] for S, m in cands[c].items()))
+
+
+def decode_env(cfg, split_keys: int) -> str:
+    """MESA_VLLM_DECODE_KERNEL value of a decode config (mesa_vllm/envs.py)."""
+    kw = _dec_kw(cfg, split_keys)
+    if kw["angle_add"] or not kw["turn_query"]:
+        raise ValueError(f"decode config {cfg}: the engine launches angle_add=False, turn_query")
+    keys = ("block_n", "num_warps", "num_stages", "tile_rows", "stair_run", "split_keys")
+    return ",".join(f"{k}={kw[k]}" for k in keys if kw[k] is not None)
 
 
 def sweep_prefill(T, params) -> list[dict]:
@@ -514,7 +570,7 @@ def speed(args) -> dict:
     res: dict = dict(baseline=base_name, prefill=[], decode=[], sweep=[], decode_sweep=[])
     lengths = [int(x) for x in args.lengths.split(",")]
     pre_cfg = (args.block_m, 64, 8, 2, True, True)
-    dec_cfg = DECODE_CONFIGS[0]
+    dec_cfg, split_keys = DECODE_CONFIGS[0], tm.DECODE_SPLIT_KEYS
     if not args.skip_sweep:
         if args.sweep_len:
             res["sweep"] = sweep_prefill(args.sweep_len, params)
@@ -524,14 +580,18 @@ def speed(args) -> dict:
         for S in map(int, str(args.decode_sweep_len).split(",")):
             res["decode_sweep"] += sweep_decode(S, params)
             torch.cuda.empty_cache()
-        top = max((r["S"] for r in res["decode_sweep"]), default=0)
-        longest = [r for r in res["decode_sweep"] if r["S"] == top]
-        if longest:
-            dec_cfg = tuple(min(longest, key=lambda r: r["ms"])["cfg"])
+        if res["decode_sweep"]:
+            dec_cfg, split_keys = pick_decode(res["decode_sweep"])
         torch.cuda.empty_cache()
     res["prefill_cfg"], res["decode_cfg"] = list(pre_cfg), list(dec_cfg)
+    res["decode_split_keys"] = split_keys
+    res["decode_env"] = decode_env(dec_cfg, split_keys)
+    log(f"DECODE_ENV {res['decode_env']}")
+    if args.decode_env_out:
+        with open(args.decode_env_out, "w") as f:
+            f.write(res["decode_env"] + "\n")
     log(f"prefill config {pre_cfg}, decode config {dec_cfg}")
-    for Hkv in (H, H // 4):
+    for Hkv in (H, H // 4, H // 8):
         for T in lengths if Hkv == H else lengths[1:]:
             try:
                 row = speed_prefill(T, Hkv, pre_cfg, params, fa_varlen if Hkv == H else None)
@@ -541,7 +601,8 @@ def speed(args) -> dict:
             torch.cuda.empty_cache()
         for S in lengths if Hkv == H else lengths[1:]:
             try:
-                row = speed_decode(S, Hkv, dec_cfg, params, fa_varlen if Hkv == H else None)
+                base = fa_varlen if Hkv == H else None
+                row = speed_decode(S, Hkv, dec_cfg, split_keys, params, base)
                 res["decode"].append(row)
             except Exception as e:  # noqa: BLE001
                 log(f"decode {S}: {type(e).__name__}: {e}")
@@ -566,11 +627,16 @@ def speed_prefill(T, Hkv, cfg, params, fa_varlen) -> dict:
     return row
 
 
-def speed_decode(S, Hkv, cfg, params, fa_varlen) -> dict:
-    """One decode token at index S - 1 (CUDA-graph replay), best of DECODE_SPLITS."""
+def speed_decode(S, Hkv, cfg, split_keys, params, fa_varlen) -> dict:
+    """One decode token at index S - 1 (CUDA-graph replay): as the engine launches it (grid
+    for ENGINE_MAX_LEN, per-sequence split sizing with split_keys), and the best grid split
+    count of DECODE_SPLITS alone."""
     D, H, page = SPEED_SHAPE
     pb = speed_problem(S, S - 1, D, H, page, params, 1, seed=11, Hkv=Hkv)
     out = torch.empty_like(pb["query"])
+    grid = tm.decode_num_splits(ENGINE_MAX_LEN, 1, Hkv)
+    engine_kw = _dec_kw(cfg, split_keys)
+    engine_ms = bench_ms(lambda: run(pb, grid, out=out, dec_kw=engine_kw), graph=True)
     rows = []
     for sp in sorted({tm.decode_num_splits(S, 1, Hkv), *DECODE_SPLITS}):
         fn = lambda sp=sp: run(pb, sp, out=out, dec_kw=_dec_kw(cfg))  # noqa: E731
@@ -581,10 +647,12 @@ def speed_decode(S, Hkv, cfg, params, fa_varlen) -> dict:
     row = dict(
         S=S,
         Hkv=Hkv,
-        mesa_ms=ms,
+        mesa_ms=engine_ms,
+        engine_splits=engine_splits(S, split_keys, Hkv),
+        best_grid_ms=ms,
         splits=splits,
         all_splits={sp: m for m, sp in rows},
-        mesa_tbs=gb / ms,
+        mesa_tbs=gb / engine_ms,
     )
     if Hkv == H:
         base_ms = bench_ms(baseline_decode(fa_varlen, S, H, D), graph=True)
@@ -629,7 +697,7 @@ def markdown(check_rows, sp) -> str:
             "Decode configs (ms, CUDA graph; a split reads at least 256 keys, idle splits"
             " return at once):",
             "",
-            "| S | BLOCK_N, warps, stages, angle add, turn query | "
+            "| S | BLOCK_N, warps, stages, angle add, turn query, tile rows, stair run | "
             + " | ".join(f"{n} splits" for n in DECODE_SPLITS)
             + " |",
             "|---|---|" + "---|" * len(DECODE_SPLITS),
@@ -664,17 +732,23 @@ def markdown(check_rows, sp) -> str:
     lines += [
         "",
         f"Decode of one token, one layer-call (CUDA graph replay), config "
-        f"{sp['decode_cfg']}, best split count; baseline {b} "
+        f"{sp['decode_cfg']}, split_keys {sp.get('decode_split_keys')}: as the engine launches "
+        f"it (grid for max_model_len {ENGINE_MAX_LEN}, the sequence's own split count), and "
+        f"the best grid split count alone; baseline {b} "
         f"({'paged cache, block 16' if b.startswith('FA3') else 'contiguous KV'}).",
         "",
-        f"| S | KV heads | Mesa ms | splits | Mesa KV TB/s | {b} ms | {b} KV TB/s |",
-        "|---|---|---|---|---|---|---|",
+        f"| S | KV heads | Mesa ms (engine) | busy splits | Mesa KV TB/s | best grid ms | "
+        f"grid splits | {b} ms | {b} KV TB/s | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sp["decode"]:
-        base = f"{r['base_ms']:.4f} | {r['base_tbs']:.2f}" if "base_ms" in r else "- | -"
+        base = "- | - | -"
+        if "base_ms" in r:
+            base = f"{r['base_ms']:.4f} | {r['base_tbs']:.2f} | {r['mesa_ms'] / r['base_ms']:.2f}"
         lines.append(
-            f"| {r['S']} | {r['Hkv']} | {r['mesa_ms']:.4f} | {r['splits']} | "
-            f"{r['mesa_tbs']:.2f} | {base} |"
+            f"| {r['S']} | {r['Hkv']} | {r['mesa_ms']:.4f} | {r.get('engine_splits', '-')} | "
+            f"{r['mesa_tbs']:.2f} | {r.get('best_grid_ms', r['mesa_ms']):.4f} | {r['splits']} | "
+            f"{base} |"
         )
     return "\n".join(lines)
 
@@ -876,6 +950,9 @@ def main() -> None:
     ap.add_argument("--lengths", default="4096,32768,131072")
     ap.add_argument("--sweep-len", type=int, default=32768, help="prefill sweep T (0: none)")
     ap.add_argument("--decode-sweep-len", default="4096,32768,131072", help="comma list")
+    ap.add_argument(
+        "--decode-env-out", default="", help="file for the picked MESA_VLLM_DECODE_KERNEL value"
+    )
     ap.add_argument("--block-m", type=int, default=128)
     ap.add_argument("--variants", action="store_true", help="weave-PE variants instead")
     ap.add_argument("--variant-lengths", default="4096,32768", help="--variants speed: T")

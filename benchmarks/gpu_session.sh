@@ -9,7 +9,9 @@
 #   bash benchmarks/gpu_session.sh variants     each weave-PE variant served on the GPU
 #   bash benchmarks/gpu_session.sh kernels      kernel checks + sweeps + speed vs FA3, and the
 #                                               7B GEMM floor of prefill (prefill_floor.py)
-#   bash benchmarks/gpu_session.sh decode       kernel checks + decode sweep + speed vs FA3
+#   bash benchmarks/gpu_session.sh decode       kernel checks + decode sweep + speed vs FA3;
+#                                               the picked MESA_VLLM_DECODE_KERNEL value goes
+#                                               to /tmp/decode_env (for the engine parts)
 #   bash benchmarks/gpu_session.sh check        smoke eager-vs-graphs + correctness vs FLASH_ATTN
 #   (speed takes a comma list of backends: each runs in its own process, same call)
 #
@@ -57,8 +59,9 @@ kernels)
     timeout 120 python3 benchmarks/prefill_floor.py --out "$OUT" > "$OUT/floor.log" 2>&1
     echo "floor rc=$?"; tail -8 "$OUT/floor.log" ;;
 decode)  # kernel checks + decode sweep + speed vs FA3, no prefill sweep or floor
-    timeout 560 python3 benchmarks/bench_kernels.py --sweep-len 0 > "$OUT/kernels.log" 2>&1
-    echo "kernels rc=$?"; grep -E "^\| |checks done|config" "$OUT/kernels.log" | tail -80 ;;
+    timeout 560 python3 benchmarks/bench_kernels.py --sweep-len 0 \
+        --decode-env-out /tmp/decode_env > "$OUT/kernels.log" 2>&1
+    echo "kernels rc=$?"; grep -E "^\| |checks done|config|DECODE_ENV" "$OUT/kernels.log" | tail -90 ;;
 check)
     timeout 300 python3 benchmarks/gpu_smoke.py > "$OUT/smoke.log" 2>&1
     echo "smoke rc=$?"; grep -E "^SMOKE|Error" "$OUT/smoke.log" | tail -8

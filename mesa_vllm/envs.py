@@ -9,6 +9,10 @@ MESA_VLLM_FRESH_FA: ``1`` (default) or ``0``.  With the Triton kernels on a GPU 
     vLLM's FlashAttention, fresh prompts no longer than the training length (plain causal
     attention, nothing cached before them) run through FlashAttention after vLLM's own
     rotary kernel, exactly as the stock backend does; ``0`` keeps them on the Mesa kernels.
+MESA_VLLM_DECODE_KERNEL: launch options of the Triton decode kernel, for tuning on a new GPU
+    (``benchmarks/bench_kernels.py`` sweeps them), e.g. ``block_n=64,tile_rows=32``.  Keys:
+    block_n, num_warps, num_stages, tile_rows, stair_run, split_keys (positive ints; the
+    meaning of each is in ``mesa_decode``).  Unset or empty: the defaults measured on the H200.
 """
 
 from __future__ import annotations
@@ -38,3 +42,28 @@ def fresh_prefill_fa() -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"MESA_VLLM_FRESH_FA={value!r} must be 0 or 1")
     return value == "1"
+
+
+DECODE_KERNEL_KEYS = (
+    "block_n", "num_warps", "num_stages", "tile_rows", "stair_run", "split_keys",
+)  # fmt: skip
+
+
+def decode_kernel_options() -> dict[str, int]:
+    """MESA_VLLM_DECODE_KERNEL parsed into ``mesa_decode`` keywords."""
+    value = os.environ.get("MESA_VLLM_DECODE_KERNEL", "").strip()
+    options: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        key, sep, number = (x.strip() for x in item.partition("="))
+        if not sep or key not in DECODE_KERNEL_KEYS:
+            raise ValueError(
+                f"MESA_VLLM_DECODE_KERNEL: {item!r} is not key=value with a key among "
+                f"{', '.join(DECODE_KERNEL_KEYS)}"
+            )
+        if not number.isdigit() or int(number) < 1:
+            raise ValueError(f"MESA_VLLM_DECODE_KERNEL: {key}={number!r} is not a positive int")
+        options[key] = int(number)
+    rows = options.get("tile_rows", 16)
+    if rows < 16 or rows & (rows - 1):
+        raise ValueError(f"MESA_VLLM_DECODE_KERNEL: tile_rows={rows} is not a power of 2 >= 16")
+    return options

@@ -19,6 +19,7 @@ from vllm.v1.attention.backend import (
 )
 
 from mesa_vllm.attention.metadata import FreshPrefill, MesaMetadata, MesaMetadataBuilder
+from mesa_vllm.envs import decode_kernel_options
 from mesa_vllm.ops.rope import RopeSpec
 from mesa_vllm.ops.torch_mesa import run_segments
 
@@ -107,6 +108,7 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.rope = mesa_rope
+        self.decode_options = decode_kernel_options()  # a bad value stops the engine here
 
     def do_kv_cache_update(
         self,
@@ -197,7 +199,14 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
             mesa_prefill(*args, md.prefill_table, inv_freq, self.scale, output, rotary_dim=rd)
         if md.decode_table is not None:
             mesa_decode(
-                *args, md.decode_table, inv_freq, self.scale, output, md.num_splits, rotary_dim=rd
+                *args,
+                md.decode_table,
+                inv_freq,
+                self.scale,
+                output,
+                md.num_splits,
+                rotary_dim=rd,
+                **self.decode_options,
             )
 
     def _forward_fresh(

@@ -59,6 +59,9 @@ _TWO_PI_B = tl.constexpr(_C2)
 _TWO_PI_C = tl.constexpr(2 * math.pi - _C1 - _C2)
 _INV_TWO_PI = tl.constexpr(1.0 / (2 * math.pi))
 _NEG_BIG = tl.constexpr(-1.0e30)
+# Decode split sizing (decode_num_splits defaults, also applied per sequence in-kernel)
+DECODE_SPLIT_PROGRAMS = 1024
+DECODE_SPLIT_KEYS = 1024
 # Stair positions per decode tile at least (BLOCK_N 64 keys span <= 4 positions for E >= 22)
 DECODE_STAIR_ROWS = 4
 
@@ -185,8 +188,8 @@ def decode_num_splits(
     max_seq_len: int,
     num_rows: int,
     num_kv_heads: int,
-    target_programs: int = 1024,
-    keys_per_split: int = 1024,
+    target_programs: int = DECODE_SPLIT_PROGRAMS,
+    keys_per_split: int = DECODE_SPLIT_KEYS,
     min_keys: int = 256,
     max_splits: int = 128,
 ) -> int:
@@ -656,9 +659,14 @@ def _mesa_n_keys(kind, p_abs, F, s):
 
 
 @triton.jit
-def _split_len(n_keys, num_splits, min_split, BLOCK_N: tl.constexpr):
-    """Keys per decode split: n_keys / num_splits in whole key blocks, at least min_split."""
-    return tl.maximum(tl.cdiv(tl.cdiv(n_keys, num_splits), BLOCK_N) * BLOCK_N, min_split)
+def _split_len(n_keys, num_splits, min_split, split_div, split_keys, BLOCK_N: tl.constexpr):
+    """Keys per decode split, in whole key blocks: n_keys / num_splits (the grid's splits) at
+    least, and at least n_keys / split_div up to split_keys (the sequence's own split count,
+    ``decode_num_splits`` on its length: a grid sized for max_model_len would cut a short
+    sequence finer than it should), and at least min_split."""
+    own = tl.minimum(tl.cdiv(n_keys, split_div), split_keys)
+    per = tl.maximum(tl.cdiv(n_keys, num_splits), own)
+    return tl.maximum(tl.cdiv(per, BLOCK_N) * BLOCK_N, min_split)
 
 
 @triton.jit
@@ -673,22 +681,22 @@ def _store_split(M_WS, L_WS, ACC_WS, idx, m_i, l_i, acc, row_ok, BLOCK_D: tl.con
 
 @triton.jit
 def _stair_block(
-    acc, l_i, m_i, qa, qb, q3, v_r, t0, d0, K, V, BT, req, A, E, hkv, inv,
+    acc, l_i, m_i, q1r, q2r, q3, v_r, t0, pos0, K, V, BT, req, A, E, hkv,
     s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
     BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, FAST_TRIG: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Decode over the stair keys [t0, t0 + BLOCK_N), all below the anchor, keys unturned.
 
-    The block's keys sit at the stair positions pos(t0) + v, v < V_max (a few: E keys share
-    a position).  <R(a) q, R(b) k> = <R(a - b) q, k>, so tile row r holds the query turned
-    by d0 - v_r (d0 = query position - pos(t0)) and scores only the keys at pos(t0) + v_r.
+    <R(a) q, R(b) k> = <R(a - b) q, k>, so tile row r holds the query turned by
+    qpos - (pos0 + v_r) and scores only the keys at stair position pos0 + v_r (pos0: the
+    position of the caller's first key; every key of the block lies within pos0 + [0, NV)).
     Each row is its own online-softmax stream; the caller merges a head's rows at the end.
-    qa/qb fp32 [M, BLOCK_HALF]: the scaled query already turned by -v_r (loop-invariant), so
-    a block costs one [BLOCK_HALF] sin/cos (of d0); q3 [M, BLOCK_REST]; v_r int32 [M].  The
-    keys go to the tensor cores as loaded: no per-key trig, no turned copy of the keys.
+    q1r/q2r [M, BLOCK_HALF], q3 [M, BLOCK_REST] DOT_DTYPE, loop-invariant across the blocks
+    of one query turn; v_r int32 [M].  The keys go to the tensor cores as loaded: no trig,
+    no turned copy of the keys.
     """
     t = t0 + tl.arange(0, BLOCK_N)
     dh = tl.arange(0, BLOCK_HALF)
@@ -700,8 +708,7 @@ def _stair_block(
     hm = _mask2(whole, dh, HALF, BLOCK_HALF)
     k1 = tl.load(k_row[:, None] + dh[None, :], mask=hm, other=0.0).to(DOT_DTYPE)
     k2 = tl.load(k_row[:, None] + HALF + dh[None, :], mask=hm, other=0.0).to(DOT_DTYPE)
-    q1r, q2r = _turn(qa, qb, tl.zeros([1], dtype=tl.int32) + d0, inv, FAST_TRIG, DOT_DTYPE)
-    qk = tl.zeros([qa.shape[0], BLOCK_N], dtype=tl.float32)
+    qk = tl.zeros([q1r.shape[0], BLOCK_N], dtype=tl.float32)
     qk = _dot(q1r, tl.trans(k1), qk, UPCAST, PREC)
     qk = _dot(q2r, tl.trans(k2), qk, UPCAST, PREC)
     if REST > 0:
@@ -709,7 +716,7 @@ def _stair_block(
         k3 = tl.load(k_row[:, None] + 2 * HALF + dr[None, :],
                      mask=_mask2(whole, dr, REST, BLOCK_REST), other=0.0)
         qk = _dot(q3, tl.trans(k3.to(DOT_DTYPE)), qk, UPCAST, PREC)
-    v_k = _stair(t, A, E) - _stair(t0, A, E)
+    v_k = _stair(t, A, E) - pos0
     qk = tl.where(v_r[:, None] == v_k[None, :], qk, float("-inf"))
     v_row = V + page * s_vb + slot * s_vt + hkv * s_vh
     return _online_softmax(acc, l_i, m_i, qk, v_row, whole, dd, HEAD, BLOCK_D, DOT_DTYPE, PREC,
@@ -733,6 +740,7 @@ def _decode_kernel(
     Q, K, V, BT, M_WS, L_WS, ACC_WS,
     SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_REQ, INV_FREQ,
     qk_scale, inv_log_L, F, E, W, SINK, LEAKY, FAR_C, GROUP, num_splits, min_split,
+    split_div, split_keys, max_run,
     s_qn, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, NV: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
@@ -767,7 +775,7 @@ def _decode_kernel(
     if PE == 0:
         # An idle split (a short sequence in a grid sized for max_model_len) does nothing:
         # the reduction reads only the busy splits.
-        per_split = _split_len(n_keys, num_splits, min_split, BLOCK_N)
+        per_split = _split_len(n_keys, num_splits, min_split, split_div, split_keys, BLOCK_N)
         lo = split * per_split
         if lo < n_keys:
             hi = tl.minimum(lo + per_split, n_keys)
@@ -786,12 +794,19 @@ def _decode_kernel(
                 stair_end = lo + n_stair * BLOCK_N
                 q_stair = _stair(p_abs, A, E)
                 qa, qb = _turn(q1, q2, -v_r, inv, FAST_TRIG, tl.float32)
-                for t0 in range(lo, stair_end, BLOCK_N):
-                    acc, l_i, m_i = _stair_block(
-                        acc, l_i, m_i, qa, qb, q3, v_r, t0, q_stair - _stair(t0, A, E), K, V,
-                        BT, req, A, E, hkv, inv, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF,
-                        BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, FAST_TRIG,
-                        DOT_DTYPE, PREC, UPCAST)
+                # One query turn serves a run of whole blocks spanning <= NV positions:
+                # nb * BLOCK_N keys span <= (nb * BLOCK_N - 1) // E + 2 positions.
+                run_n = tl.maximum(tl.minimum((NV - 1) * E // BLOCK_N, max_run), 1) * BLOCK_N
+                for r0 in range(lo, stair_end, run_n):
+                    pos0 = _stair(r0, A, E)
+                    q1s, q2s = _turn(qa, qb, tl.zeros([1], dtype=tl.int32) + (q_stair - pos0),
+                                     inv, FAST_TRIG, DOT_DTYPE)
+                    for t0 in range(r0, tl.minimum(r0 + run_n, stair_end), BLOCK_N):
+                        acc, l_i, m_i = _stair_block(
+                            acc, l_i, m_i, q1s, q2s, q3, v_r, t0, pos0, K, V, BT, req, A, E,
+                            hkv, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF,
+                            REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, DOT_DTYPE, PREC,
+                            UPCAST)
             q1r, q2r = _turn(q1, q2, qpos, inv, FAST_TRIG, DOT_DTYPE)
             for t0 in range(stair_end, hi, BLOCK_N):
                 acc, l_i, m_i = _attend_block(
@@ -819,7 +834,7 @@ def _decode_kernel(
         shift = fe_j - fe_l
         qpos = tl.where(weave, p - fe_j, qpos)
         n_keys = tl.where(weave, p_abs + 1 - shift, n_keys)
-        per_split = _split_len(n_keys, num_splits, min_split, BLOCK_N)
+        per_split = _split_len(n_keys, num_splits, min_split, split_div, split_keys, BLOCK_N)
         lo = split * per_split
         hi = tl.minimum(lo + per_split, n_keys)
         q1, q2, q3 = _load_query(Q, q_lo + rows * 0, head, row_ok, p, qpos, kind >= 2, inv,
@@ -857,6 +872,7 @@ def _decode_kernel(
 @triton.jit
 def _decode_reduce_kernel(
     Out, M_WS, L_WS, ACC_WS, SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, F, num_splits, min_split,
+    split_div, split_keys,
     s_on, s_oh,
     HEAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
     BUSY_ONLY: tl.constexpr,
@@ -870,8 +886,8 @@ def _decode_reduce_kernel(
     if BUSY_ONLY:
         n_keys = _mesa_n_keys(tl.load(SEG_KIND + seg), tl.load(SEG_QABS + seg), F,
                               tl.load(SEG_CHUNK + seg))
-        n_busy = tl.minimum(tl.cdiv(n_keys, _split_len(n_keys, num_splits, min_split, BLOCK_N)),
-                            num_splits)
+        per_split = _split_len(n_keys, num_splits, min_split, split_div, split_keys, BLOCK_N)
+        n_busy = tl.minimum(tl.cdiv(n_keys, per_split), num_splits)
     ok = sp < n_busy
     base = (seg * tl.num_programs(1) + head) * num_splits
     m = tl.load(M_WS + base + sp, mask=ok, other=_NEG_BIG)
@@ -1009,6 +1025,10 @@ def mesa_decode(
     angle_add: bool = False,
     min_split_keys: int | None = None,
     turn_query: bool = True,
+    tile_rows: int = 16,
+    stair_run: int | None = None,
+    split_keys: int | None = DECODE_SPLIT_KEYS,
+    split_programs: int = DECODE_SPLIT_PROGRAMS,
 ) -> torch.Tensor:
     """Split-KV decode: every segment of ``table`` must hold exactly one query.
 
@@ -1019,6 +1039,12 @@ def mesa_decode(
     fp32 [num_segments * Hq * num_splits], acc fp32 [num_segments * Hq * num_splits,
     BLOCK_D]) or None to allocate.  turn_query: stair keys below the anchor are scored with
     the query turned per stair position (``_stair_block``); False turns every key instead.
+    tile_rows: decode tile rows at least (the G heads, padded, x the stair positions NV);
+    stair_run: key blocks one query turn serves at most (None: as many as span <= NV stair
+    positions; 1: a turn per block, session 4's kernel).  split_keys: a sequence is split as
+    ``decode_num_splits`` would split its own length (up to split_keys keys per split, enough
+    splits for ~split_programs programs), within the grid's ``num_splits``; None: the
+    grid's count alone (min_split_keys still holds).
     No host sync, grid from host ints: CUDA-graph safe when ``table`` and ``workspace`` live
     in persistent buffers.  Returns ``output``.
     """
@@ -1039,14 +1065,19 @@ def mesa_decode(
     if min_split_keys is None:
         min_split_keys = block_n if interp else 256
     min_split = -(-min_split_keys // block_n) * block_n
+    # a sequence's own split count: decode_num_splits on its length (split_keys None: off)
+    split_div = max(1, split_programs // (n_seg * Hkv)) if split_keys else 1 << 30
+    splits = (num_splits, min_split, split_div, split_keys or 0)
     # tile rows: the G heads (padded) x at least DECODE_STAIR_ROWS stair positions (a weave
     # engine's decode has no stair rows: the G heads only)
     g_pad = triton.next_power_of_2(meta["G"])
-    block_g = max(16, g_pad * (DECODE_STAIR_ROWS if table.pe == 0 else 1))
+    block_g = max(tile_rows, g_pad * (DECODE_STAIR_ROWS if table.pe == 0 else 1))
+    if tile_rows < 16 or tile_rows & (tile_rows - 1) or (stair_run is not None and stair_run < 1):
+        raise ValueError(f"tile_rows {tile_rows} (a power of 2 >= 16), stair_run {stair_run}")
     seg = (table.q_lo, table.q_abs, table.kind, table.chunk_start, table.anchor, table.req)
     _decode_kernel[(n_seg, Hkv, num_splits)](
         query, key_cache, value_cache, block_table, *workspace, *seg, inv_freq,
-        *_scalars(table, scale), num_splits, min_split,
+        *_scalars(table, scale), *splits, stair_run or 1 << 30,
         *_strides(query, key_cache, value_cache), block_table.stride(0),
         G_PAD=g_pad, NV=block_g // g_pad, BLOCK_G=block_g, BLOCK_N=block_n, LOG_N=table.log_n,
         FAST_TRIG=not interp if fast_trig is None else fast_trig, ANGLE_ADD=angle_add,
@@ -1055,7 +1086,7 @@ def mesa_decode(
     )  # fmt: skip
     _decode_reduce_kernel[(n_seg, Hq)](
         output, *workspace, table.q_lo, table.q_abs, table.kind, table.chunk_start,
-        table.first_chunk, num_splits, min_split, output.stride(0), output.stride(1),
+        table.first_chunk, *splits, output.stride(0), output.stride(1),
         HEAD=meta["HEAD"], BLOCK_D=meta["BLOCK_D"],
         BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_N=block_n,
         BUSY_ONLY=table.pe == 0, num_warps=4,

@@ -50,3 +50,44 @@ def test_bad_fresh_prefill_value_names_variable(monkeypatch):
     monkeypatch.setenv("MESA_VLLM_FRESH_FA", "yes")
     with pytest.raises(ValueError, match="MESA_VLLM_FRESH_FA='yes' must be 0 or 1"):
         fresh_prefill_fa()
+
+
+@pytest.mark.parametrize(
+    "value,want",
+    [
+        (None, {}),
+        ("", {}),
+        ("block_n=128, tile_rows=32", {"block_n": 128, "tile_rows": 32}),
+        (
+            "num_warps=8,num_stages=2,stair_run=1,",
+            {"num_warps": 8, "num_stages": 2, "stair_run": 1},
+        ),
+    ],
+)
+def test_decode_kernel_options(monkeypatch, value, want):
+    from mesa_vllm.envs import decode_kernel_options
+
+    if value is None:
+        monkeypatch.delenv("MESA_VLLM_DECODE_KERNEL", raising=False)
+    else:
+        monkeypatch.setenv("MESA_VLLM_DECODE_KERNEL", value)
+    assert decode_kernel_options() == want
+
+
+@pytest.mark.parametrize(
+    "value,match",
+    [
+        ("block=64", "'block=64' is not key=value with a key among block_n"),
+        ("tile_rows", "'tile_rows' is not key=value"),
+        ("num_warps=0", "num_warps='0' is not a positive int"),
+        ("block_n=6.5", "block_n='6.5' is not a positive int"),
+        ("tile_rows=24", "tile_rows=24 is not a power of 2 >= 16"),
+    ],
+)
+def test_bad_decode_kernel_option_stops_the_backend(monkeypatch, value, match):
+    """The attention layer is built at engine start-up: a bad value stops it there, named."""
+    from mesa_vllm.attention.backend import MesaAttentionImpl
+
+    monkeypatch.setenv("MESA_VLLM_DECODE_KERNEL", value)
+    with pytest.raises(ValueError, match="MESA_VLLM_DECODE_KERNEL: " + match):
+        MesaAttentionImpl(num_heads=4, head_size=32, scale=0.2)

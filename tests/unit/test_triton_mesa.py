@@ -58,9 +58,11 @@ _CASES = [
      dict(log_n=False)),
     ("fp32-d64-g1-p32-blockq3-no-angle-add", "float32", 64, 1, 1, 32,
      [(130, 130, 0), (60, 62, 61), (200, 210, 209)],
-     dict(block_q=3, splits=5, flip_angle_add=True)),
+     dict(block_q=3, splits=5, flip_angle_add=True, stair_run=1)),
+    # a sequence's own split count (48 keys per split here) leaves most of the 16 idle
     ("fp32-d32-g4-p16-decode-idle-splits", "float32", 32, 2, 4, 16,
-     [(20, 50, 49), (200, 230, 229), (150, 71, 70), (5, 6, 5)], dict(splits=16, min_split=32)),
+     [(20, 50, 49), (200, 230, 229), (150, 71, 70), (5, 6, 5)],
+     dict(splits=16, min_split=32, split_keys=48, split_programs=8)),
     # stair runs wider than a key block (E = 20 > 16): blocks with one or two stair
     # positions; a split floor of 48 keys leaves most of the 8 splits idle
     ("bf16-d64-g1-p16-wide-stair-min-split", "bfloat16", 64, 2, 1, 16,
@@ -77,6 +79,9 @@ _CASES = [
      [(256, 256, 255), (150, 190, 189), (33, 34, 33)], dict(E=8, splits=3)),
     ("fp32-d64-g3-p32-stair-rows-partial", "float32", 64, 2, 3, 32,
      [(240, 250, 249), (90, 91, 90)], dict(E=7, rotary=0.5, splits=2, min_split=48)),
+    # 32 tile rows: 4 heads x 8 positions, so one query turn serves runs of 2 blocks (E = 6)
+    ("bf16-d32-g4-p16-stair-runs", "bfloat16", 32, 1, 4, 16,
+     [(256, 256, 255), (130, 170, 169), (47, 48, 47)], dict(E=6, splits=2, tile_rows=32)),
     # weave-PE variants: below L, several L, chunked prefill from mid-sequence, decode rows of
     # long prompts and of short prompts grown past L, in one launch each.
     ("rerope-fp32-d32-g1-p16", "float32", 32, 2, 1, 16,
@@ -215,6 +220,9 @@ def run_case(case: dict, seed: int) -> dict:
             angle_add=flip,
             min_split_keys=case.get("min_split"),
             turn_query=case.get("turn_query", True),
+            tile_rows=case.get("tile_rows", 16),
+            stair_run=case.get("stair_run"),
+            **{k: case[k] for k in ("split_keys", "split_programs") if k in case},
         )
     err = (out.float() - ref).abs()
     return dict(
