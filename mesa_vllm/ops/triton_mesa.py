@@ -664,9 +664,9 @@ def _split_len(n_keys, num_splits, min_split, split_div, split_keys, BLOCK_N: tl
     least, and at least n_keys / split_div up to split_keys (the sequence's own split count,
     ``decode_num_splits`` on its length: a grid sized for max_model_len would cut a short
     sequence finer than it should), and at least min_split."""
-    own = tl.minimum(tl.cdiv(n_keys, split_div), split_keys)
-    per = tl.maximum(tl.cdiv(n_keys, num_splits), own)
-    return tl.maximum(tl.cdiv(per, BLOCK_N) * BLOCK_N, min_split)
+    own = tl.minimum(tl.cdiv(n_keys, split_div), split_keys) // BLOCK_N * BLOCK_N  # rounded down
+    per = tl.maximum(tl.cdiv(tl.cdiv(n_keys, num_splits), BLOCK_N) * BLOCK_N, own)
+    return tl.maximum(per, min_split)
 
 
 @triton.jit
