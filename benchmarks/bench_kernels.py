@@ -441,12 +441,11 @@ PREFILL_CONFIGS = [  # block_m, block_n, warps, stages, fast_trig, angle_add
 # block_n, warps, stages, angle_add, turn_query (False: every key turned), tile_rows, stair_run
 # (key blocks per query turn, 0: as many as the tile's stair rows allow; 1: session 4)
 DECODE_CONFIGS = [
-    (64, 4, 3, False, True, 16, 0), (64, 4, 3, False, True, 16, 1),
-    (64, 4, 3, False, True, 32, 0), (64, 4, 3, False, False, 16, 0),
     (128, 4, 3, False, True, 16, 0), (128, 4, 2, False, True, 16, 0),
-    (128, 4, 3, False, True, 32, 0), (64, 4, 4, False, True, 16, 0),
-    (64, 8, 3, False, True, 32, 0), (32, 4, 3, False, True, 16, 0),
-    (128, 8, 3, False, True, 32, 0),
+    (128, 4, 3, False, True, 32, 0), (128, 4, 3, False, True, 16, 1),
+    (128, 4, 3, False, False, 16, 0), (64, 4, 3, False, True, 16, 0),
+    (64, 4, 3, False, True, 16, 1), (32, 4, 3, False, True, 16, 0),
+    (128, 8, 3, False, True, 16, 0),
 ]  # fmt: skip
 DECODE_SPLITS = (16, 32, 64, 128, 256)
 
@@ -473,16 +472,21 @@ def _dec_kw(cfg, split_keys=None) -> dict:
 
 
 ENGINE_MAX_LEN = 131072 + 64 + 8  # bench_gpu_e2e.py's speed engine: max_model_len
-SPLIT_KEYS = (512, 1024, 2048)  # candidate per-sequence keys per split (DECODE_SPLIT_KEYS)
+SPLIT_KEYS = (1024, 2048, 8192)  # candidate per-sequence keys per split (DECODE_SPLIT_KEYS)
 
 
-def engine_splits(S: int, split_keys: int, Hkv: int = SPEED_SHAPE[1]) -> int:
+def engine_splits(S: int, split_keys: int, Hkv: int = SPEED_SHAPE[1], block_n: int = 128) -> int:
     """Busy splits of one sequence of S keys in the engine (grid sized for ENGINE_MAX_LEN,
-    one request): ``_split_len`` in mesa_vllm/ops/triton_mesa.py, re-derived on the host."""
+    one request, DECODE_SPLIT_PROGRAMS): ``_split_len`` in mesa_vllm/ops/triton_mesa.py,
+    re-derived on the host."""
+
+    def cdiv(a: int, b: int) -> int:
+        return -(-a // b)
+
     grid = tm.decode_num_splits(ENGINE_MAX_LEN, 1, Hkv)
-    own = min(-(-S // max(1, tm.DECODE_SPLIT_PROGRAMS // Hkv)), split_keys)
-    per = max(-(-S // grid), own, 256)
-    return -(-S // per)
+    own = min(cdiv(S, max(1, tm.DECODE_SPLIT_PROGRAMS // Hkv)), split_keys) // block_n * block_n
+    per = max(cdiv(cdiv(S, grid), block_n) * block_n, own, 256)
+    return cdiv(S, per)
 
 
 def pick_decode(sweep: list[dict]) -> tuple[tuple, int]:
@@ -495,7 +499,7 @@ def pick_decode(sweep: list[dict]) -> tuple[tuple, int]:
     cands = {}  # (cfg, split_keys) -> its time at each length
     for cfg in {c for d in at.values() for c, _ in d}:
         for keys in SPLIT_KEYS:
-            ms = {S: at[S].get((cfg, engine_splits(S, keys))) for S in at}
+            ms = {S: at[S].get((cfg, engine_splits(S, keys, block_n=cfg[0]))) for S in at}
             if ms and None not in ms.values():
                 cands[(cfg, keys)] = ms
     if not cands:

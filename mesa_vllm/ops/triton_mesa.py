@@ -59,9 +59,10 @@ _TWO_PI_B = tl.constexpr(_C2)
 _TWO_PI_C = tl.constexpr(2 * math.pi - _C1 - _C2)
 _INV_TWO_PI = tl.constexpr(1.0 / (2 * math.pi))
 _NEG_BIG = tl.constexpr(-1.0e30)
-# Decode split sizing (decode_num_splits defaults, also applied per sequence in-kernel)
-DECODE_SPLIT_PROGRAMS = 1024
-DECODE_SPLIT_KEYS = 1024
+# Decode split sizing per sequence, in-kernel (mesa_decode's split_programs / split_keys):
+# ~512 programs, up to 8192 keys per split (H200, benchmarks/kernels_h200.md, session 5)
+DECODE_SPLIT_PROGRAMS = 512
+DECODE_SPLIT_KEYS = 8192
 # Stair positions per decode tile at least (BLOCK_N 64 keys span <= 4 positions for E >= 22)
 DECODE_STAIR_ROWS = 4
 
@@ -188,16 +189,18 @@ def decode_num_splits(
     max_seq_len: int,
     num_rows: int,
     num_kv_heads: int,
-    target_programs: int = DECODE_SPLIT_PROGRAMS,
-    keys_per_split: int = DECODE_SPLIT_KEYS,
+    target_programs: int = 1024,
+    keys_per_split: int = 1024,
     min_keys: int = 256,
     max_splits: int = 128,
 ) -> int:
-    """Split-KV count from host ints only (CUDA graphs: pass the captured batch size and
-    max_model_len).  At least ~``target_programs`` programs and one split per
+    """The decode grid's split count from host ints only (CUDA graphs: pass the captured
+    batch size and max_model_len).  At least ~``target_programs`` programs and one split per
     ``keys_per_split`` keys, never under ``min_keys`` keys per split, at most ``max_splits``.
-    Fitted on an H200 (benchmarks/kernels_h200.md): 32 KV heads, 1 row: 16 / 32 / 128 splits
-    at 4k / 32k / 128k; 8 KV heads: 128 at 32k and 128k."""
+    Fitted on an H200 in session 3 (benchmarks/kernels_h200.md).  It is an upper bound: the
+    kernel splits each sequence by its own length (``mesa_decode``'s split_keys /
+    split_programs), so a grid sized for max_model_len leaves a short sequence's extra splits
+    idle."""
     want = max(
         -(-target_programs // max(1, num_rows * num_kv_heads)), -(-max_seq_len // keys_per_split)
     )
@@ -1041,12 +1044,14 @@ def mesa_decode(
     the query turned per stair position (``_stair_block``); False turns every key instead.
     tile_rows: decode tile rows at least (the G heads, padded, x the stair positions NV);
     stair_run: key blocks one query turn serves at most (None: as many as span <= NV stair
-    positions; 1: a turn per block, session 4's kernel).  split_keys: a sequence is split as
-    ``decode_num_splits`` would split its own length (up to split_keys keys per split, enough
-    splits for ~split_programs programs), within the grid's ``num_splits``; None: the
-    grid's count alone (min_split_keys still holds).
-    No host sync, grid from host ints: CUDA-graph safe when ``table`` and ``workspace`` live
-    in persistent buffers.  Returns ``output``.
+    positions; 1: a turn per block, session 4's kernel).  split_keys: each sequence gets
+    enough splits for ~split_programs programs, of at most split_keys keys each (whole key
+    blocks, rounded down), within the grid's ``num_splits``; None: the grid's count alone
+    (min_split_keys still holds).  Defaults (BLOCK_N 128 for fp16/bf16, 4 warps, 3 stages,
+    16 rows, runs as long as the rows allow, 512 programs, 8192 keys) from the H200 sweep in
+    benchmarks/kernels_h200.md (session 5); MESA_VLLM_DECODE_KERNEL overrides them in the
+    engine.  No host sync, grid from host ints: CUDA-graph safe when ``table`` and
+    ``workspace`` live in persistent buffers.  Returns ``output``.
     """
     n_seg = table.num_segments
     if n_seg == 0:
@@ -1061,7 +1066,7 @@ def mesa_decode(
             torch.empty(size, meta["BLOCK_D"], dtype=torch.float32, device=dev),
         )
     if block_n is None:
-        block_n = 16 if interp else (32 if query.dtype == torch.float32 else 64)
+        block_n = 16 if interp else (32 if query.dtype == torch.float32 else 128)
     if min_split_keys is None:
         min_split_keys = block_n if interp else 256
     min_split = -(-min_split_keys // block_n) * block_n

@@ -20,21 +20,21 @@ B = (128, 4, 2, False, True, 32, 0)
 KEYS_TURNED = (64, 4, 3, False, False, 16, 0)
 
 
-def _row(S, cfg, ms, keys=1024, splits=None):
-    splits = bk.engine_splits(S, keys) if splits is None else splits
+def _row(S, cfg, ms, keys=8192, splits=None):
+    splits = bk.engine_splits(S, keys, block_n=cfg[0]) if splits is None else splits
     return dict(S=S, cfg=list(cfg), splits=splits, ms=ms)
 
 
 def test_engine_splits_follow_the_sequence_not_the_grid():
-    # the engine's grid is sized for 128k; a 32k sequence still gets 1024-key splits
+    # the engine's grid is sized for 128k (128 splits); with ~512 programs over 32 heads a
+    # sequence of any length gets ~16 splits, of whole key blocks
     assert bk.tm.decode_num_splits(bk.ENGINE_MAX_LEN, 1, 32) == 128
-    assert bk.engine_splits(32768, 1024) == 32
-    assert bk.engine_splits(131072, 1024) == 128
-    assert bk.engine_splits(131072, 2048) == 64
-    assert bk.engine_splits(131072, 512) == 128  # the grid (128 splits) caps the count
-    assert bk.engine_splits(32768, 2048) == 32  # ~1024 programs: 32 splits x 32 heads
-    assert bk.engine_splits(4096, 2048) == 16  # enough programs: 256 keys per split
-    assert bk.engine_splits(1000, 1024) == 4  # the 256-key floor
+    assert bk.engine_splits(32768, 8192) == 16
+    assert bk.engine_splits(131072, 8192) == 16
+    assert bk.engine_splits(131072, 2048) == 64  # split_keys caps the split length
+    assert bk.engine_splits(131072, 512) == 128  # ... and the grid the split count
+    assert bk.engine_splits(4096 + 4, 8192) == 17  # rounded down to 256: 17 splits, not 11
+    assert bk.engine_splits(1000, 8192) == 4  # the 256-key floor
 
 
 def test_pick_decode_weighs_every_length_at_the_engines_split_count():
@@ -44,13 +44,13 @@ def test_pick_decode_weighs_every_length_at_the_engines_split_count():
         _row(131072, B, 1.0, splits=999),  # not an engine split count: ignored
         _row(4096, KEYS_TURNED, 0.1), _row(131072, KEYS_TURNED, 0.1),  # not launchable
     ]  # fmt: skip
-    assert bk.pick_decode(sweep) == (A, 512)  # 512..2048 give the same splits here: first
+    assert bk.pick_decode(sweep) == (A, 8192)
     sweep[1]["ms"] = 1.05
-    assert bk.pick_decode(sweep) == (B, 512)
+    assert bk.pick_decode(sweep) == (B, 8192)
 
 
 def test_pick_decode_picks_split_keys():
-    sweep = [_row(131072, A, 2.0, 1024), _row(131072, A, 1.0, 2048), _row(4096, A, 1.0)]
+    sweep = [_row(131072, A, 2.0, 8192), _row(131072, A, 1.0, 2048), _row(4096, A, 1.0)]
     assert bk.pick_decode(sweep) == (A, 2048)
 
 
