@@ -63,7 +63,8 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 # ~512 programs, up to 8192 keys per split (H200, benchmarks/kernels_h200.md, session 5)
 DECODE_SPLIT_PROGRAMS = 512
 DECODE_SPLIT_KEYS = 8192
-# Stair positions per decode tile at least (BLOCK_N 64 keys span <= 4 positions for E >= 22)
+# Stair positions per decode tile at least (a 128-key block spans <= 4 positions for E >= 43;
+# where a block spans more than the tile's rows, its keys are turned instead)
 DECODE_STAIR_ROWS = 4
 
 
@@ -664,9 +665,9 @@ def _mesa_n_keys(kind, p_abs, F, s):
 @triton.jit
 def _split_len(n_keys, num_splits, min_split, split_div, split_keys, BLOCK_N: tl.constexpr):
     """Keys per decode split, in whole key blocks: n_keys / num_splits (the grid's splits) at
-    least, and at least n_keys / split_div up to split_keys (the sequence's own split count,
-    ``decode_num_splits`` on its length: a grid sized for max_model_len would cut a short
-    sequence finer than it should), and at least min_split."""
+    least; at least n_keys / split_div, capped at split_keys and rounded down (the sequence's
+    own split count: a grid sized for max_model_len would cut a short sequence finer than
+    it should); at least min_split."""
     own = tl.minimum(tl.cdiv(n_keys, split_div), split_keys) // BLOCK_N * BLOCK_N  # rounded down
     per = tl.maximum(tl.cdiv(tl.cdiv(n_keys, num_splits), BLOCK_N) * BLOCK_N, own)
     return tl.maximum(per, min_split)
@@ -1044,7 +1045,7 @@ def mesa_decode(
     the query turned per stair position (``_stair_block``); False turns every key instead.
     tile_rows: decode tile rows at least (the G heads, padded, x the stair positions NV);
     stair_run: key blocks one query turn serves at most (None: as many as span <= NV stair
-    positions; 1: a turn per block, session 4's kernel).  split_keys: each sequence gets
+    positions; 1: a turn per block).  split_keys: each sequence gets
     enough splits for ~split_programs programs, of at most split_keys keys each (whole key
     blocks, rounded down), within the grid's ``num_splits``; None: the grid's count alone
     (min_split_keys still holds).  Defaults (BLOCK_N 128 for fp16/bf16, 4 warps, 3 stages,
@@ -1053,6 +1054,8 @@ def mesa_decode(
     engine.  No host sync, grid from host ints: CUDA-graph safe when ``table`` and
     ``workspace`` live in persistent buffers.  Returns ``output``.
     """
+    if tile_rows < 16 or tile_rows & (tile_rows - 1) or (stair_run is not None and stair_run < 1):
+        raise ValueError(f"tile_rows {tile_rows} (a power of 2 >= 16), stair_run {stair_run}")
     n_seg = table.num_segments
     if n_seg == 0:
         return output
@@ -1070,15 +1073,13 @@ def mesa_decode(
     if min_split_keys is None:
         min_split_keys = block_n if interp else 256
     min_split = -(-min_split_keys // block_n) * block_n
-    # a sequence's own split count: decode_num_splits on its length (split_keys None: off)
+    # a sequence's own split count: ~split_programs programs (split_keys None: off)
     split_div = max(1, split_programs // (n_seg * Hkv)) if split_keys else 1 << 30
     splits = (num_splits, min_split, split_div, split_keys or 0)
     # tile rows: the G heads (padded) x at least DECODE_STAIR_ROWS stair positions (a weave
     # engine's decode has no stair rows: the G heads only)
     g_pad = triton.next_power_of_2(meta["G"])
     block_g = max(tile_rows, g_pad * (DECODE_STAIR_ROWS if table.pe == 0 else 1))
-    if tile_rows < 16 or tile_rows & (tile_rows - 1) or (stair_run is not None and stair_run < 1):
-        raise ValueError(f"tile_rows {tile_rows} (a power of 2 >= 16), stair_run {stair_run}")
     seg = (table.q_lo, table.q_abs, table.kind, table.chunk_start, table.anchor, table.req)
     _decode_kernel[(n_seg, Hkv, num_splits)](
         query, key_cache, value_cache, block_table, *workspace, *seg, inv_freq,
