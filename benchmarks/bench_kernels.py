@@ -641,6 +641,10 @@ def speed_decode(S, Hkv, cfg, split_keys, params, fa_varlen) -> dict:
     grid = tm.decode_num_splits(ENGINE_MAX_LEN, 1, Hkv)
     engine_kw = _dec_kw(cfg, split_keys)
     engine_ms = bench_ms(lambda: run(pb, grid, out=out, dec_kw=engine_kw), graph=True)
+    more_rows = {}  # GQA: the 16 rows hold 4 stair positions only; try wider tiles
+    for rows_n in (32, 64) if Hkv < H else ():
+        kw = dict(engine_kw, tile_rows=rows_n)
+        more_rows[rows_n] = bench_ms(lambda kw=kw: run(pb, grid, out=out, dec_kw=kw), graph=True)
     rows = []
     for sp in sorted({tm.decode_num_splits(S, 1, Hkv), *DECODE_SPLITS}):
         fn = lambda sp=sp: run(pb, sp, out=out, dec_kw=_dec_kw(cfg))  # noqa: E731
@@ -652,7 +656,8 @@ def speed_decode(S, Hkv, cfg, split_keys, params, fa_varlen) -> dict:
         S=S,
         Hkv=Hkv,
         mesa_ms=engine_ms,
-        engine_splits=engine_splits(S, split_keys, Hkv),
+        engine_ms_tile_rows=more_rows,
+        engine_splits=engine_splits(S, split_keys, Hkv, block_n=cfg[0]),
         best_grid_ms=ms,
         splits=splits,
         all_splits={sp: m for m, sp in rows},
@@ -754,6 +759,14 @@ def markdown(check_rows, sp) -> str:
             f"{r['mesa_tbs']:.2f} | {r.get('best_grid_ms', r['mesa_ms']):.4f} | {r['splits']} | "
             f"{base} |"
         )
+    wide = [r for r in sp["decode"] if r.get("engine_ms_tile_rows")]
+    if wide:
+        lines += ["", "GQA, engine launch with wider tiles (ms): tile_rows 16 / 32 / 64", ""]
+        lines += ["| S | KV heads | 16 | 32 | 64 |", "|---|---|---|---|---|"]
+        for r in wide:
+            more = r["engine_ms_tile_rows"]
+            cells = " | ".join(f"{more[n]:.4f}" if n in more else "-" for n in (32, 64))
+            lines.append(f"| {r['S']} | {r['Hkv']} | {r['mesa_ms']:.4f} | {cells} |")
     return "\n".join(lines)
 
 
