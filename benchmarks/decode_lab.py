@@ -130,7 +130,7 @@ def _lab_decode_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     n_keys = tm._mesa_n_keys(kind, p_abs, F, s)
     idx = (seg * (G * tl.num_programs(1)) + head) * num_splits + split
-    per_split = tm._split_len(n_keys, num_splits, min_split, BLOCK_N)
+    per_split = tm._split_len(n_keys, num_splits, min_split, 1 << 30, 0, BLOCK_N)  # grid only
     lo = split * per_split
     if lo < n_keys:
         hi = tl.minimum(lo + per_split, n_keys)
@@ -191,7 +191,7 @@ def lab_decode(pb, out, num_splits, mode, prefetch, block_n, warps, stages):
     )  # fmt: skip
     tm._decode_reduce_kernel[(n_seg, Hq)](
         out, *ws, table.q_lo, table.q_abs, table.kind, table.chunk_start, table.first_chunk,
-        num_splits, min_split, out.stride(0), out.stride(1), HEAD=meta["HEAD"],
+        num_splits, min_split, 1 << 30, 0, out.stride(0), out.stride(1), HEAD=meta["HEAD"],
         BLOCK_D=meta["BLOCK_D"], BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
         BLOCK_N=block_n, BUSY_ONLY=True, num_warps=4,
     )  # fmt: skip
