@@ -439,13 +439,14 @@ PREFILL_CONFIGS = [  # block_m, block_n, warps, stages, fast_trig, angle_add
     (128, 64, 8, 2, False, True),
 ]  # fmt: skip
 # block_n, warps, stages, angle_add, turn_query (False: every key turned), tile_rows, stair_run
-# (key blocks per query turn, 0: as many as the tile's stair rows allow; 1: session 4)
+# (key blocks per query turn, 0: as many as the tile's stair rows allow), flat (one flat loop,
+# the query turned per block: session 4's loop)
 DECODE_CONFIGS = [
-    (128, 4, 3, False, True, 16, 0), (128, 4, 2, False, True, 16, 0),
-    (128, 4, 3, False, True, 32, 0), (128, 4, 3, False, True, 16, 1),
-    (128, 4, 3, False, False, 16, 0), (64, 4, 3, False, True, 16, 0),
-    (64, 4, 3, False, True, 16, 1), (32, 4, 3, False, True, 16, 0),
-    (128, 8, 3, False, True, 16, 0),
+    (128, 4, 3, False, True, 16, 0, False), (128, 4, 3, False, True, 16, 0, True),
+    (128, 4, 2, False, True, 16, 0, False), (128, 4, 2, False, True, 16, 0, True),
+    (128, 4, 3, False, True, 32, 0, False), (128, 4, 3, False, False, 16, 0, False),
+    (64, 4, 3, False, True, 16, 0, False), (64, 4, 3, False, True, 16, 0, True),
+    (32, 4, 3, False, True, 16, 0, False), (128, 8, 3, False, True, 16, 0, False),
 ]  # fmt: skip
 DECODE_SPLITS = (16, 32, 64, 128, 256)
 
@@ -458,7 +459,7 @@ def _pre_kw(cfg) -> dict:
 def _dec_kw(cfg, split_keys=None) -> dict:
     """mesa_decode keywords of a decode config; split_keys None: the grid's split count alone
     (the sweep), else the engine's per-sequence split sizing."""
-    bn, w, st, aa, tq, rows, run = cfg
+    bn, w, st, aa, tq, rows, run, flat = cfg
     return dict(
         block_n=bn,
         num_warps=w,
@@ -468,6 +469,7 @@ def _dec_kw(cfg, split_keys=None) -> dict:
         tile_rows=rows,
         stair_run=run or None,
         split_keys=split_keys,
+        flat_stair=flat,
     )
 
 
@@ -514,7 +516,8 @@ def decode_env(cfg, split_keys: int) -> str:
     if kw["angle_add"] or not kw["turn_query"]:
         raise ValueError(f"decode config {cfg}: the engine launches angle_add=False, turn_query")
     keys = ("block_n", "num_warps", "num_stages", "tile_rows", "stair_run", "split_keys")
-    return ",".join(f"{k}={kw[k]}" for k in keys if kw[k] is not None)
+    items = [f"{k}={kw[k]}" for k in keys if kw[k] is not None]
+    return ",".join(items + (["flat_stair=1"] if kw["flat_stair"] else []))
 
 
 def sweep_prefill(T, params) -> list[dict]:
@@ -706,7 +709,7 @@ def markdown(check_rows, sp) -> str:
             "Decode configs (ms, CUDA graph; a split reads at least 256 keys, idle splits"
             " return at once):",
             "",
-            "| S | BLOCK_N, warps, stages, angle add, turn query, tile rows, stair run | "
+            "| S | BLOCK_N, warps, stages, angle add, turn query, tile rows, stair run, flat | "
             + " | ".join(f"{n} splits" for n in DECODE_SPLITS)
             + " |",
             "|---|---|" + "---|" * len(DECODE_SPLITS),

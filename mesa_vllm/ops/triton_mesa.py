@@ -751,9 +751,11 @@ def _decode_kernel(
     BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr, PE: tl.constexpr, TURN_QUERY: tl.constexpr,
+    FLAT_STAIR: tl.constexpr,
 ):
     """Split-KV decode, program (segment, KV head, split); BLOCK_G = G_PAD * NV tile rows;
-    TURN_QUERY: stair blocks by ``_stair_block`` (else every key is turned as loaded)."""
+    TURN_QUERY: stair blocks by ``_stair_block`` (else every key is turned as loaded);
+    FLAT_STAIR: those blocks in one loop, the query turned per block (else per run)."""
     seg = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
@@ -798,19 +800,33 @@ def _decode_kernel(
                 stair_end = lo + n_stair * BLOCK_N
                 q_stair = _stair(p_abs, A, E)
                 qa, qb = _turn(q1, q2, -v_r, inv, FAST_TRIG, tl.float32)
-                # One query turn serves a run of whole blocks spanning <= NV positions:
-                # nb * BLOCK_N keys span <= (nb * BLOCK_N - 1) // E + 2 positions.
-                run_n = tl.maximum(tl.minimum((NV - 1) * E // BLOCK_N, max_run), 1) * BLOCK_N
-                for r0 in range(lo, stair_end, run_n):
-                    pos0 = _stair(r0, A, E)
-                    q1s, q2s = _turn(qa, qb, tl.zeros([1], dtype=tl.int32) + (q_stair - pos0),
-                                     inv, FAST_TRIG, DOT_DTYPE)
-                    for t0 in range(r0, tl.minimum(r0 + run_n, stair_end), BLOCK_N):
+                if FLAT_STAIR:
+                    # one flat loop, the query turned per block (session 4's loop)
+                    for t0 in range(lo, stair_end, BLOCK_N):
+                        pos0 = _stair(t0, A, E)
+                        q1s, q2s = _turn(qa, qb,
+                                         tl.zeros([1], dtype=tl.int32) + (q_stair - pos0), inv,
+                                         FAST_TRIG, DOT_DTYPE)
                         acc, l_i, m_i = _stair_block(
                             acc, l_i, m_i, q1s, q2s, q3, v_r, t0, pos0, K, V, BT, req, A, E,
                             hkv, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF,
                             REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, DOT_DTYPE, PREC,
                             UPCAST)
+                else:
+                    # One query turn serves a run of whole blocks spanning <= NV positions:
+                    # nb * BLOCK_N keys span <= (nb * BLOCK_N - 1) // E + 2 positions.
+                    run_n = tl.maximum(tl.minimum((NV - 1) * E // BLOCK_N, max_run), 1) * BLOCK_N
+                    for r0 in range(lo, stair_end, run_n):
+                        pos0 = _stair(r0, A, E)
+                        q1s, q2s = _turn(qa, qb,
+                                         tl.zeros([1], dtype=tl.int32) + (q_stair - pos0), inv,
+                                         FAST_TRIG, DOT_DTYPE)
+                        for t0 in range(r0, tl.minimum(r0 + run_n, stair_end), BLOCK_N):
+                            acc, l_i, m_i = _stair_block(
+                                acc, l_i, m_i, q1s, q2s, q3, v_r, t0, pos0, K, V, BT, req, A,
+                                E, hkv, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF,
+                                BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N,
+                                DOT_DTYPE, PREC, UPCAST)
             q1r, q2r = _turn(q1, q2, qpos, inv, FAST_TRIG, DOT_DTYPE)
             for t0 in range(stair_end, hi, BLOCK_N):
                 acc, l_i, m_i = _attend_block(
@@ -1033,6 +1049,7 @@ def mesa_decode(
     stair_run: int | None = None,
     split_keys: int | None = DECODE_SPLIT_KEYS,
     split_programs: int = DECODE_SPLIT_PROGRAMS,
+    flat_stair: bool = False,
 ) -> torch.Tensor:
     """Split-KV decode: every segment of ``table`` must hold exactly one query.
 
@@ -1045,7 +1062,9 @@ def mesa_decode(
     the query turned per stair position (``_stair_block``); False turns every key instead.
     tile_rows: decode tile rows at least (the G heads, padded, x the stair positions NV);
     stair_run: key blocks one query turn serves at most (None: as many as span <= NV stair
-    positions; 1: a turn per block).  split_keys: each sequence gets
+    positions; 1: a turn per block).  flat_stair: the stair blocks in one flat loop, the
+    query turned per block (session 4's loop; runs are nested loops, and Triton pipelines
+    only the inner one).  split_keys: each sequence gets
     enough splits for ~split_programs programs, of at most split_keys keys each (whole key
     blocks, rounded down), within the grid's ``num_splits``; None: the grid's count alone
     (min_split_keys still holds).  Defaults (BLOCK_N 128 for fp16/bf16, 4 warps, 3 stages,
@@ -1087,7 +1106,7 @@ def mesa_decode(
         *_strides(query, key_cache, value_cache), block_table.stride(0),
         G_PAD=g_pad, NV=block_g // g_pad, BLOCK_G=block_g, BLOCK_N=block_n, LOG_N=table.log_n,
         FAST_TRIG=not interp if fast_trig is None else fast_trig, ANGLE_ADD=angle_add,
-        PE=table.pe, TURN_QUERY=turn_query,
+        PE=table.pe, TURN_QUERY=turn_query, FLAT_STAIR=bool(flat_stair),
         num_warps=num_warps or 4, num_stages=num_stages or 3, **meta,
     )  # fmt: skip
     _decode_reduce_kernel[(n_seg, Hq)](

@@ -69,7 +69,7 @@ _CASES = [
      [(256, 256, 255), (200, 240, 239), (40, 90, 89), (20, 21, 20)],
      dict(E=20, splits=8, min_split=48)),
     ("fp32-d64-g2-p32-wide-stair-partial", "float32", 64, 1, 2, 32,
-     [(230, 231, 230), (100, 101, 100)], dict(E=17, rotary=0.5, splits=3)),
+     [(230, 231, 230), (100, 101, 100)], dict(E=17, rotary=0.5, splits=3, flat_stair=True)),
     # decode tiles of G heads x NV stair positions (_stair_block): NV = 4 at its limit
     # (E = 6: a 16-key block spans 4 positions), 8 heads (32 rows), 3 heads padded to 4
     ("bf16-d64-g4-p16-stair-rows", "bfloat16", 64, 2, 4, 16,
@@ -222,7 +222,7 @@ def run_case(case: dict, seed: int) -> dict:
             turn_query=case.get("turn_query", True),
             tile_rows=case.get("tile_rows", 16),
             stair_run=case.get("stair_run"),
-            **{k: case[k] for k in ("split_keys", "split_programs") if k in case},
+            **{k: case[k] for k in ("split_keys", "split_programs", "flat_stair") if k in case},
         )
     err = (out.float() - ref).abs()
     return dict(
