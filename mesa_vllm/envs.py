@@ -65,7 +65,10 @@ def decode_kernel_options() -> dict[str, int]:
         if not number.isdigit() or int(number) < 1:
             raise ValueError(f"MESA_VLLM_DECODE_KERNEL: {key}={number!r} is not a positive int")
         options[key] = int(number)
-    rows = options.get("tile_rows", 16)
-    if rows < 16 or rows & (rows - 1):
-        raise ValueError(f"MESA_VLLM_DECODE_KERNEL: tile_rows={rows} is not a power of 2 >= 16")
+    from mesa_vllm.ops.triton_mesa import check_decode_launch
+
+    try:
+        check_decode_launch(**options)
+    except ValueError as e:
+        raise ValueError(f"MESA_VLLM_DECODE_KERNEL: {e}") from None
     return options

@@ -1025,6 +1025,23 @@ def mesa_prefill(
     return output
 
 
+def check_decode_launch(
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    tile_rows: int = 16,
+    stair_run: int | None = None,
+    **_: object,
+) -> None:
+    """ValueError naming the first ``mesa_decode`` launch option the kernel cannot take
+    (tile sizes and warp counts are powers of 2; None: the default)."""
+    for name, value, least in (("block_n", block_n, 16), ("num_warps", num_warps, 1),
+                               ("tile_rows", tile_rows, 16)):  # fmt: skip
+        if value is not None and (value < least or value & (value - 1)):
+            raise ValueError(f"{name}={value} is not a power of 2 >= {least}")
+    if stair_run is not None and stair_run < 1:
+        raise ValueError(f"stair_run={stair_run} is not a positive int")
+
+
 def mesa_decode(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -1073,8 +1090,9 @@ def mesa_decode(
     engine.  No host sync, grid from host ints: CUDA-graph safe when ``table`` and
     ``workspace`` live in persistent buffers.  Returns ``output``.
     """
-    if tile_rows < 16 or tile_rows & (tile_rows - 1) or (stair_run is not None and stair_run < 1):
-        raise ValueError(f"tile_rows {tile_rows} (a power of 2 >= 16), stair_run {stair_run}")
+    check_decode_launch(
+        block_n=block_n, num_warps=num_warps, tile_rows=tile_rows, stair_run=stair_run
+    )
     n_seg = table.num_segments
     if n_seg == 0:
         return output

@@ -82,6 +82,8 @@ def test_decode_kernel_options(monkeypatch, value, want):
         ("num_warps=0", "num_warps='0' is not a positive int"),
         ("block_n=6.5", "block_n='6.5' is not a positive int"),
         ("tile_rows=24", "tile_rows=24 is not a power of 2 >= 16"),
+        ("block_n=48", "block_n=48 is not a power of 2 >= 16"),
+        ("num_warps=3", "num_warps=3 is not a power of 2 >= 1"),
     ],
 )
 def test_bad_decode_kernel_option_stops_the_backend(monkeypatch, value, match):
