@@ -37,6 +37,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -438,17 +439,35 @@ PREFILL_CONFIGS = [  # block_m, block_n, warps, stages, fast_trig, angle_add
     (128, 32, 8, 2, True, True), (256, 64, 16, 2, True, True), (64, 32, 4, 2, True, True),
     (128, 64, 8, 2, False, True),
 ]  # fmt: skip
-# block_n, warps, stages, angle_add, turn_query (False: every key turned), tile_rows, stair_run
-# (key blocks per query turn, 0: as many as the tile's stair rows allow), flat (one flat loop,
-# the query turned per block: session 4's loop)
+
+
+class DecodeCfg(NamedTuple):
+    """A decode launch config of the sweep (``mesa_decode`` keywords)."""
+
+    block_n: int
+    warps: int
+    stages: int
+    angle_add: bool = False
+    turn_query: bool = True  # False: every key turned as loaded
+    tile_rows: int = 16
+    stair_run: int = 0  # key blocks per query turn, 0: as many as the stair rows allow
+    flat: bool = False  # one flat loop, the query turned per block (session 4's loop)
+    tail_first: bool = False  # the splits start last to first
+
+    @property
+    def launchable(self) -> bool:
+        """The engine launches no angle addition and the query turned (mesa_vllm/envs.py)."""
+        return self.turn_query and not self.angle_add
+
+
+_D = DecodeCfg
 DECODE_CONFIGS = [
-    (128, 4, 3, False, True, 16, 0, False), (128, 4, 3, False, True, 16, 0, True),
-    (128, 4, 2, False, True, 16, 0, False), (128, 4, 2, False, True, 16, 0, True),
-    (128, 4, 3, False, True, 32, 0, False), (128, 4, 3, False, False, 16, 0, False),
-    (64, 4, 3, False, True, 16, 0, False), (64, 4, 3, False, True, 16, 0, True),
-    (32, 4, 3, False, True, 16, 0, False), (128, 8, 3, False, True, 16, 0, False),
+    _D(128, 4, 3), _D(128, 4, 3, tail_first=True), _D(128, 4, 3, flat=True),
+    _D(128, 4, 3, flat=True, tail_first=True), _D(128, 4, 2, flat=True, tail_first=True),
+    _D(128, 4, 3, turn_query=False), _D(64, 4, 3, flat=True),
+    _D(64, 4, 3, flat=True, tail_first=True), _D(128, 8, 3, flat=True, tail_first=True),
 ]  # fmt: skip
-DECODE_SPLITS = (16, 32, 64, 128, 256)
+DECODE_SPLITS = (8, 16, 32, 64, 128)
 
 
 def _pre_kw(cfg) -> dict:
@@ -456,68 +475,80 @@ def _pre_kw(cfg) -> dict:
     return dict(block_n=bn, num_warps=w, num_stages=st, fast_trig=fast, angle_add=aa)
 
 
-def _dec_kw(cfg, split_keys=None) -> dict:
-    """mesa_decode keywords of a decode config; split_keys None: the grid's split count alone
-    (the sweep), else the engine's per-sequence split sizing."""
-    bn, w, st, aa, tq, rows, run, flat = cfg
+def _dec_kw(cfg: DecodeCfg, sizing: tuple[int, int] | None = None) -> dict:
+    """mesa_decode keywords of a decode config; sizing None: the grid's split count alone
+    (the sweep), else the engine's per-sequence split sizing (split_keys, split_programs)."""
+    keys, programs = sizing or (None, tm.DECODE_SPLIT_PROGRAMS)
     return dict(
-        block_n=bn,
-        num_warps=w,
-        num_stages=st,
-        angle_add=aa,
-        turn_query=tq,
-        tile_rows=rows,
-        stair_run=run or None,
-        split_keys=split_keys,
-        flat_stair=flat,
+        block_n=cfg.block_n,
+        num_warps=cfg.warps,
+        num_stages=cfg.stages,
+        angle_add=cfg.angle_add,
+        turn_query=cfg.turn_query,
+        tile_rows=cfg.tile_rows,
+        stair_run=cfg.stair_run or None,
+        split_keys=keys,
+        split_programs=programs,
+        flat_stair=cfg.flat,
+        tail_first=cfg.tail_first,
     )
 
 
 ENGINE_MAX_LEN = 131072 + 64 + 8  # bench_gpu_e2e.py's speed engine: max_model_len
-SPLIT_KEYS = (1024, 2048, 8192)  # candidate per-sequence keys per split (DECODE_SPLIT_KEYS)
+# candidate per-sequence split sizings (split_keys, split_programs): DECODE_SPLIT_KEYS and
+# DECODE_SPLIT_PROGRAMS in mesa_vllm/ops/triton_mesa.py
+SPLIT_SIZINGS = tuple(itertools.product((1024, 2048, 8192), (256, 512, 1024)))
+DEFAULT_SIZING = (tm.DECODE_SPLIT_KEYS, tm.DECODE_SPLIT_PROGRAMS)
 
 
-def engine_splits(S: int, split_keys: int, Hkv: int = SPEED_SHAPE[1], block_n: int = 128) -> int:
+def engine_splits(
+    S: int, sizing: tuple[int, int], Hkv: int = SPEED_SHAPE[1], block_n: int = 128
+) -> int:
     """Busy splits of one sequence of S keys in the engine (grid sized for ENGINE_MAX_LEN,
-    one request, DECODE_SPLIT_PROGRAMS): ``_split_len`` in mesa_vllm/ops/triton_mesa.py,
-    re-derived on the host."""
+    one request) with sizing (split_keys, split_programs): ``_split_len`` in
+    mesa_vllm/ops/triton_mesa.py, re-derived on the host."""
 
     def cdiv(a: int, b: int) -> int:
         return -(-a // b)
 
+    keys, programs = sizing
     grid = tm.decode_num_splits(ENGINE_MAX_LEN, 1, Hkv)
-    own = min(cdiv(S, max(1, tm.DECODE_SPLIT_PROGRAMS // Hkv)), split_keys) // block_n * block_n
+    own = min(cdiv(S, max(1, programs // Hkv)), keys) // block_n * block_n
     per = max(cdiv(cdiv(S, grid), block_n) * block_n, own, 256)
     return cdiv(S, per)
 
 
-def pick_decode(sweep: list[dict]) -> tuple[tuple, int]:
-    """The decode config and split_keys the engine should launch: least sum over the swept
-    lengths of the config's time at the engine's split count over the best time there."""
+def pick_decode(sweep: list[dict]) -> tuple[DecodeCfg, tuple[int, int]]:
+    """The decode config and split sizing the engine should launch: least sum over the swept
+    lengths of the config's time at the engine's split count over the best time there; rows
+    from older sweeps (fewer config fields) take the defaults of the newer fields."""
     at: dict = {}
     for r in sweep:
-        if not r["cfg"][3] and r["cfg"][4]:  # launchable: no angle addition, query turned
-            at.setdefault(r["S"], {})[(tuple(r["cfg"]), r["splits"])] = r["ms"]
-    cands = {}  # (cfg, split_keys) -> its time at each length
+        cfg = DecodeCfg(*r["cfg"])
+        if cfg.launchable:
+            at.setdefault(r["S"], {})[(cfg, r["splits"])] = r["ms"]
+    cands = {}  # (cfg, sizing) -> its time at each length
     for cfg in {c for d in at.values() for c, _ in d}:
-        for keys in SPLIT_KEYS:
-            ms = {S: at[S].get((cfg, engine_splits(S, keys, block_n=cfg[0]))) for S in at}
+        for sizing in SPLIT_SIZINGS:
+            ms = {S: at[S].get((cfg, engine_splits(S, sizing, block_n=cfg.block_n))) for S in at}
             if ms and None not in ms.values():
-                cands[(cfg, keys)] = ms
+                cands[(cfg, sizing)] = ms
     if not cands:
-        return DECODE_CONFIGS[0], tm.DECODE_SPLIT_KEYS
+        return DECODE_CONFIGS[0], DEFAULT_SIZING
     best = {S: min(ms[S] for ms in cands.values()) for S in at}
-    return min(cands, key=lambda c: sum(m / best[S] for S, m in cands[c].items()))
+    # a tie (sizings giving the same split counts) goes to the default sizing
+    return min(cands, key=lambda c: (sum(m / best[S] for S, m in cands[c].items()),
+                                     c[1] != DEFAULT_SIZING))  # fmt: skip
 
 
-def decode_env(cfg, split_keys: int) -> str:
+def decode_env(cfg: DecodeCfg, sizing: tuple[int, int]) -> str:
     """MESA_VLLM_DECODE_KERNEL value of a decode config (mesa_vllm/envs.py)."""
-    kw = _dec_kw(cfg, split_keys)
-    if kw["angle_add"] or not kw["turn_query"]:
+    if not cfg.launchable:
         raise ValueError(f"decode config {cfg}: the engine launches angle_add=False, turn_query")
-    keys = ("block_n", "num_warps", "num_stages", "tile_rows", "stair_run", "split_keys")
-    items = [f"{k}={kw[k]}" for k in keys if kw[k] is not None]
-    return ",".join(items + (["flat_stair=1"] if kw["flat_stair"] else []))
+    kw = _dec_kw(cfg, sizing)
+    keys = ("block_n", "num_warps", "num_stages", "tile_rows", "stair_run", "split_keys",
+            "split_programs", "flat_stair", "tail_first")  # fmt: skip
+    return ",".join(f"{k}={int(kw[k])}" for k in keys if kw[k] is not None)
 
 
 def sweep_prefill(T, params) -> list[dict]:
@@ -577,7 +608,7 @@ def speed(args) -> dict:
     res: dict = dict(baseline=base_name, prefill=[], decode=[], sweep=[], decode_sweep=[])
     lengths = [int(x) for x in args.lengths.split(",")]
     pre_cfg = (args.block_m, 64, 8, 2, True, True)
-    dec_cfg, split_keys = DECODE_CONFIGS[0], tm.DECODE_SPLIT_KEYS
+    dec_cfg, sizing = DECODE_CONFIGS[0], DEFAULT_SIZING
     if not args.skip_sweep:
         if args.sweep_len:
             res["sweep"] = sweep_prefill(args.sweep_len, params)
@@ -588,11 +619,11 @@ def speed(args) -> dict:
             res["decode_sweep"] += sweep_decode(S, params)
             torch.cuda.empty_cache()
         if res["decode_sweep"]:
-            dec_cfg, split_keys = pick_decode(res["decode_sweep"])
+            dec_cfg, sizing = pick_decode(res["decode_sweep"])
         torch.cuda.empty_cache()
     res["prefill_cfg"], res["decode_cfg"] = list(pre_cfg), list(dec_cfg)
-    res["decode_split_keys"] = split_keys
-    res["decode_env"] = decode_env(dec_cfg, split_keys)
+    res["decode_split_keys"], res["decode_split_programs"] = sizing
+    res["decode_env"] = decode_env(dec_cfg, sizing)
     log(f"DECODE_ENV {res['decode_env']}")
     if args.decode_env_out:
         with open(args.decode_env_out, "w") as f:
@@ -609,7 +640,7 @@ def speed(args) -> dict:
         for S in lengths if Hkv == H else lengths[1:]:
             try:
                 base = fa_varlen if Hkv == H else None
-                row = speed_decode(S, Hkv, dec_cfg, split_keys, params, base)
+                row = speed_decode(S, Hkv, dec_cfg, sizing, params, base)
                 res["decode"].append(row)
             except Exception as e:  # noqa: BLE001
                 log(f"decode {S}: {type(e).__name__}: {e}")
@@ -634,15 +665,15 @@ def speed_prefill(T, Hkv, cfg, params, fa_varlen) -> dict:
     return row
 
 
-def speed_decode(S, Hkv, cfg, split_keys, params, fa_varlen) -> dict:
+def speed_decode(S, Hkv, cfg, sizing, params, fa_varlen) -> dict:
     """One decode token at index S - 1 (CUDA-graph replay): as the engine launches it (grid
-    for ENGINE_MAX_LEN, per-sequence split sizing with split_keys), and the best grid split
-    count of DECODE_SPLITS alone."""
+    for ENGINE_MAX_LEN, per-sequence split sizing (split_keys, split_programs)), and the best
+    grid split count of DECODE_SPLITS alone."""
     D, H, page = SPEED_SHAPE
     pb = speed_problem(S, S - 1, D, H, page, params, 1, seed=11, Hkv=Hkv)
     out = torch.empty_like(pb["query"])
     grid = tm.decode_num_splits(ENGINE_MAX_LEN, 1, Hkv)
-    engine_kw = _dec_kw(cfg, split_keys)
+    engine_kw = _dec_kw(cfg, sizing)
     engine_ms = bench_ms(lambda: run(pb, grid, out=out, dec_kw=engine_kw), graph=True)
     more_rows = {}  # GQA: the 16 rows hold 4 stair positions only; try wider tiles
     for rows_n in (32, 64) if Hkv < H else ():
@@ -660,7 +691,7 @@ def speed_decode(S, Hkv, cfg, split_keys, params, fa_varlen) -> dict:
         Hkv=Hkv,
         mesa_ms=engine_ms,
         engine_ms_tile_rows=more_rows,
-        engine_splits=engine_splits(S, split_keys, Hkv, block_n=cfg[0]),
+        engine_splits=engine_splits(S, sizing, Hkv, block_n=cfg.block_n),
         best_grid_ms=ms,
         splits=splits,
         all_splits={sp: m for m, sp in rows},
@@ -709,9 +740,8 @@ def markdown(check_rows, sp) -> str:
             "Decode configs (ms, CUDA graph; a split reads at least 256 keys, idle splits"
             " return at once):",
             "",
-            "| S | BLOCK_N, warps, stages, angle add, turn query, tile rows, stair run, flat | "
-            + " | ".join(f"{n} splits" for n in DECODE_SPLITS)
-            + " |",
+            "| S | BLOCK_N, warps, stages, angle add, turn query, tile rows, stair run, flat, "
+            "tail first | " + " | ".join(f"{n} splits" for n in DECODE_SPLITS) + " |",
             "|---|---|" + "---|" * len(DECODE_SPLITS),
         ]
         by_cfg: dict = {}
@@ -744,7 +774,8 @@ def markdown(check_rows, sp) -> str:
     lines += [
         "",
         f"Decode of one token, one layer-call (CUDA graph replay), config "
-        f"{sp['decode_cfg']}, split_keys {sp.get('decode_split_keys')}: as the engine launches "
+        f"{sp['decode_cfg']}, split_keys {sp.get('decode_split_keys')}, split_programs "
+        f"{sp.get('decode_split_programs')}: as the engine launches "
         f"it (grid for max_model_len {ENGINE_MAX_LEN}, the sequence's own split count), and "
         f"the best grid split count alone; baseline {b} "
         f"({'paged cache, block 16' if b.startswith('FA3') else 'contiguous KV'}).",

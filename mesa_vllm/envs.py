@@ -11,9 +11,9 @@ MESA_VLLM_FRESH_FA: ``1`` (default) or ``0``.  With the Triton kernels on a GPU 
     rotary kernel, exactly as the stock backend does; ``0`` keeps them on the Mesa kernels.
 MESA_VLLM_DECODE_KERNEL: launch options of the Triton decode kernel, for tuning on a new GPU
     (``benchmarks/bench_kernels.py`` sweeps them), e.g. ``block_n=64,tile_rows=32``.  Keys:
-    block_n, num_warps, num_stages, tile_rows, stair_run, split_keys, split_programs,
-    flat_stair (positive ints, flat_stair=1 for on; the meaning of each is in
-    ``mesa_decode``).  Unset or empty: the defaults measured on the H200.
+    block_n, num_warps, num_stages, tile_rows, stair_run, split_keys, split_programs (positive
+    ints) and the switches flat_stair, tail_first (0 or 1); the meaning of each is in
+    ``mesa_decode``.  Unset or empty: the defaults measured on the H200.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def fresh_prefill_fa() -> bool:
 
 DECODE_KERNEL_KEYS = (
     "block_n", "num_warps", "num_stages", "tile_rows", "stair_run", "split_keys",
-    "split_programs", "flat_stair",
+    "split_programs", "flat_stair", "tail_first",
 )  # fmt: skip
+DECODE_KERNEL_SWITCHES = ("flat_stair", "tail_first")  # 0 or 1
 
 
 def decode_kernel_options() -> dict[str, int]:
@@ -62,7 +63,10 @@ def decode_kernel_options() -> dict[str, int]:
                 f"MESA_VLLM_DECODE_KERNEL: {item!r} is not key=value with a key among "
                 f"{', '.join(DECODE_KERNEL_KEYS)}"
             )
-        if not number.isdigit() or int(number) < 1:
+        if key in DECODE_KERNEL_SWITCHES:
+            if number not in ("0", "1"):
+                raise ValueError(f"MESA_VLLM_DECODE_KERNEL: {key}={number!r} is not 0 or 1")
+        elif not number.isdigit() or int(number) < 1:
             raise ValueError(f"MESA_VLLM_DECODE_KERNEL: {key}={number!r} is not a positive int")
         options[key] = int(number)
     from mesa_vllm.ops.triton_mesa import check_decode_launch

@@ -751,14 +751,18 @@ def _decode_kernel(
     BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr, PE: tl.constexpr, TURN_QUERY: tl.constexpr,
-    FLAT_STAIR: tl.constexpr,
+    FLAT_STAIR: tl.constexpr, TAIL_FIRST: tl.constexpr,
 ):
     """Split-KV decode, program (segment, KV head, split); BLOCK_G = G_PAD * NV tile rows;
     TURN_QUERY: stair blocks by ``_stair_block`` (else every key is turned as loaded);
-    FLAT_STAIR: those blocks in one loop, the query turned per block (else per run)."""
+    FLAT_STAIR: those blocks in one loop, the query turned per block (else per run);
+    TAIL_FIRST: the splits start last to first (the GPU starts programs in grid order, and a
+    sequence's last split, which holds its turned keys, is its slowest)."""
     seg = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
+    if TAIL_FIRST:
+        split = num_splits - 1 - split
     q_lo = tl.load(SEG_QLO + seg)
     p_abs = tl.load(SEG_QABS + seg)
     kind = tl.load(SEG_KIND + seg)
@@ -1067,6 +1071,7 @@ def mesa_decode(
     split_keys: int | None = DECODE_SPLIT_KEYS,
     split_programs: int = DECODE_SPLIT_PROGRAMS,
     flat_stair: bool = False,
+    tail_first: bool = False,
 ) -> torch.Tensor:
     """Split-KV decode: every segment of ``table`` must hold exactly one query.
 
@@ -1081,7 +1086,9 @@ def mesa_decode(
     stair_run: key blocks one query turn serves at most (None: as many as span <= NV stair
     positions; 1: a turn per block).  flat_stair: the stair blocks in one flat loop, the
     query turned per block (session 4's loop; runs are nested loops, and Triton pipelines
-    only the inner one).  split_keys: each sequence gets
+    only the inner one).  tail_first: the grid's splits start last to first, so the split that
+    holds a sequence's turned keys (the slowest) does not start last.  split_keys: each
+    sequence gets
     enough splits for ~split_programs programs, of at most split_keys keys each (whole key
     blocks, rounded down), within the grid's ``num_splits``; None: the grid's count alone
     (min_split_keys still holds).  Defaults (BLOCK_N 128 for fp16/bf16, 4 warps, 3 stages,
@@ -1125,6 +1132,7 @@ def mesa_decode(
         G_PAD=g_pad, NV=block_g // g_pad, BLOCK_G=block_g, BLOCK_N=block_n, LOG_N=table.log_n,
         FAST_TRIG=not interp if fast_trig is None else fast_trig, ANGLE_ADD=angle_add,
         PE=table.pe, TURN_QUERY=turn_query, FLAT_STAIR=bool(flat_stair),
+        TAIL_FIRST=bool(tail_first),
         num_warps=num_warps or 4, num_stages=num_stages or 3, **meta,
     )  # fmt: skip
     _decode_reduce_kernel[(n_seg, Hq)](

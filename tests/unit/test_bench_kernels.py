@@ -15,13 +15,14 @@ from mesa_vllm.envs import decode_kernel_options  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
-A = (64, 4, 3, False, True, 16, 0, False)
-B = (128, 4, 2, False, True, 32, 0, True)
-KEYS_TURNED = (64, 4, 3, False, False, 16, 0, False)
+A = bk.DecodeCfg(64, 4, 3)
+B = bk.DecodeCfg(128, 4, 2, tile_rows=32, flat=True, tail_first=True)
+KEYS_TURNED = bk.DecodeCfg(64, 4, 3, turn_query=False)
+DEFAULT = bk.DEFAULT_SIZING
 
 
-def _row(S, cfg, ms, keys=8192, splits=None):
-    splits = bk.engine_splits(S, keys, block_n=cfg[0]) if splits is None else splits
+def _row(S, cfg, ms, sizing=DEFAULT, splits=None):
+    splits = bk.engine_splits(S, sizing, block_n=cfg.block_n) if splits is None else splits
     return dict(S=S, cfg=list(cfg), splits=splits, ms=ms)
 
 
@@ -29,12 +30,13 @@ def test_engine_splits_follow_the_sequence_not_the_grid():
     # the engine's grid is sized for 128k (128 splits); with ~512 programs over 32 heads a
     # sequence of any length gets ~16 splits, of whole key blocks
     assert bk.tm.decode_num_splits(bk.ENGINE_MAX_LEN, 1, 32) == 128
-    assert bk.engine_splits(32768, 8192) == 16
-    assert bk.engine_splits(131072, 8192) == 16
-    assert bk.engine_splits(131072, 2048) == 64  # split_keys caps the split length
-    assert bk.engine_splits(131072, 512) == 128  # ... and the grid the split count
-    assert bk.engine_splits(4096 + 4, 8192) == 17  # rounded down to 256: 17 splits, not 11
-    assert bk.engine_splits(1000, 8192) == 4  # the 256-key floor
+    assert bk.engine_splits(32768, (8192, 512)) == 16
+    assert bk.engine_splits(131072, (8192, 512)) == 16
+    assert bk.engine_splits(131072, (2048, 512)) == 64  # split_keys caps the split length
+    assert bk.engine_splits(131072, (512, 512)) == 128  # ... and the grid the split count
+    assert bk.engine_splits(32768, (8192, 256)) == 8  # fewer programs, fewer splits
+    assert bk.engine_splits(4096 + 4, (8192, 512)) == 17  # rounded down to 256: 17, not 11
+    assert bk.engine_splits(1000, (8192, 512)) == 4  # the 256-key floor
 
 
 def test_pick_decode_weighs_every_length_at_the_engines_split_count():
@@ -44,30 +46,41 @@ def test_pick_decode_weighs_every_length_at_the_engines_split_count():
         _row(131072, B, 1.0, splits=999),  # not an engine split count: ignored
         _row(4096, KEYS_TURNED, 0.1), _row(131072, KEYS_TURNED, 0.1),  # not launchable
     ]  # fmt: skip
-    assert bk.pick_decode(sweep) == (A, 8192)
+    assert bk.pick_decode(sweep) == (A, DEFAULT)
     sweep[1]["ms"] = 1.05
-    assert bk.pick_decode(sweep) == (B, 8192)
+    assert bk.pick_decode(sweep) == (B, DEFAULT)
 
 
-def test_pick_decode_picks_split_keys():
-    sweep = [_row(131072, A, 2.0, 8192), _row(131072, A, 1.0, 2048), _row(4096, A, 1.0)]
-    assert bk.pick_decode(sweep) == (A, 2048)
+def test_pick_decode_picks_the_split_sizing():
+    sweep = [
+        _row(131072, A, 2.0), _row(131072, A, 1.0, (2048, 512)),  # 16 / 64 splits
+        _row(4096, A, 1.0), _row(4096, A, 0.5, (8192, 256)),  # 16 / 8 splits
+    ]  # fmt: skip
+    # 2048 keys with 256 programs: 64 splits at 128k and 8 at 4k, the best at both
+    assert bk.pick_decode(sweep) == (A, (2048, 256))
+    sweep[0]["ms"] = 0.9  # now 16 splits win at 128k: 8192 keys
+    assert bk.pick_decode(sweep) == (A, (8192, 256))
 
 
 def test_pick_decode_without_rows_keeps_the_default():
-    assert bk.pick_decode([]) == (bk.DECODE_CONFIGS[0], bk.tm.DECODE_SPLIT_KEYS)
+    assert bk.pick_decode([]) == (bk.DECODE_CONFIGS[0], DEFAULT)
 
 
-@pytest.mark.parametrize("cfg", [c for c in bk.DECODE_CONFIGS if c[4] and not c[3]])
+def test_pick_decode_reads_rows_of_older_sweeps():
+    old = (128, 4, 3, False, True, 16, 0)  # session 5's JSON: 7 or 8 fields
+    sweep = [dict(S=4096, cfg=list(old), splits=16, ms=1.0)]
+    assert bk.pick_decode(sweep) == (bk.DecodeCfg(*old), DEFAULT)
+
+
+@pytest.mark.parametrize("cfg", [c for c in bk.DECODE_CONFIGS if c.launchable])
 def test_decode_env_round_trips_to_the_launch_keywords(monkeypatch, cfg):
-    monkeypatch.setenv("MESA_VLLM_DECODE_KERNEL", bk.decode_env(cfg, 2048))
-    want = {k: v for k, v in bk._dec_kw(cfg, 2048).items() if v is not None}
+    monkeypatch.setenv("MESA_VLLM_DECODE_KERNEL", bk.decode_env(cfg, (2048, 256)))
+    want = {k: v for k, v in bk._dec_kw(cfg, (2048, 256)).items() if v is not None}
     del want["angle_add"], want["turn_query"]
-    if want.pop("flat_stair"):
-        want["flat_stair"] = 1
+    want["flat_stair"], want["tail_first"] = int(cfg.flat), int(cfg.tail_first)
     assert decode_kernel_options() == want
 
 
 def test_decode_env_refuses_a_config_the_engine_cannot_launch():
     with pytest.raises(ValueError, match="turn_query"):
-        bk.decode_env(KEYS_TURNED, 1024)
+        bk.decode_env(KEYS_TURNED, DEFAULT)

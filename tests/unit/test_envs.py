@@ -62,6 +62,7 @@ def test_bad_fresh_prefill_value_names_variable(monkeypatch):
             "num_warps=8,num_stages=2,stair_run=1,",
             {"num_warps": 8, "num_stages": 2, "stair_run": 1},
         ),
+        ("tail_first=0,flat_stair=1", {"tail_first": 0, "flat_stair": 1}),
     ],
 )
 def test_decode_kernel_options(monkeypatch, value, want):
@@ -84,6 +85,8 @@ def test_decode_kernel_options(monkeypatch, value, want):
         ("tile_rows=24", "tile_rows=24 is not a power of 2 >= 16"),
         ("block_n=48", "block_n=48 is not a power of 2 >= 16"),
         ("num_warps=3", "num_warps=3 is not a power of 2 >= 1"),
+        ("tail_first=2", "tail_first='2' is not 0 or 1"),
+        ("split_keys=0", "split_keys='0' is not a positive int"),
     ],
 )
 def test_bad_decode_kernel_option_stops_the_backend(monkeypatch, value, match):

@@ -49,7 +49,7 @@ _CASES = [
      dict(rotary=0.5)),
     ("fp32-d32-g4-p16-decode", "float32", 32, 2, 4, 16,
      [(10, 20, 19), (20, 50, 49), (200, 230, 229), (150, 71, 70), (256, 256, 255)],
-     dict(splits=4)),
+     dict(splits=4, tail_first=True)),
     ("bf16-d64-g4-p32-chunked", "bfloat16", 64, 2, 4, 32,
      [(200, 140, 100), (96, 96, 33), (100, 120, 119)], dict(splits=2)),
     ("fp16-d32-g1-p32-chunked-keys-turned", "float16", 32, 2, 1, 32,
@@ -62,7 +62,7 @@ _CASES = [
     # a sequence's own split count (48 keys per split here) leaves most of the 16 idle
     ("fp32-d32-g4-p16-decode-idle-splits", "float32", 32, 2, 4, 16,
      [(20, 50, 49), (200, 230, 229), (150, 71, 70), (5, 6, 5)],
-     dict(splits=16, min_split=32, split_keys=48, split_programs=8)),
+     dict(splits=16, min_split=32, split_keys=48, split_programs=8, tail_first=True)),
     # stair runs wider than a key block (E = 20 > 16): blocks with one or two stair
     # positions; a split floor of 48 keys leaves most of the 8 splits idle
     ("bf16-d64-g1-p16-wide-stair-min-split", "bfloat16", 64, 2, 1, 16,
@@ -222,7 +222,11 @@ def run_case(case: dict, seed: int) -> dict:
             turn_query=case.get("turn_query", True),
             tile_rows=case.get("tile_rows", 16),
             stair_run=case.get("stair_run"),
-            **{k: case[k] for k in ("split_keys", "split_programs", "flat_stair") if k in case},
+            **{
+                k: case[k]
+                for k in ("split_keys", "split_programs", "flat_stair", "tail_first")
+                if k in case
+            },
         )
     err = (out.float() - ref).abs()
     return dict(
