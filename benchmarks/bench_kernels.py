@@ -452,7 +452,7 @@ class DecodeCfg(NamedTuple):
     tile_rows: int = 16
     stair_run: int = 0  # key blocks per query turn, 0: as many as the stair rows allow
     flat: bool = False  # one flat loop, the query turned per block (session 4's loop)
-    tail_first: bool = False  # the splits start last to first
+    tail_first: bool = False  # a sequence's busy splits start last to first
 
     @property
     def launchable(self) -> bool:
@@ -461,13 +461,14 @@ class DecodeCfg(NamedTuple):
 
 
 _D = DecodeCfg
-DECODE_CONFIGS = [
-    _D(128, 4, 3), _D(128, 4, 3, tail_first=True), _D(128, 4, 3, flat=True),
-    _D(128, 4, 3, flat=True, tail_first=True), _D(128, 4, 2, flat=True, tail_first=True),
+DECODE_CONFIGS = [  # the first: mesa_decode's defaults
+    _D(128, 4, 3, flat=True, tail_first=True), _D(128, 4, 3), _D(128, 4, 3, tail_first=True),
+    _D(128, 4, 3, flat=True), _D(128, 4, 2, flat=True, tail_first=True),
     _D(128, 4, 3, turn_query=False), _D(64, 4, 3, flat=True),
     _D(64, 4, 3, flat=True, tail_first=True), _D(128, 8, 3, flat=True, tail_first=True),
 ]  # fmt: skip
 DECODE_SPLITS = (8, 16, 32, 64, 128)
+SWEEP_MIN_SPLIT = 256  # the sweep's grid columns: a split reads at least this many keys
 
 
 def _pre_kw(cfg) -> dict:
@@ -477,9 +478,12 @@ def _pre_kw(cfg) -> dict:
 
 def _dec_kw(cfg: DecodeCfg, sizing: tuple[int, int] | None = None) -> dict:
     """mesa_decode keywords of a decode config; sizing None: the grid's split count alone
-    (the sweep), else the engine's per-sequence split sizing (split_keys, split_programs)."""
+    (the sweep), else the engine's launch: per-sequence split sizing (split_keys,
+    split_programs) in a grid for ENGINE_MAX_LEN."""
     keys, programs = sizing or (None, tm.DECODE_SPLIT_PROGRAMS)
+    engine = dict(max_seq_len=ENGINE_MAX_LEN) if sizing else dict(min_split_keys=SWEEP_MIN_SPLIT)
     return dict(
+        **engine,
         block_n=cfg.block_n,
         num_warps=cfg.warps,
         num_stages=cfg.stages,
@@ -501,21 +505,28 @@ SPLIT_SIZINGS = tuple(itertools.product((1024, 2048, 8192), (256, 512, 1024)))
 DEFAULT_SIZING = (tm.DECODE_SPLIT_KEYS, tm.DECODE_SPLIT_PROGRAMS)
 
 
+def _engine_split_args(sizing: tuple[int, int], Hkv: int, block_n: int) -> tuple:
+    """(grid for ENGINE_MAX_LEN, min_split, split_div, split_keys) as ``mesa_decode`` derives
+    them for one request with sizing (split_keys, split_programs)."""
+    keys, programs = sizing
+    grid = tm.decode_num_splits(ENGINE_MAX_LEN, 1, Hkv)
+    min_split = -(-tm.DECODE_MIN_SPLIT_KEYS // block_n) * block_n
+    return grid, min_split, max(1, programs // Hkv), keys
+
+
 def engine_splits(
     S: int, sizing: tuple[int, int], Hkv: int = SPEED_SHAPE[1], block_n: int = 128
 ) -> int:
-    """Busy splits of one sequence of S keys in the engine (grid sized for ENGINE_MAX_LEN,
-    one request) with sizing (split_keys, split_programs): ``_split_len`` in
-    mesa_vllm/ops/triton_mesa.py, re-derived on the host."""
+    """Busy splits of one sequence of S keys in the engine (``_split_len`` in
+    mesa_vllm/ops/triton_mesa.py, on the host)."""
+    per = tm.split_len_host(S, *_engine_split_args(sizing, Hkv, block_n), block_n)
+    return int(-(-S // per))
 
-    def cdiv(a: int, b: int) -> int:
-        return -(-a // b)
 
-    keys, programs = sizing
-    grid = tm.decode_num_splits(ENGINE_MAX_LEN, 1, Hkv)
-    own = min(cdiv(S, max(1, programs // Hkv)), keys) // block_n * block_n
-    per = max(cdiv(cdiv(S, grid), block_n) * block_n, own, 256)
-    return cdiv(S, per)
+def engine_grid(sizing: tuple[int, int], Hkv: int = SPEED_SHAPE[1], block_n: int = 128) -> int:
+    """The grid's split count the engine launches: ``decode_busy_splits`` for ENGINE_MAX_LEN."""
+    args = _engine_split_args(sizing, Hkv, block_n)
+    return tm.decode_busy_splits(ENGINE_MAX_LEN, *args, block_n)
 
 
 def pick_decode(sweep: list[dict]) -> tuple[DecodeCfg, tuple[int, int]]:
@@ -536,9 +547,12 @@ def pick_decode(sweep: list[dict]) -> tuple[DecodeCfg, tuple[int, int]]:
     if not cands:
         return DECODE_CONFIGS[0], DEFAULT_SIZING
     best = {S: min(ms[S] for ms in cands.values()) for S in at}
-    # a tie (sizings giving the same split counts) goes to the default sizing
-    return min(cands, key=lambda c: (sum(m / best[S] for S, m in cands[c].items()),
-                                     c[1] != DEFAULT_SIZING))  # fmt: skip
+    keys, programs = DEFAULT_SIZING
+
+    def score(c):  # a tie (sizings giving the same split counts) goes to the default values
+        return sum(m / best[S] for S, m in cands[c].items()), c[1][1] != programs, c[1][0] != keys
+
+    return min(cands, key=score)
 
 
 def decode_env(cfg: DecodeCfg, sizing: tuple[int, int]) -> str:
@@ -692,6 +706,7 @@ def speed_decode(S, Hkv, cfg, sizing, params, fa_varlen) -> dict:
         mesa_ms=engine_ms,
         engine_ms_tile_rows=more_rows,
         engine_splits=engine_splits(S, sizing, Hkv, block_n=cfg.block_n),
+        engine_grid=engine_grid(sizing, Hkv, block_n=cfg.block_n),
         best_grid_ms=ms,
         splits=splits,
         all_splits={sp: m for m, sp in rows},
@@ -737,8 +752,8 @@ def markdown(check_rows, sp) -> str:
         lines.append("")
     if sp["decode_sweep"]:
         lines += [
-            "Decode configs (ms, CUDA graph; a split reads at least 256 keys, idle splits"
-            " return at once):",
+            f"Decode configs (ms, CUDA graph; a split reads at least {SWEEP_MIN_SPLIT} keys, "
+            "idle splits return at once):",
             "",
             "| S | BLOCK_N, warps, stages, angle add, turn query, tile rows, stair run, flat, "
             "tail first | " + " | ".join(f"{n} splits" for n in DECODE_SPLITS) + " |",
@@ -776,11 +791,11 @@ def markdown(check_rows, sp) -> str:
         f"Decode of one token, one layer-call (CUDA graph replay), config "
         f"{sp['decode_cfg']}, split_keys {sp.get('decode_split_keys')}, split_programs "
         f"{sp.get('decode_split_programs')}: as the engine launches "
-        f"it (grid for max_model_len {ENGINE_MAX_LEN}, the sequence's own split count), and "
-        f"the best grid split count alone; baseline {b} "
+        f"it (max_model_len {ENGINE_MAX_LEN}: the grid the sizing needs for that length, the "
+        f"sequence's own split count), and the best grid split count alone; baseline {b} "
         f"({'paged cache, block 16' if b.startswith('FA3') else 'contiguous KV'}).",
         "",
-        f"| S | KV heads | Mesa ms (engine) | busy splits | Mesa KV TB/s | best grid ms | "
+        f"| S | KV heads | Mesa ms (engine) | busy / grid splits | Mesa KV TB/s | best grid ms | "
         f"grid splits | {b} ms | {b} KV TB/s | ratio |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -789,7 +804,8 @@ def markdown(check_rows, sp) -> str:
         if "base_ms" in r:
             base = f"{r['base_ms']:.4f} | {r['base_tbs']:.2f} | {r['mesa_ms'] / r['base_ms']:.2f}"
         lines.append(
-            f"| {r['S']} | {r['Hkv']} | {r['mesa_ms']:.4f} | {r.get('engine_splits', '-')} | "
+            f"| {r['S']} | {r['Hkv']} | {r['mesa_ms']:.4f} | {r.get('engine_splits', '-')} / "
+            f"{r.get('engine_grid', '-')} | "
             f"{r['mesa_tbs']:.2f} | {r.get('best_grid_ms', r['mesa_ms']):.4f} | {r['splits']} | "
             f"{base} |"
         )

@@ -12,6 +12,8 @@
 #   bash benchmarks/gpu_session.sh decode       kernel checks + decode sweep + speed vs FA3;
 #                                               the picked MESA_VLLM_DECODE_KERNEL value goes
 #                                               to /tmp/decode_env (for the engine parts)
+#   bash benchmarks/gpu_session.sh defaults     kernel checks + speed vs FA3 at the launcher's
+#                                               defaults (no sweep)
 #   bash benchmarks/gpu_session.sh check        smoke eager-vs-graphs + correctness vs FLASH_ATTN
 #   (speed takes a comma list of backends: each runs in its own process, same call)
 #
@@ -62,6 +64,10 @@ decode)  # kernel checks + decode sweep + speed vs FA3, no prefill sweep or floo
     timeout 560 python3 benchmarks/bench_kernels.py --sweep-len 0 \
         --decode-env-out /tmp/decode_env > "$OUT/kernels.log" 2>&1
     echo "kernels rc=$?"; grep -E "^\| |checks done|config|DECODE_ENV" "$OUT/kernels.log" | tail -90 ;;
+defaults)  # kernel checks + speed vs FA3 of the defaults, as the engine launches them
+    timeout 400 python3 benchmarks/bench_kernels.py --skip-sweep --sweep-len 0 \
+        > "$OUT/kernels.log" 2>&1
+    echo "kernels rc=$?"; grep -E "^\| |checks done|config|DECODE_ENV" "$OUT/kernels.log" | tail -40 ;;
 check)
     timeout 300 python3 benchmarks/gpu_smoke.py > "$OUT/smoke.log" 2>&1
     echo "smoke rc=$?"; grep -E "^SMOKE|Error" "$OUT/smoke.log" | tail -8

@@ -206,6 +206,7 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
                 output,
                 md.num_splits,
                 rotary_dim=rd,
+                max_seq_len=md.max_seq_len,
                 **self.decode_options,
             )
 

@@ -65,8 +65,9 @@ class FreshPrefill:
 @dataclass
 class MesaMetadata:
     """Torch path: ``segments``.  Triton path: ``prefill_table`` (segments of 2+ queries),
-    ``decode_table`` (single-query segments), ``num_splits``, the ``block_table`` and
-    ``fresh`` (prompts for FlashAttention, or None)."""
+    ``decode_table`` (single-query segments), ``num_splits`` and ``max_seq_len`` (the
+    decode grid's host ints), the ``block_table`` and ``fresh`` (prompts for
+    FlashAttention, or None)."""
 
     num_actual_tokens: int
     slot_mapping: torch.Tensor
@@ -75,6 +76,7 @@ class MesaMetadata:
     prefill_table: object | None = None
     decode_table: object | None = None
     num_splits: int = 1
+    max_seq_len: int | None = None
     fresh: FreshPrefill | None = None
 
 
@@ -294,7 +296,8 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
                 md.fresh = fresh_prefill(spans, self.fa_version, device)
             if pre:
                 md.prefill_table = build_segment_table(pre, self.params, self.block_q, device)
-            md.num_splits = decode_num_splits(int(max_seq_len), len(dec), self.num_kv_heads)
+            md.max_seq_len = int(max_seq_len)
+            md.num_splits = decode_num_splits(md.max_seq_len, len(dec), self.num_kv_heads)
             if dec:
                 md.decode_table = build_segment_table(dec, self.params, 1, device)
             return md
@@ -309,6 +312,7 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
             dec.append((r, first_pad_row + i, Segment("causal", 0, 1)))
         table = build_segment_table(dec, self.params, 1, device)
         md.decode_table = self._persistent(table, len(dec))
+        md.max_seq_len = self.max_model_len
         md.num_splits = decode_num_splits(self.max_model_len, len(dec), self.num_kv_heads)
         return md
 

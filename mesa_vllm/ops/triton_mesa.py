@@ -36,6 +36,7 @@ the sinks) and then the near keys, so it never needs both products.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -59,10 +60,12 @@ _TWO_PI_B = tl.constexpr(_C2)
 _TWO_PI_C = tl.constexpr(2 * math.pi - _C1 - _C2)
 _INV_TWO_PI = tl.constexpr(1.0 / (2 * math.pi))
 _NEG_BIG = tl.constexpr(-1.0e30)
-# Decode split sizing per sequence, in-kernel (mesa_decode's split_programs / split_keys):
-# ~512 programs, up to 8192 keys per split (H200, benchmarks/kernels_h200.md, session 5)
+# Decode split sizing per sequence, in-kernel (mesa_decode's split_programs / split_keys /
+# min_split_keys): ~512 programs, 512 to 8192 keys per split (H200, benchmarks/
+# kernels_h200.md, sessions 5 and 6)
 DECODE_SPLIT_PROGRAMS = 512
 DECODE_SPLIT_KEYS = 8192
+DECODE_MIN_SPLIT_KEYS = 512
 # Stair positions per decode tile at least (a 128-key block spans <= 4 positions for E >= 43;
 # where a block spans more than the tile's rows, its keys are turned instead)
 DECODE_STAIR_ROWS = 4
@@ -206,6 +209,45 @@ def decode_num_splits(
         -(-target_programs // max(1, num_rows * num_kv_heads)), -(-max_seq_len // keys_per_split)
     )
     return int(max(1, min(want, -(-max_seq_len // min_keys), max_splits)))
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def split_len_host(
+    n_keys: np.ndarray, num_splits: int, min_split: int, split_div: int, split_keys: int,
+    block_n: int,
+) -> np.ndarray:  # fmt: skip
+    """``_split_len`` (the decode kernels' keys per split) on the host, int64 [N] -> [N]."""
+    n = np.asarray(n_keys, dtype=np.int64)
+    own = np.minimum(_cdiv(n, split_div), split_keys) // block_n * block_n  # rounded down
+    per = np.maximum(_cdiv(_cdiv(n, num_splits), block_n) * block_n, own)
+    return np.maximum(per, min_split)
+
+
+@functools.lru_cache(maxsize=64)
+def decode_busy_splits(
+    max_seq_len: int, num_splits: int, min_split: int, split_div: int, split_keys: int,
+    block_n: int,
+) -> int:  # fmt: skip
+    """The most splits ``_split_len`` keeps busy for a sequence of at most max_seq_len keys
+    in a grid of num_splits: the grid a launch needs.  A grid of exactly that many gives every
+    sequence the same split length as the larger grid (each split length is a multiple of
+    block_n >= n / busy), without the idle programs.
+
+    The split length is a step function of n that only grows, so the busy count peaks at
+    the last n before a step: before the per-sequence length gains a block (n = split_div *
+    (k * block_n - 1)) or the grid's does (n = num_splits * k * block_n), or at max_seq_len.
+    """
+    n_max = max(1, max_seq_len)
+    k_own = np.arange(1, split_keys // block_n + 2, dtype=np.int64)
+    k_grid = np.arange(1, n_max // (num_splits * block_n) + 1, dtype=np.int64)
+    n = np.concatenate([split_div * (k_own * block_n - 1), k_grid * num_splits * block_n,
+                        [n_max]])  # fmt: skip
+    n = n[(n >= 1) & (n <= n_max)]
+    per = split_len_host(n, num_splits, min_split, split_div, split_keys, block_n)
+    return int(_cdiv(n, per).max())
 
 
 # ---------------------------------------------------------------- device helpers
@@ -674,6 +716,17 @@ def _split_len(n_keys, num_splits, min_split, split_div, split_keys, BLOCK_N: tl
 
 
 @triton.jit
+def _split_order(pid, n_keys, per_split, TAIL_FIRST: tl.constexpr):
+    """The split program pid runs: pid, or with TAIL_FIRST the busy splits last to first (the
+    GPU starts programs in grid order, and a sequence's last split, which holds the keys
+    turned as loaded, is its slowest); the idle splits stay last either way."""
+    if TAIL_FIRST:
+        busy = tl.cdiv(n_keys, per_split)
+        return tl.where(pid < busy, busy - 1 - pid, pid)
+    return pid
+
+
+@triton.jit
 def _store_split(M_WS, L_WS, ACC_WS, idx, m_i, l_i, acc, row_ok, BLOCK_D: tl.constexpr):
     """One split's softmax state (m, l [rows], acc [rows, BLOCK_D]) at workspace rows idx."""
     tl.store(M_WS + idx, m_i, mask=row_ok)
@@ -756,13 +809,10 @@ def _decode_kernel(
     """Split-KV decode, program (segment, KV head, split); BLOCK_G = G_PAD * NV tile rows;
     TURN_QUERY: stair blocks by ``_stair_block`` (else every key is turned as loaded);
     FLAT_STAIR: those blocks in one loop, the query turned per block (else per run);
-    TAIL_FIRST: the splits start last to first (the GPU starts programs in grid order, and a
-    sequence's last split, which holds its turned keys, is its slowest)."""
+    TAIL_FIRST: a sequence's busy splits start last to first (``_split_order``)."""
     seg = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
-    if TAIL_FIRST:
-        split = num_splits - 1 - split
     q_lo = tl.load(SEG_QLO + seg)
     p_abs = tl.load(SEG_QABS + seg)
     kind = tl.load(SEG_KIND + seg)
@@ -786,6 +836,7 @@ def _decode_kernel(
         # An idle split (a short sequence in a grid sized for max_model_len) does nothing:
         # the reduction reads only the busy splits.
         per_split = _split_len(n_keys, num_splits, min_split, split_div, split_keys, BLOCK_N)
+        split = _split_order(split, n_keys, per_split, TAIL_FIRST)
         lo = split * per_split
         if lo < n_keys:
             hi = tl.minimum(lo + per_split, n_keys)
@@ -859,6 +910,7 @@ def _decode_kernel(
         qpos = tl.where(weave, p - fe_j, qpos)
         n_keys = tl.where(weave, p_abs + 1 - shift, n_keys)
         per_split = _split_len(n_keys, num_splits, min_split, split_div, split_keys, BLOCK_N)
+        split = _split_order(split, n_keys, per_split, TAIL_FIRST)
         lo = split * per_split
         hi = tl.minimum(lo + per_split, n_keys)
         q1, q2, q3 = _load_query(Q, q_lo + rows * 0, head, row_ok, p, qpos, kind >= 2, inv,
@@ -1070,32 +1122,40 @@ def mesa_decode(
     stair_run: int | None = None,
     split_keys: int | None = DECODE_SPLIT_KEYS,
     split_programs: int = DECODE_SPLIT_PROGRAMS,
-    flat_stair: bool = False,
-    tail_first: bool = False,
+    flat_stair: bool = True,
+    tail_first: bool = True,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """Split-KV decode: every segment of ``table`` must hold exactly one query.
 
     Shapes as ``mesa_prefill``; ``num_splits`` a host int (``decode_num_splits``): the grid's
-    split count; a split reads at least ``min_split_keys`` keys (default 256 on the GPU, one
-    key block under the interpreter), so a short sequence in a grid sized for max_model_len
-    keeps few splits busy; the idle ones (Mesa segments) return at once.  workspace: (m, l
-    fp32 [num_segments * Hq * num_splits], acc fp32 [num_segments * Hq * num_splits,
-    BLOCK_D]) or None to allocate.  turn_query: stair keys below the anchor are scored with
-    the query turned per stair position (``_stair_block``); False turns every key instead.
-    tile_rows: decode tile rows at least (the G heads, padded, x the stair positions NV);
-    stair_run: key blocks one query turn serves at most (None: as many as span <= NV stair
-    positions; 1: a turn per block).  flat_stair: the stair blocks in one flat loop, the
-    query turned per block (session 4's loop; runs are nested loops, and Triton pipelines
-    only the inner one).  tail_first: the grid's splits start last to first, so the split that
-    holds a sequence's turned keys (the slowest) does not start last.  split_keys: each
-    sequence gets
-    enough splits for ~split_programs programs, of at most split_keys keys each (whole key
-    blocks, rounded down), within the grid's ``num_splits``; None: the grid's count alone
-    (min_split_keys still holds).  Defaults (BLOCK_N 128 for fp16/bf16, 4 warps, 3 stages,
-    16 rows, runs as long as the rows allow, 512 programs, 8192 keys) from the H200 sweep in
-    benchmarks/kernels_h200.md (session 5); MESA_VLLM_DECODE_KERNEL overrides them in the
-    engine.  No host sync, grid from host ints: CUDA-graph safe when ``table`` and
-    ``workspace`` live in persistent buffers.  Returns ``output``.
+    split count at most; max_seq_len (a host int, e.g. max_model_len; None: unknown) lets the
+    launch shrink the grid to the splits a sequence that long can keep busy
+    (``decode_busy_splits``), which drops idle programs and changes no split.  workspace:
+    (m, l fp32 [num_segments * Hq * num_splits], acc fp32 [num_segments * Hq * num_splits,
+    BLOCK_D]) or None to allocate.
+
+    Launch options (defaults from the H200 sweeps in benchmarks/kernels_h200.md, sessions 5
+    and 6; MESA_VLLM_DECODE_KERNEL overrides them in the engine):
+
+    * block_n (128 for fp16/bf16), num_warps (4), num_stages (3).
+    * turn_query: stair keys below the anchor are scored with the query turned per stair
+      position (``_stair_block``); False turns every key instead.
+    * tile_rows: decode tile rows at least (the G heads, padded, x the stair positions NV).
+    * flat_stair (on): the stair blocks in one flat loop, the query turned per block; off,
+      one turn serves a run of blocks, stair_run of them at most (None: as many as span <= NV
+      stair positions), but each run is a nested loop, and Triton pipelines only the inner
+      one.
+    * tail_first (on): a sequence's busy splits start last to first, so the split holding
+      the keys turned as loaded (the slowest) does not start last.
+    * Split sizing: each sequence gets enough splits for ~split_programs programs, of at most
+      split_keys keys (whole key blocks, rounded down), at least min_split_keys keys (512 on
+      the GPU, one key block under the interpreter), within the grid; split_keys None: the
+      grid's count alone (min_split_keys still holds).  Splits past a sequence's own count
+      return at once (Mesa segments).
+
+    No host sync, grid from host ints: CUDA-graph safe when ``table`` and ``workspace`` live
+    in persistent buffers.  Returns ``output``.
     """
     check_decode_launch(
         block_n=block_n, num_warps=num_warps, tile_rows=tile_rows, stair_run=stair_run
@@ -1105,6 +1165,17 @@ def mesa_decode(
         return output
     meta, Hkv, interp = _common(query, key_cache, value_cache, inv_freq, rotary_dim)
     Hq = query.shape[1]
+    if block_n is None:
+        block_n = 16 if interp else (32 if query.dtype == torch.float32 else 128)
+    if min_split_keys is None:
+        min_split_keys = block_n if interp else DECODE_MIN_SPLIT_KEYS
+    min_split = -(-min_split_keys // block_n) * block_n
+    # a sequence's own split count: ~split_programs programs (split_keys None: off)
+    split_div = max(1, split_programs // (n_seg * Hkv)) if split_keys else 1 << 30
+    sizing = (min_split, split_div, split_keys or 0, block_n)
+    if max_seq_len is not None:
+        num_splits = min(num_splits, decode_busy_splits(max_seq_len, num_splits, *sizing))
+    splits = (num_splits, *sizing[:3])
     if workspace is None:
         size, dev = n_seg * Hq * num_splits, query.device
         workspace = (
@@ -1112,14 +1183,6 @@ def mesa_decode(
             torch.empty(size, dtype=torch.float32, device=dev),
             torch.empty(size, meta["BLOCK_D"], dtype=torch.float32, device=dev),
         )
-    if block_n is None:
-        block_n = 16 if interp else (32 if query.dtype == torch.float32 else 128)
-    if min_split_keys is None:
-        min_split_keys = block_n if interp else 256
-    min_split = -(-min_split_keys // block_n) * block_n
-    # a sequence's own split count: ~split_programs programs (split_keys None: off)
-    split_div = max(1, split_programs // (n_seg * Hkv)) if split_keys else 1 << 30
-    splits = (num_splits, min_split, split_div, split_keys or 0)
     # tile rows: the G heads (padded) x at least DECODE_STAIR_ROWS stair positions (a weave
     # engine's decode has no stair rows: the G heads only)
     g_pad = triton.next_power_of_2(meta["G"])

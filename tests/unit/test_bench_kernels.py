@@ -35,8 +35,8 @@ def test_engine_splits_follow_the_sequence_not_the_grid():
     assert bk.engine_splits(131072, (2048, 512)) == 64  # split_keys caps the split length
     assert bk.engine_splits(131072, (512, 512)) == 128  # ... and the grid the split count
     assert bk.engine_splits(32768, (8192, 256)) == 8  # fewer programs, fewer splits
-    assert bk.engine_splits(4096 + 4, (8192, 512)) == 17  # rounded down to 256: 17, not 11
-    assert bk.engine_splits(1000, (8192, 512)) == 4  # the 256-key floor
+    assert bk.engine_splits(16 * 640 + 4, (8192, 512)) == 17  # rounded down to 640: 17, not 14
+    assert bk.engine_splits(4096, (8192, 512)) == 8  # the 512-key floor
 
 
 def test_pick_decode_weighs_every_length_at_the_engines_split_count():
@@ -53,13 +53,13 @@ def test_pick_decode_weighs_every_length_at_the_engines_split_count():
 
 def test_pick_decode_picks_the_split_sizing():
     sweep = [
-        _row(131072, A, 2.0), _row(131072, A, 1.0, (2048, 512)),  # 16 / 64 splits
-        _row(4096, A, 1.0), _row(4096, A, 0.5, (8192, 256)),  # 16 / 8 splits
+        _row(131072, A, 1.5), _row(131072, A, 1.0, (2048, 512)),  # 16 / 64 splits
+        _row(32768, A, 1.0), _row(32768, A, 0.5, (8192, 256)),  # 16 / 8 splits
     ]  # fmt: skip
-    # 2048 keys with 256 programs: 64 splits at 128k and 8 at 4k, the best at both
-    assert bk.pick_decode(sweep) == (A, (2048, 256))
-    sweep[0]["ms"] = 0.9  # now 16 splits win at 128k: 8192 keys
+    # 8192 keys with 256 programs: 8 splits at 32k (2x faster), 16 at 128k (1.5x slower)
     assert bk.pick_decode(sweep) == (A, (8192, 256))
+    sweep[3]["ms"] = 0.9  # 8 splits gain less: 2048 keys with 512 programs, 64 at 128k
+    assert bk.pick_decode(sweep) == (A, (2048, 512))
 
 
 def test_pick_decode_without_rows_keeps_the_default():
@@ -68,7 +68,8 @@ def test_pick_decode_without_rows_keeps_the_default():
 
 def test_pick_decode_reads_rows_of_older_sweeps():
     old = (128, 4, 3, False, True, 16, 0)  # session 5's JSON: 7 or 8 fields
-    sweep = [dict(S=4096, cfg=list(old), splits=16, ms=1.0)]
+    sweep = [_row(4096, bk.DecodeCfg(*old), 1.0)]
+    sweep[0]["cfg"] = list(old)
     assert bk.pick_decode(sweep) == (bk.DecodeCfg(*old), DEFAULT)
 
 
@@ -76,7 +77,7 @@ def test_pick_decode_reads_rows_of_older_sweeps():
 def test_decode_env_round_trips_to_the_launch_keywords(monkeypatch, cfg):
     monkeypatch.setenv("MESA_VLLM_DECODE_KERNEL", bk.decode_env(cfg, (2048, 256)))
     want = {k: v for k, v in bk._dec_kw(cfg, (2048, 256)).items() if v is not None}
-    del want["angle_add"], want["turn_query"]
+    del want["angle_add"], want["turn_query"], want["max_seq_len"]
     want["flat_stair"], want["tail_first"] = int(cfg.flat), int(cfg.tail_first)
     assert decode_kernel_options() == want
 

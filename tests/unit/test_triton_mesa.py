@@ -49,7 +49,7 @@ _CASES = [
      dict(rotary=0.5)),
     ("fp32-d32-g4-p16-decode", "float32", 32, 2, 4, 16,
      [(10, 20, 19), (20, 50, 49), (200, 230, 229), (150, 71, 70), (256, 256, 255)],
-     dict(splits=4, tail_first=True)),
+     dict(splits=4, tail_first=False)),
     ("bf16-d64-g4-p32-chunked", "bfloat16", 64, 2, 4, 32,
      [(200, 140, 100), (96, 96, 33), (100, 120, 119)], dict(splits=2)),
     ("fp16-d32-g1-p32-chunked-keys-turned", "float16", 32, 2, 1, 32,
@@ -58,18 +58,19 @@ _CASES = [
      dict(log_n=False)),
     ("fp32-d64-g1-p32-blockq3-no-angle-add", "float32", 64, 1, 1, 32,
      [(130, 130, 0), (60, 62, 61), (200, 210, 209)],
-     dict(block_q=3, splits=5, flip_angle_add=True, stair_run=1)),
-    # a sequence's own split count (48 keys per split here) leaves most of the 16 idle
+     dict(block_q=3, splits=5, flip_angle_add=True, stair_run=1, flat_stair=False)),
+    # a sequence's own split count (48 keys per split here) leaves most of the 16 idle; the
+    # grid shrinks to the 5 splits a 230-key sequence needs (the longest here)
     ("fp32-d32-g4-p16-decode-idle-splits", "float32", 32, 2, 4, 16,
      [(20, 50, 49), (200, 230, 229), (150, 71, 70), (5, 6, 5)],
-     dict(splits=16, min_split=32, split_keys=48, split_programs=8, tail_first=True)),
+     dict(splits=16, min_split=32, split_keys=48, split_programs=8, max_seq_len=230)),
     # stair runs wider than a key block (E = 20 > 16): blocks with one or two stair
     # positions; a split floor of 48 keys leaves most of the 8 splits idle
     ("bf16-d64-g1-p16-wide-stair-min-split", "bfloat16", 64, 2, 1, 16,
      [(256, 256, 255), (200, 240, 239), (40, 90, 89), (20, 21, 20)],
      dict(E=20, splits=8, min_split=48)),
     ("fp32-d64-g2-p32-wide-stair-partial", "float32", 64, 1, 2, 32,
-     [(230, 231, 230), (100, 101, 100)], dict(E=17, rotary=0.5, splits=3, flat_stair=True)),
+     [(230, 231, 230), (100, 101, 100)], dict(E=17, rotary=0.5, splits=3, flat_stair=False)),
     # decode tiles of G heads x NV stair positions (_stair_block): NV = 4 at its limit
     # (E = 6: a 16-key block spans 4 positions), 8 heads (32 rows), 3 heads padded to 4
     ("bf16-d64-g4-p16-stair-rows", "bfloat16", 64, 2, 4, 16,
@@ -81,7 +82,8 @@ _CASES = [
      [(240, 250, 249), (90, 91, 90)], dict(E=7, rotary=0.5, splits=2, min_split=48)),
     # 32 tile rows: 4 heads x 8 positions, so one query turn serves runs of 2 blocks (E = 6)
     ("bf16-d32-g4-p16-stair-runs", "bfloat16", 32, 1, 4, 16,
-     [(256, 256, 255), (130, 170, 169), (47, 48, 47)], dict(E=6, splits=2, tile_rows=32)),
+     [(256, 256, 255), (130, 170, 169), (47, 48, 47)],
+     dict(E=6, splits=2, tile_rows=32, flat_stair=False)),
     # weave-PE variants: below L, several L, chunked prefill from mid-sequence, decode rows of
     # long prompts and of short prompts grown past L, in one launch each.
     ("rerope-fp32-d32-g1-p16", "float32", 32, 2, 1, 16,
@@ -224,7 +226,7 @@ def run_case(case: dict, seed: int) -> dict:
             stair_run=case.get("stair_run"),
             **{
                 k: case[k]
-                for k in ("split_keys", "split_programs", "flat_stair", "tail_first")
+                for k in ("split_keys", "split_programs", "flat_stair", "max_seq_len", "tail_first")
                 if k in case
             },
         )
