@@ -203,8 +203,8 @@ def decode_num_splits(
     ``keys_per_split`` keys, never under ``min_keys`` keys per split, at most ``max_splits``.
     Fitted on an H200 in session 3 (benchmarks/kernels_h200.md).  It is an upper bound: the
     kernel splits each sequence by its own length (``mesa_decode``'s split_keys /
-    split_programs), so a grid sized for max_model_len leaves a short sequence's extra splits
-    idle."""
+    split_programs), and given max_seq_len, ``mesa_decode`` launches only the splits that
+    sizing can use (``decode_busy_splits``)."""
     want = max(
         -(-target_programs // max(1, num_rows * num_kv_heads)), -(-max_seq_len // keys_per_split)
     )
