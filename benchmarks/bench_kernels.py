@@ -511,8 +511,7 @@ def _engine_split_args(sizing: tuple[int, int], Hkv: int, block_n: int) -> tuple
     them for one request with sizing (split_keys, split_programs)."""
     keys, programs = sizing
     grid = tm.decode_num_splits(ENGINE_MAX_LEN, 1, Hkv)
-    min_split = -(-tm.DECODE_MIN_SPLIT_KEYS // block_n) * block_n
-    return grid, min_split, max(1, programs // Hkv), keys
+    return grid, *tm.decode_split_sizing(Hkv, block_n, tm.DECODE_MIN_SPLIT_KEYS, keys, programs)
 
 
 def engine_splits(

@@ -215,6 +215,18 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
+def decode_split_sizing(
+    heads: int, block_n: int, min_split_keys: int, split_keys: int | None, split_programs: int
+) -> tuple[int, int, int]:
+    """(min_split, split_div, split_keys) of ``_split_len`` for a launch of ``heads``
+    (segments x KV heads) programs per split: the floor in whole key blocks, the split count
+    that gives ~split_programs programs, the cap (split_keys None: the grid's count alone)."""
+    min_split = _cdiv(min_split_keys, block_n) * block_n
+    if not split_keys:
+        return min_split, 1 << 30, 0
+    return min_split, max(1, split_programs // heads), split_keys
+
+
 def split_len_host(
     n_keys: np.ndarray, num_splits: int, min_split: int, split_div: int, split_keys: int,
     block_n: int,
@@ -1169,10 +1181,8 @@ def mesa_decode(
         block_n = 16 if interp else (32 if query.dtype == torch.float32 else 128)
     if min_split_keys is None:
         min_split_keys = block_n if interp else DECODE_MIN_SPLIT_KEYS
-    min_split = -(-min_split_keys // block_n) * block_n
-    # a sequence's own split count: ~split_programs programs (split_keys None: off)
-    split_div = max(1, split_programs // (n_seg * Hkv)) if split_keys else 1 << 30
-    sizing = (min_split, split_div, split_keys or 0, block_n)
+    sizing = (*decode_split_sizing(n_seg * Hkv, block_n, min_split_keys, split_keys,
+                                   split_programs), block_n)  # fmt: skip
     if max_seq_len is not None:
         num_splits = min(num_splits, decode_busy_splits(max_seq_len, num_splits, *sizing))
     splits = (num_splits, *sizing[:3])
