@@ -451,8 +451,6 @@ class DecodeCfg(NamedTuple):
     angle_add: bool = False
     turn_query: bool = True  # False: every key turned as loaded
     tile_rows: int = 16
-    stair_run: int = 0  # key blocks per query turn, 0: as many as the stair rows allow
-    flat: bool = False  # one flat loop, the query turned per block (session 4's loop)
     tail_first: bool = False  # a sequence's busy splits start last to first
 
     @property
@@ -463,10 +461,9 @@ class DecodeCfg(NamedTuple):
 
 _D = DecodeCfg
 DECODE_CONFIGS = [  # the first: mesa_decode's defaults
-    _D(128, 4, 3, flat=True, tail_first=True), _D(128, 4, 3), _D(128, 4, 3, tail_first=True),
-    _D(128, 4, 3, flat=True), _D(128, 4, 2, flat=True, tail_first=True),
-    _D(128, 4, 3, turn_query=False), _D(64, 4, 3, flat=True),
-    _D(64, 4, 3, flat=True, tail_first=True), _D(128, 8, 3, flat=True, tail_first=True),
+    _D(128, 4, 3, tail_first=True), _D(128, 4, 3), _D(128, 4, 2, tail_first=True),
+    _D(128, 4, 3, turn_query=False), _D(64, 4, 3, tail_first=True), _D(64, 4, 3),
+    _D(128, 8, 3, tail_first=True),
 ]  # fmt: skip
 DECODE_SPLITS = (8, 16, 32, 64, 128)
 SWEEP_MIN_SPLIT = 256  # the sweep's grid columns: a split reads at least this many keys
@@ -491,10 +488,8 @@ def _dec_kw(cfg: DecodeCfg, sizing: tuple[int, int] | None = None) -> dict:
         angle_add=cfg.angle_add,
         turn_query=cfg.turn_query,
         tile_rows=cfg.tile_rows,
-        stair_run=cfg.stair_run or None,
         split_keys=keys,
         split_programs=programs,
-        flat_stair=cfg.flat,
         tail_first=cfg.tail_first,
     )
 
@@ -531,8 +526,7 @@ def engine_grid(sizing: tuple[int, int], Hkv: int = SPEED_SHAPE[1], block_n: int
 
 def pick_decode(sweep: list[dict]) -> tuple[DecodeCfg, tuple[int, int]]:
     """The decode config and split sizing the engine should launch: least sum over the swept
-    lengths of the config's time at the engine's split count over the best time there; rows
-    from older sweeps (fewer config fields) take the defaults of the newer fields."""
+    lengths of the config's time at the engine's split count over the best time there."""
     at: dict = {}
     for r in sweep:
         cfg = DecodeCfg(*r["cfg"])
@@ -560,9 +554,9 @@ def decode_env(cfg: DecodeCfg, sizing: tuple[int, int]) -> str:
     if not cfg.launchable:
         raise ValueError(f"decode config {cfg}: the engine launches angle_add=False, turn_query")
     kw = _dec_kw(cfg, sizing)
-    keys = ("block_n", "num_warps", "num_stages", "tile_rows", "stair_run", "split_keys",
-            "split_programs", "flat_stair", "tail_first")  # fmt: skip
-    return ",".join(f"{k}={int(kw[k])}" for k in keys if kw[k] is not None)
+    keys = ("block_n", "num_warps", "num_stages", "tile_rows", "split_keys", "split_programs",
+            "tail_first")  # fmt: skip
+    return ",".join(f"{k}={int(kw[k])}" for k in keys)
 
 
 def sweep_prefill(T, params) -> list[dict]:
@@ -755,8 +749,9 @@ def markdown(check_rows, sp) -> str:
             f"Decode configs (ms, CUDA graph; a split reads at least {SWEEP_MIN_SPLIT} keys, "
             "idle splits return at once):",
             "",
-            "| S | BLOCK_N, warps, stages, angle add, turn query, tile rows, stair run, flat, "
-            "tail first | " + " | ".join(f"{n} splits" for n in DECODE_SPLITS) + " |",
+            "| S | BLOCK_N, warps, stages, angle add, turn query, tile rows, tail first | "
+            + " | ".join(f"{n} splits" for n in DECODE_SPLITS)
+            + " |",
             "|---|---|" + "---|" * len(DECODE_SPLITS),
         ]
         by_cfg: dict = {}

@@ -11,9 +11,9 @@ MESA_VLLM_FRESH_FA: ``1`` (default) or ``0``.  With the Triton kernels on a GPU 
     rotary kernel, exactly as the stock backend does; ``0`` keeps them on the Mesa kernels.
 MESA_VLLM_DECODE_KERNEL: launch options of the Triton decode kernel, for tuning on a new GPU
     (``benchmarks/bench_kernels.py`` sweeps them), e.g. ``block_n=64,tile_rows=32``.  Keys:
-    block_n, num_warps, num_stages, tile_rows, stair_run, split_keys, split_programs,
-    min_split_keys (positive ints) and the switches flat_stair, tail_first (0 or 1); the
-    meaning of each is in ``mesa_decode``.  Unset or empty: the defaults measured on the
+    block_n, num_warps, num_stages, tile_rows, split_keys, split_programs, min_split_keys
+    (positive ints) and the switch tail_first (0 or 1); the meaning of each is in
+    ``mesa_decode``.  Unset or empty: the defaults measured on the
     H200.
 """
 
@@ -47,10 +47,10 @@ def fresh_prefill_fa() -> bool:
 
 
 DECODE_KERNEL_KEYS = (
-    "block_n", "num_warps", "num_stages", "tile_rows", "stair_run", "split_keys",
-    "split_programs", "min_split_keys", "flat_stair", "tail_first",
+    "block_n", "num_warps", "num_stages", "tile_rows", "split_keys", "split_programs",
+    "min_split_keys", "tail_first",
 )  # fmt: skip
-DECODE_KERNEL_SWITCHES = ("flat_stair", "tail_first")  # 0 or 1
+DECODE_KERNEL_SWITCHES = ("tail_first",)  # 0 or 1
 
 
 def decode_kernel_options() -> dict[str, int]:

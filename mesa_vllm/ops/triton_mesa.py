@@ -761,11 +761,10 @@ def _stair_block(
 
     <R(a) q, R(b) k> = <R(a - b) q, k>, so tile row r holds the query turned by
     qpos - (pos0 + v_r) and scores only the keys at stair position pos0 + v_r (pos0: the
-    position of the caller's first key; every key of the block lies within pos0 + [0, NV)).
+    position of the block's first key; every key of the block lies within pos0 + [0, NV)).
     Each row is its own online-softmax stream; the caller merges a head's rows at the end.
-    q1r/q2r [M, BLOCK_HALF], q3 [M, BLOCK_REST] DOT_DTYPE, loop-invariant across the blocks
-    of one query turn; v_r int32 [M].  The keys go to the tensor cores as loaded: no trig,
-    no turned copy of the keys.
+    q1r/q2r [M, BLOCK_HALF], q3 [M, BLOCK_REST] DOT_DTYPE; v_r int32 [M].  The keys go to
+    the tensor cores as loaded: no trig, no turned copy of the keys.
     """
     t = t0 + tl.arange(0, BLOCK_N)
     dh = tl.arange(0, BLOCK_HALF)
@@ -809,18 +808,17 @@ def _decode_kernel(
     Q, K, V, BT, M_WS, L_WS, ACC_WS,
     SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_REQ, INV_FREQ,
     qk_scale, inv_log_L, F, E, W, SINK, LEAKY, FAR_C, GROUP, num_splits, min_split,
-    split_div, split_keys, max_run,
+    split_div, split_keys,
     s_qn, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, NV: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
     BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, ANGLE_ADD: tl.constexpr, PE: tl.constexpr, TURN_QUERY: tl.constexpr,
-    FLAT_STAIR: tl.constexpr, TAIL_FIRST: tl.constexpr,
+    TAIL_FIRST: tl.constexpr,
 ):
     """Split-KV decode, program (segment, KV head, split); BLOCK_G = G_PAD * NV tile rows;
     TURN_QUERY: stair blocks by ``_stair_block`` (else every key is turned as loaded);
-    FLAT_STAIR: those blocks in one loop, the query turned per block (else per run);
     TAIL_FIRST: a sequence's busy splits start last to first (``_split_order``)."""
     seg = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -867,33 +865,17 @@ def _decode_kernel(
                 stair_end = lo + n_stair * BLOCK_N
                 q_stair = _stair(p_abs, A, E)
                 qa, qb = _turn(q1, q2, -v_r, inv, FAST_TRIG, tl.float32)
-                if FLAT_STAIR:
-                    # one flat loop, the query turned per block (session 4's loop)
-                    for t0 in range(lo, stair_end, BLOCK_N):
-                        pos0 = _stair(t0, A, E)
-                        q1s, q2s = _turn(qa, qb,
-                                         tl.zeros([1], dtype=tl.int32) + (q_stair - pos0), inv,
-                                         FAST_TRIG, DOT_DTYPE)
-                        acc, l_i, m_i = _stair_block(
-                            acc, l_i, m_i, q1s, q2s, q3, v_r, t0, pos0, K, V, BT, req, A, E,
-                            hkv, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF,
-                            REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, DOT_DTYPE, PREC,
-                            UPCAST)
-                else:
-                    # One query turn serves a run of whole blocks spanning <= NV positions:
-                    # nb * BLOCK_N keys span <= (nb * BLOCK_N - 1) // E + 2 positions.
-                    run_n = tl.maximum(tl.minimum((NV - 1) * E // BLOCK_N, max_run), 1) * BLOCK_N
-                    for r0 in range(lo, stair_end, run_n):
-                        pos0 = _stair(r0, A, E)
-                        q1s, q2s = _turn(qa, qb,
-                                         tl.zeros([1], dtype=tl.int32) + (q_stair - pos0), inv,
-                                         FAST_TRIG, DOT_DTYPE)
-                        for t0 in range(r0, tl.minimum(r0 + run_n, stair_end), BLOCK_N):
-                            acc, l_i, m_i = _stair_block(
-                                acc, l_i, m_i, q1s, q2s, q3, v_r, t0, pos0, K, V, BT, req, A,
-                                E, hkv, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF,
-                                BLOCK_HALF, REST, BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N,
-                                DOT_DTYPE, PREC, UPCAST)
+                # the query turned per block, in one loop (Triton pipelines only the
+                # innermost loop: a turn shared by a run of blocks, a nested loop, lost on
+                # the H200, benchmarks/decode_experiments_h200.md, experiments 6 and 7)
+                for t0 in range(lo, stair_end, BLOCK_N):
+                    pos0 = _stair(t0, A, E)
+                    q1s, q2s = _turn(qa, qb, tl.zeros([1], dtype=tl.int32) + (q_stair - pos0),
+                                     inv, FAST_TRIG, DOT_DTYPE)
+                    acc, l_i, m_i = _stair_block(
+                        acc, l_i, m_i, q1s, q2s, q3, v_r, t0, pos0, K, V, BT, req, A, E, hkv,
+                        s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, HALF, BLOCK_HALF, REST,
+                        BLOCK_REST, HEAD, BLOCK_D, PAGE, BLOCK_N, DOT_DTYPE, PREC, UPCAST)
             q1r, q2r = _turn(q1, q2, qpos, inv, FAST_TRIG, DOT_DTYPE)
             for t0 in range(stair_end, hi, BLOCK_N):
                 acc, l_i, m_i = _attend_block(
@@ -1097,7 +1079,6 @@ def check_decode_launch(
     block_n: int | None = None,
     num_warps: int | None = None,
     tile_rows: int = 16,
-    stair_run: int | None = None,
     **_: object,
 ) -> None:
     """ValueError naming the first ``mesa_decode`` launch option the kernel cannot take
@@ -1106,8 +1087,6 @@ def check_decode_launch(
                                ("tile_rows", tile_rows, 16)):  # fmt: skip
         if value is not None and (value < least or value & (value - 1)):
             raise ValueError(f"{name}={value} is not a power of 2 >= {least}")
-    if stair_run is not None and stair_run < 1:
-        raise ValueError(f"stair_run={stair_run} is not a positive int")
 
 
 def mesa_decode(
@@ -1131,10 +1110,8 @@ def mesa_decode(
     min_split_keys: int | None = None,
     turn_query: bool = True,
     tile_rows: int = 16,
-    stair_run: int | None = None,
     split_keys: int | None = DECODE_SPLIT_KEYS,
     split_programs: int = DECODE_SPLIT_PROGRAMS,
-    flat_stair: bool = True,
     tail_first: bool = True,
     max_seq_len: int | None = None,
 ) -> torch.Tensor:
@@ -1154,10 +1131,6 @@ def mesa_decode(
     * turn_query: stair keys below the anchor are scored with the query turned per stair
       position (``_stair_block``); False turns every key instead.
     * tile_rows: decode tile rows at least (the G heads, padded, x the stair positions NV).
-    * flat_stair (on): the stair blocks in one flat loop, the query turned per block; off,
-      one turn serves a run of blocks, stair_run of them at most (None: as many as span <= NV
-      stair positions), but each run is a nested loop, and Triton pipelines only the inner
-      one.
     * tail_first (on): a sequence's busy splits start last to first, so the split holding
       the keys turned as loaded (the slowest) does not start last.
     * Split sizing: each sequence gets enough splits for ~split_programs programs, of at most
@@ -1169,9 +1142,7 @@ def mesa_decode(
     No host sync, grid from host ints: CUDA-graph safe when ``table`` and ``workspace`` live
     in persistent buffers.  Returns ``output``.
     """
-    check_decode_launch(
-        block_n=block_n, num_warps=num_warps, tile_rows=tile_rows, stair_run=stair_run
-    )
+    check_decode_launch(block_n=block_n, num_warps=num_warps, tile_rows=tile_rows)
     n_seg = table.num_segments
     if n_seg == 0:
         return output
@@ -1200,12 +1171,11 @@ def mesa_decode(
     seg = (table.q_lo, table.q_abs, table.kind, table.chunk_start, table.anchor, table.req)
     _decode_kernel[(n_seg, Hkv, num_splits)](
         query, key_cache, value_cache, block_table, *workspace, *seg, inv_freq,
-        *_scalars(table, scale), *splits, stair_run or 1 << 30,
+        *_scalars(table, scale), *splits,
         *_strides(query, key_cache, value_cache), block_table.stride(0),
         G_PAD=g_pad, NV=block_g // g_pad, BLOCK_G=block_g, BLOCK_N=block_n, LOG_N=table.log_n,
         FAST_TRIG=not interp if fast_trig is None else fast_trig, ANGLE_ADD=angle_add,
-        PE=table.pe, TURN_QUERY=turn_query, FLAT_STAIR=bool(flat_stair),
-        TAIL_FIRST=bool(tail_first),
+        PE=table.pe, TURN_QUERY=turn_query, TAIL_FIRST=bool(tail_first),
         num_warps=num_warps or 4, num_stages=num_stages or 3, **meta,
     )  # fmt: skip
     _decode_reduce_kernel[(n_seg, Hq)](

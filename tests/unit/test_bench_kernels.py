@@ -16,7 +16,7 @@ from mesa_vllm.envs import decode_kernel_options  # noqa: E402
 pytestmark = pytest.mark.unit
 
 A = bk.DecodeCfg(64, 4, 3)
-B = bk.DecodeCfg(128, 4, 2, tile_rows=32, flat=True, tail_first=True)
+B = bk.DecodeCfg(128, 4, 2, tile_rows=32, tail_first=True)
 KEYS_TURNED = bk.DecodeCfg(64, 4, 3, turn_query=False)
 DEFAULT = bk.DEFAULT_SIZING
 
@@ -66,19 +66,12 @@ def test_pick_decode_without_rows_keeps_the_default():
     assert bk.pick_decode([]) == (bk.DECODE_CONFIGS[0], DEFAULT)
 
 
-def test_pick_decode_reads_rows_of_older_sweeps():
-    old = (128, 4, 3, False, True, 16, 0)  # session 5's JSON: 7 or 8 fields
-    sweep = [_row(4096, bk.DecodeCfg(*old), 1.0)]
-    sweep[0]["cfg"] = list(old)
-    assert bk.pick_decode(sweep) == (bk.DecodeCfg(*old), DEFAULT)
-
-
 @pytest.mark.parametrize("cfg", [c for c in bk.DECODE_CONFIGS if c.launchable])
 def test_decode_env_round_trips_to_the_launch_keywords(monkeypatch, cfg):
     monkeypatch.setenv("MESA_VLLM_DECODE_KERNEL", bk.decode_env(cfg, (2048, 256)))
     want = {k: v for k, v in bk._dec_kw(cfg, (2048, 256)).items() if v is not None}
     del want["angle_add"], want["turn_query"], want["max_seq_len"]
-    want["flat_stair"], want["tail_first"] = int(cfg.flat), int(cfg.tail_first)
+    want["tail_first"] = int(cfg.tail_first)
     assert decode_kernel_options() == want
 
 

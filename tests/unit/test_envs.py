@@ -59,10 +59,10 @@ def test_bad_fresh_prefill_value_names_variable(monkeypatch):
         ("", {}),
         ("block_n=128, tile_rows=32", {"block_n": 128, "tile_rows": 32}),
         (
-            "num_warps=8,num_stages=2,stair_run=1,",
-            {"num_warps": 8, "num_stages": 2, "stair_run": 1},
+            "num_warps=8,num_stages=2,min_split_keys=256,",
+            {"num_warps": 8, "num_stages": 2, "min_split_keys": 256},
         ),
-        ("tail_first=0,flat_stair=1", {"tail_first": 0, "flat_stair": 1}),
+        ("tail_first=0", {"tail_first": 0}),
     ],
 )
 def test_decode_kernel_options(monkeypatch, value, want):

@@ -58,7 +58,7 @@ _CASES = [
      dict(log_n=False)),
     ("fp32-d64-g1-p32-blockq3-no-angle-add", "float32", 64, 1, 1, 32,
      [(130, 130, 0), (60, 62, 61), (200, 210, 209)],
-     dict(block_q=3, splits=5, flip_angle_add=True, stair_run=1, flat_stair=False)),
+     dict(block_q=3, splits=5, flip_angle_add=True)),
     # a sequence's own split count (48 keys per split here) leaves most of the 16 idle; the
     # grid shrinks to the 5 splits a 230-key sequence needs (the longest here)
     ("fp32-d32-g4-p16-decode-idle-splits", "float32", 32, 2, 4, 16,
@@ -70,7 +70,7 @@ _CASES = [
      [(256, 256, 255), (200, 240, 239), (40, 90, 89), (20, 21, 20)],
      dict(E=20, splits=8, min_split=48)),
     ("fp32-d64-g2-p32-wide-stair-partial", "float32", 64, 1, 2, 32,
-     [(230, 231, 230), (100, 101, 100)], dict(E=17, rotary=0.5, splits=3, flat_stair=False)),
+     [(230, 231, 230), (100, 101, 100)], dict(E=17, rotary=0.5, splits=3)),
     # decode tiles of G heads x NV stair positions (_stair_block): NV = 4 at its limit
     # (E = 6: a 16-key block spans 4 positions), 8 heads (32 rows), 3 heads padded to 4
     ("bf16-d64-g4-p16-stair-rows", "bfloat16", 64, 2, 4, 16,
@@ -80,10 +80,9 @@ _CASES = [
      [(256, 256, 255), (150, 190, 189), (33, 34, 33)], dict(E=8, splits=3)),
     ("fp32-d64-g3-p32-stair-rows-partial", "float32", 64, 2, 3, 32,
      [(240, 250, 249), (90, 91, 90)], dict(E=7, rotary=0.5, splits=2, min_split=48)),
-    # 32 tile rows: 4 heads x 8 positions, so one query turn serves runs of 2 blocks (E = 6)
-    ("bf16-d32-g4-p16-stair-runs", "bfloat16", 32, 1, 4, 16,
-     [(256, 256, 255), (130, 170, 169), (47, 48, 47)],
-     dict(E=6, splits=2, tile_rows=32, flat_stair=False)),
+    # 32 tile rows: 4 heads x 8 positions, more than a block's positions (E = 6) need
+    ("bf16-d32-g4-p16-stair-rows-32", "bfloat16", 32, 1, 4, 16,
+     [(256, 256, 255), (130, 170, 169), (47, 48, 47)], dict(E=6, splits=2, tile_rows=32)),
     # weave-PE variants: below L, several L, chunked prefill from mid-sequence, decode rows of
     # long prompts and of short prompts grown past L, in one launch each.
     ("rerope-fp32-d32-g1-p16", "float32", 32, 2, 1, 16,
@@ -223,10 +222,9 @@ def run_case(case: dict, seed: int) -> dict:
             min_split_keys=case.get("min_split"),
             turn_query=case.get("turn_query", True),
             tile_rows=case.get("tile_rows", 16),
-            stair_run=case.get("stair_run"),
             **{
                 k: case[k]
-                for k in ("split_keys", "split_programs", "flat_stair", "max_seq_len", "tail_first")
+                for k in ("split_keys", "split_programs", "max_seq_len", "tail_first")
                 if k in case
             },
         )
