@@ -13,8 +13,7 @@ MESA_VLLM_DECODE_KERNEL: launch options of the Triton decode kernel, for tuning 
     (``benchmarks/bench_kernels.py`` sweeps them), e.g. ``block_n=64,tile_rows=32``.  Keys:
     block_n, num_warps, num_stages, tile_rows, split_keys, split_programs, min_split_keys
     (positive ints) and the switch tail_first (0 or 1); the meaning of each is in
-    ``mesa_decode``.  Unset or empty: the defaults measured on the
-    H200.
+    ``mesa_decode``.  Unset or empty: the defaults measured on the H200.
 """
 
 from __future__ import annotations
