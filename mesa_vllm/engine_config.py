@@ -4,6 +4,8 @@ Runs in the process that builds the ``VllmConfig`` (the API server / ``LLM``), b
 sent to the engine core and the workers, so every process sees the same resolved settings:
 
 * validate ``additional_config["mesa"]`` (MesaConfig) and fill ``train_len`` from the model;
+* validate the ``MESA_VLLM_*`` environment variables (``mesa_vllm.envs``), so a bad value
+  stops start-up here, named, before a worker reads it;
 * refuse architectures and rope types Mesa does not support, naming them;
 * prefix caching off: a cached block's KV depends on the prompt length that chose its chunk
   plan, so blocks cannot be shared between prompts (an explicit ``--enable-prefix-caching`` is
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from mesa_vllm import envs
 from mesa_vllm.config import MesaConfig, MesaConfigError
 from mesa_vllm.plan import MesaParams, max_stair_distance
 
@@ -99,8 +102,19 @@ def resolve(vllm_config: Any) -> MesaConfig:
     return mesa.resolved(model_train_len(hf), model_config.max_model_len)
 
 
+def check_environment() -> None:
+    """MesaConfigError for the first bad ``MESA_VLLM_*`` value (the workers read them again,
+    where an error would surface only inside the engine core's start-up traceback)."""
+    for read in (envs.mesa_kernel, envs.fresh_prefill_fa, envs.decode_kernel_options):
+        try:
+            read()
+        except ValueError as exc:
+            raise MesaConfigError(str(exc)) from None
+
+
 def apply(vllm_config: Any, prefix_caching_explicit: bool) -> MesaConfig:
     """Resolve the Mesa config and adjust the engine for it (see module docstring)."""
+    check_environment()
     mesa = resolve(vllm_config)
     cache_config = vllm_config.cache_config
     if cache_config.enable_prefix_caching:

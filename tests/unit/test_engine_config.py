@@ -3,6 +3,8 @@ backends keep vLLM's behaviour.  Builds vLLM's real engine config (no engine is 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 pytestmark = pytest.mark.unit
@@ -13,6 +15,9 @@ def tiny64(tmp_path_factory):
     from mesa_vllm.testing.tiny_models import make_random_model
 
     return make_random_model("llama", tmp_path_factory.mktemp("m") / "llama", train_len=64)
+
+
+FITS_64 = {"mesa": {"first_chunk": 8}}  # the paper's first chunk (100) needs train_len > 101
 
 
 def _config(model, **kw):
@@ -67,6 +72,27 @@ def test_bad_mesa_config_fails_at_startup(tiny64, mesa, needle):
         _config(
             tiny64, attention_backend="mesa", max_model_len=256, additional_config={"mesa": mesa}
         )
+
+
+@pytest.mark.parametrize(
+    "var,value,needle",
+    [
+        ("MESA_VLLM_KERNEL", "cuda", "MESA_VLLM_KERNEL='cuda' is not one of auto"),
+        ("MESA_VLLM_FRESH_FA", "yes", "MESA_VLLM_FRESH_FA='yes' must be 0 or 1"),
+        ("MESA_VLLM_DECODE_KERNEL", "flat_stair=1", "MESA_VLLM_DECODE_KERNEL: 'flat_stair=1'"),
+        ("MESA_VLLM_DECODE_KERNEL", "tile_rows=24", "tile_rows=24 is not a power of 2"),
+    ],
+)
+def test_bad_environment_fails_at_engine_config(tiny64, monkeypatch, var, value, needle):
+    """In the front-end process, before any worker starts (the workers read them again)."""
+    from mesa_vllm.config import MesaConfigError
+
+    kw = dict(attention_backend="mesa", max_model_len=256, additional_config=FITS_64)
+    monkeypatch.setenv(var, value)
+    with pytest.raises(MesaConfigError, match=re.escape(needle)):
+        _config(tiny64, **kw)
+    monkeypatch.delenv(var)
+    _config(tiny64, **kw)  # the same engine builds
 
 
 def test_explicit_prefix_caching_is_refused(tiny64):
