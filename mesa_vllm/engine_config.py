@@ -11,17 +11,20 @@ sent to the engine core and the workers, so every process sees the same resolved
   plan, so blocks cannot be shared between prompts (an explicit ``--enable-prefix-caching`` is
   refused);
 * ask vLLM for per-request prompt lengths in the attention metadata (``rswa_window``);
-* warn when the stair positions at ``max_model_len`` reach beyond the trained length.
+* warn when the stair positions of some prompt or decode length up to ``max_model_len``
+  reach beyond the trained length (``worst_stair_span``), naming the smallest stair width
+  that keeps every one inside it.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 from mesa_vllm import envs
 from mesa_vllm.config import MesaConfig, MesaConfigError
-from mesa_vllm.plan import MesaParams, max_stair_distance
+from mesa_vllm.plan import MesaParams, dynamic_split, stair_anchor, stair_position
 
 logger = logging.getLogger("vllm.mesa_vllm")
 
@@ -142,29 +145,223 @@ def apply(vllm_config: Any, prefix_caching_explicit: bool) -> MesaConfig:
         max_len / mesa.train_len,
     )
     if max_len > mesa.train_len and mesa.pe == "stair":
-        reach = max_stair_distance(max_len, params)
-        if reach >= mesa.train_len:
-            logger.warning(
-                "Mesa: at max_model_len=%d the stair positions span %d > train_len=%d; "
-                "raise mesa.stair_width (now %d) to at least %d to keep every relative "
-                "position inside the trained range",
-                max_len,
-                reach,
-                mesa.train_len,
-                mesa.stair_width,
-                _min_stair_width(max_len, params),
-            )
+        _warn_stair_span(max_len, params)
     return mesa
 
 
-def _min_stair_width(max_len: int, params: MesaParams) -> int:
+def _warn_stair_span(max_len: int, params: MesaParams) -> None:
+    worst = worst_stair_span(max_len, params)
+    if worst is None or worst.span < params.train_len:
+        return
+    prompts = worst_stair_span(max_len, params, decode=False)
+    assert prompts is not None
+    L = params.train_len
+    if worst.prompt_len == worst.seq_len:
+        where = f"the last token of a {worst.seq_len}-token prompt"
+    else:
+        prompt = (
+            f"a prompt of at most {L} tokens"
+            if worst.prompt_len <= L
+            else f"a {worst.prompt_len}-token prompt"
+        )
+        where = f"token {worst.seq_len - 1} generated after {prompt}"
+    if prompts.span < L:
+        alone = f"prompts alone stay inside it (largest span {prompts.span})"
+    else:
+        alone = (
+            f"prompts alone reach {prompts.span}, first at a {prompts.seq_len}-token prompt, "
+            f"and need stair_width >= {_min_stair_width(max_len, params, decode=False)}"
+        )
+    logger.warning(
+        "Mesa: with max_model_len=%d the stair positions span up to %d >= train_len=%d, "
+        "first at %s; raise mesa.stair_width (now %d) to at least %d to keep every relative "
+        "position of every prompt and decode length up to max_model_len inside the trained "
+        "range; %s",
+        max_len,
+        worst.span,
+        L,
+        where,
+        params.stair_width,
+        _min_stair_width(max_len, params),
+        alone,
+    )
+
+
+class StairSpan(NamedTuple):
+    """The largest relative position a stair query sees, and where it first occurs.
+
+    ``seq_len`` is n = p + 1 for the query at index p (for a prompt's tokens: the prompt's
+    length, reached at its last token); ``prompt_len`` is a prompt length T whose chunk plan
+    gives that query its chunk width: T == seq_len for a prompt's own last token, T < seq_len
+    for a generated token (T = L there stands for every prompt of at most L tokens).
+    """
+
+    span: int
+    seq_len: int
+    prompt_len: int
+
+
+def stair_query_span(p: int, width: int, stair_width: int) -> int:
+    """pos(p) - pos(0) for a stair query at index p with anchor A = stair_anchor(p + 1, C).
+
+    Equals (p mod C) + floor(C * floor(p / C) / E).  A generated token's anchor comes from
+    n = p + 1 and the chunk width C of its prompt's plan; a prompt of T tokens gives its last
+    token p = T - 1 the same anchor (n = T), and that token's span is the largest of the
+    prompt's stair queries (pos is non-decreasing in the index and the keys start at 0).
+    """
+    a = stair_anchor(p + 1, width)
+    return stair_position(p, a, stair_width) - stair_position(0, a, stair_width)
+
+
+def width_runs(max_len: int, params: MesaParams) -> Iterator[tuple[int, int, int]]:
+    """(C, T_lo, T_hi): the chunk width C of ``dynamic_split`` is C for every long prompt
+    length T in [T_lo, T_hi]; the runs cover (L, max_len] in order.
+
+    With X = T - Lc - F and D = L - F: X <= 0 and X mod D < Mmax give C = D; otherwise, in
+    block Nq = X // D, C = X // (Nq + 1) is constant on X in [C (Nq + 1), C (Nq + 1) + Nq].
+    There are O(max_len / D + D log(max_len / D)) runs.
+    """
+    L, F, Lc, m = params.train_len, params.first_chunk, params.last_chunk, params.max_remainder
+    d = L - F
+    t = L + 1
+    while t <= max_len:
+        x = t - Lc - F
+        if x <= 0:
+            c, x_hi = d, 0
+        else:
+            nq, rem = divmod(x, d)
+            if rem < m:
+                c, x_hi = d, nq * d + m - 1
+            else:
+                c = x // (nq + 1)
+                x_hi = min(c * (nq + 1) + nq, nq * d + d - 1)
+        t_hi = min(max_len, x_hi + Lc + F)
+        yield c, t, t_hi
+        t = t_hi + 1
+
+
+def _block_max_candidates(lo: int, hi: int, width: int) -> tuple[int, ...]:
+    """Indices p in [lo, hi] where max_p stair_query_span(p, C, E) over [lo, hi] is reached,
+    whatever E: hi, and the last index before hi's block of C indices when it is >= lo.
+
+    With p = kC + r, the span is r + floor(kC / E): within a block (k fixed) it grows with r,
+    and the block's last value C - 1 + floor(kC / E) never decreases with k.  So every p in an
+    earlier block is bounded by that block's end, which is bounded by the end of block K - 1
+    (K = floor(hi / C)), index KC - 1; every p in block K is bounded by hi.
+    """
+    prev = (hi // width) * width - 1
+    return (hi, prev) if prev >= lo else (hi,)
+
+
+def _first_reaching(lo: int, hi: int, width: int, stair_width: int, span: int) -> int | None:
+    """The smallest p in [lo, hi] with stair_query_span(p, C, E) >= span, or None.
+
+    r + floor(kC / E) >= span needs floor(kC / E) >= span - (C - 1) (r <= C - 1), i.e.
+    kC >= E (span - C + 1); in the first block k that allows it, r = span - floor(kC / E)
+    (at least 0) is the smallest remainder that does, and the span grows with r.
+    """
+    c, e = width, stair_width
+    k = lo // c
+    need = span - c + 1
+    if need > 0:
+        k = max(k, -(-e * need // c))
+    p = max(lo, k * c + max(0, span - (k * c) // e))
+    return p if p <= hi else None
+
+
+def _stair_ranges(
+    max_len: int, params: MesaParams, decode: bool
+) -> list[tuple[int, int, int, int]]:
+    """(lo, hi, C, T): the stair queries p in [lo, hi] with chunk width C (anchor of
+    n = p + 1) of requests of at most max_len tokens; T is a prompt length that gives them
+    (0: each p is the last token of the (p + 1)-token prompt).  Independent of E."""
+    L, d = params.train_len, params.default_width
+    if max_len <= L:
+        return []
+    if not decode:  # the last token p = T - 1 of each long prompt, C constant along a run
+        return [(t_lo - 1, t_hi - 1, c, 0) for c, t_lo, t_hi in width_runs(max_len, params)]
+    # Every index p in [T - 1, max_len - 1] of a long prompt T (its last prompt token and its
+    # generated tokens) and p in [L, max_len - 1] of a short one (C = D) has the anchor of
+    # n = p + 1 and C = C(T); for one C the union of these ranges is [lo_C, max_len - 1].
+    first: dict[int, int] = {d: L}  # C -> a prompt length with that width (L: any short one)
+    for c, t_lo, _ in width_runs(max_len, params):
+        first.setdefault(c, t_lo)
+    return [(L if c == d else t - 1, max_len - 1, c, t) for c, t in first.items()]
+
+
+def worst_stair_span(max_len: int, params: MesaParams, decode: bool = True) -> StairSpan | None:
+    """The largest relative position pos(p) - pos(0) any stair query sees in a request of at
+    most ``max_len`` tokens, exactly, and the smallest sequence length where it is reached;
+    None when no query is a stair query (max_len <= L).
+
+    Stair queries (plan.token_segment_key): the last chunk of a prompt of T > L tokens
+    (anchor of n = T) and, with ``decode``, every generated token at index p with n = p + 1 > L
+    (anchor of n); both use the chunk width C of the prompt's plan (C = L - F for T <= L).
+    Sequence lengths n up to max_len are covered (vLLM's last query has n = max_len - 1).
+    A prompt's largest span is at its last token p = T - 1 (positions never decrease with the
+    index), s(p, C) = (p mod C) + floor(C floor(p / C) / E) (``stair_query_span``), which only
+    ever drops at a multiple of C, so on each range of indices sharing one C its maximum is at
+    the range's end or just before the end's block (``_block_max_candidates``).  The ranges
+    (``_stair_ranges``): without ``decode`` the runs of prompt lengths with one C
+    (``width_runs``), p = T - 1; with it, per C, every p from the smallest T - 1 with that C
+    (L for C = L - F) to max_len - 1.  Middle and causal queries see at most F + C - 1 <= L - 1
+    and are not counted here.  O(max_len / (L - F) + (L - F) log(max_len)).
+
+    ``seq_len`` is T for a prompt's tokens and p + 1 for a generated token; ties between
+    prompts and generated tokens at one sequence length go to the prompt.
+    """
+    ranges = _stair_ranges(max_len, params, decode)
+    if not ranges:
+        return None
     e = params.stair_width
-    while e < max_len:
-        e += 1
-        p = MesaParams(**{**params.__dict__, "stair_width": e})
-        if max_stair_distance(max_len, p) < params.train_len:
-            return e
-    return e
+    span = max(
+        stair_query_span(p, c, e)
+        for lo, hi, c, _ in ranges
+        for p in _block_max_candidates(lo, hi, c)
+    )
+    best: tuple[int, bool, int] | None = None
+    for lo, hi, c, t in ranges:
+        p = _first_reaching(lo, hi, c, e, span)
+        if p is None:
+            continue
+        if t == 0 or dynamic_split(p + 1, params).width == c:
+            t = p + 1  # the query is (also) the last token of a (p + 1)-token prompt
+        key = (p, t != p + 1, t)
+        if best is None or key < best:
+            best = key
+    assert best is not None
+    return StairSpan(span, best[0] + 1, best[2])
+
+
+def _min_stair_width(max_len: int, params: MesaParams, decode: bool = True) -> int:
+    """The smallest E >= 1 for which every stair span up to ``max_len`` is below train_len.
+
+    One always exists: spans never grow with E (floor(kC / E)), and for E > max_len - 1 they
+    are p mod C <= C - 1 <= L - F - 1.  The candidate queries of ``_block_max_candidates`` do
+    not depend on E, so a binary search evaluates only them.
+    """
+    cands = {  # stair_query_span(p, C, E) = r + kC // E with r = p mod C, kC = p - r
+        (p - p % c, p % c)
+        for lo, hi, c, _ in _stair_ranges(max_len, params, decode)
+        for p in _block_max_candidates(lo, hi, c)
+    }
+    front, top_r = [], -1  # drop (kC, r) with another of both kC' >= kC and r' >= r
+    for kc, r in sorted(cands, reverse=True):
+        if r > top_r:
+            front.append((kc, r))
+            top_r = r
+
+    def fits(e: int) -> bool:
+        return all(r + kc // e < params.train_len for kc, r in front)
+
+    lo, hi = 1, max(1, max_len)  # fits(hi) holds
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def to_params(mesa: MesaConfig) -> MesaParams:

@@ -148,3 +148,46 @@ def test_variant_defaults_resolved_from_max_model_len(tiny64):
     assert (mesa["window"], mesa["chunked_prefill"], mesa["log_n_scaling"]) == (32, False, False)
     G = mesa["group_size"]
     assert 2047 // G + 32 - 32 // G <= 63 < 2047 // (G - 1) + 32 - 32 // (G - 1)
+
+
+def test_stair_span_warning_covers_every_length(tiny64):
+    """The warning names the smallest stair_width that keeps every prompt and decode length up
+    to max-model-len inside train_len, and goes away with it (not with one less)."""
+    import logging
+
+    from mesa_vllm.engine_config import (
+        _min_stair_width,
+        params_from_vllm_config,
+        worst_stair_span,
+    )
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    log = logging.getLogger("vllm.mesa_vllm")
+    log.addHandler(handler)
+
+    def stair_warnings(**mesa):
+        records.clear()
+        cfg = _config(
+            tiny64,
+            attention_backend="mesa",
+            max_model_len=1024,
+            additional_config={"mesa": {"first_chunk": 8, **mesa}},
+        )
+        msgs = [r.getMessage() for r in records if "stair positions" in r.getMessage()]
+        return cfg, msgs
+
+    try:
+        cfg, msgs = stair_warnings()
+        params = params_from_vllm_config(cfg)
+        worst = worst_stair_span(1024, params)
+        e = _min_stair_width(1024, params)
+        assert worst.span >= 64 and e > params.stair_width
+        (msg,) = msgs
+        assert f"span up to {worst.span} >= train_len=64" in msg
+        assert f"to at least {e} " in msg and str(worst.seq_len) in msg
+        assert stair_warnings(stair_width=e)[1] == []
+        assert len(stair_warnings(stair_width=e - 1)[1]) == 1
+    finally:
+        log.removeHandler(handler)
