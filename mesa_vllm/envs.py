@@ -14,11 +14,14 @@ MESA_VLLM_DECODE_KERNEL: launch options of the Triton decode kernel, for tuning 
     block_n, num_warps, num_stages, tile_rows, split_keys, split_programs, min_split_keys
     (positive ints) and the switch tail_first (0 or 1); the meaning of each is in
     ``mesa_decode``.  Unset or empty: the defaults measured on the H200.
+MESA_VLLM_MODEL_CACHE: where ``mesa-vllm models fetch`` keeps converted models (default
+    ``~/.cache/mesa_vllm/models``).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
 
@@ -76,3 +79,10 @@ def decode_kernel_options() -> dict[str, int]:
     except ValueError as e:
         raise ValueError(f"MESA_VLLM_DECODE_KERNEL: {e}") from None
     return options
+
+
+def model_cache() -> Path:
+    """MESA_VLLM_MODEL_CACHE: where ``mesa-vllm models fetch`` keeps converted models
+    (default ``~/.cache/mesa_vllm/models``)."""
+    value = os.environ.get("MESA_VLLM_MODEL_CACHE", "").strip()
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "mesa_vllm" / "models"

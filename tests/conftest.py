@@ -81,3 +81,19 @@ def cli_server(model: Path, args: list[str], log_path: Path, served_name: str = 
             return ["bash", "-c", "exec " + shlex.join(argv)]
 
     return CliServer(str(model), [], log_path=log_path, served_name=served_name, timeout=400)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real model, SmolLM2-135M-Instruct (L = 8192), converted from its package."""
+    from mesa_vllm.testing.real_models import smollm2
+
+    return smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_cut(smollm2, model_root) -> Path:
+    """SmolLM2-135M-Instruct cut to its first 4 layers: real weights and shapes, 7x faster."""
+    from mesa_vllm.testing.real_models import truncated_copy
+
+    return truncated_copy(smollm2, model_root / "smollm2-4l", layers=4)

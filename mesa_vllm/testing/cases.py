@@ -45,3 +45,6 @@ VARIANT_CASES = {
         pe="leaky_rerope", chunked_prefill=True, window=24, leaky_factor=22.5, log_n_scaling=True
     ),
 }
+
+# Mesa settings of the bundled 256-token passkey models (mesa_vllm/assets/models/*/MODEL_CARD.md)
+PASSKEY_MODEL_MESA = {"first_chunk": 32, "last_chunk": 64, "max_remainder": 32, "stair_width": 64}
