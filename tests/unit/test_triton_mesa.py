@@ -83,6 +83,13 @@ _CASES = [
     # 32 tile rows: 4 heads x 8 positions, more than a block's positions (E = 6) need
     ("bf16-d32-g4-p16-stair-rows-32", "bfloat16", 32, 1, 4, 16,
      [(256, 256, 255), (130, 170, 169), (47, 48, 47)], dict(E=6, splits=2, tile_rows=32)),
+    # SmolLM2-135M's attention shape: 3 KV heads of 3 query heads each, head_dim 64,
+    # rope_theta 1e5 (the real model's tests run it in the engine; this runs the kernels)
+    ("smollm2-bf16-d64-hkv3-g3-p16", "bfloat16", 64, 3, 3, 16,
+     [(256, 256, 0), (200, 240, 239), (150, 150, 60), (20, 31, 30)],
+     dict(theta=1e5, splits=3)),
+    ("smollm2-fp32-d64-hkv3-g3-p16-decode", "float32", 64, 3, 3, 16,
+     [(256, 256, 255), (120, 200, 199), (33, 34, 33)], dict(theta=1e5, E=5, splits=4)),
     # weave-PE variants: below L, several L, chunked prefill from mid-sequence, decode rows of
     # long prompts and of short prompts grown past L, in one launch each.
     ("rerope-fp32-d32-g1-p16", "float32", 32, 2, 1, 16,
@@ -184,7 +191,7 @@ def run_case(case: dict, seed: int) -> dict:
     log_n = params.log_n_scaling
     rope = {
         "rope_type": "default",
-        "rope_theta": 10000.0,
+        "rope_theta": case.get("theta", 10000.0),
         "partial_rotary_factor": case.get("rotary", 1.0),
     }
     inv = rope_inv_freq(D, rope)
