@@ -1,1 +1,2 @@
-"""Evaluation: synthetic long-context tasks (passkey, needle, perplexity) and the harness."""
+"""Evaluation: long-context tasks (passkey, needle, perplexity on synthetic or real text),
+the harness, the real-text corpus (``corpus``) and the parallel server scheduler."""

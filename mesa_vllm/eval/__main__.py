@@ -1,4 +1,5 @@
-"""``python -m mesa_vllm.eval passkey|needle|ppl ...`` (same as ``mesa-vllm eval``)."""
+"""``python -m mesa_vllm.eval TASK[,TASK...] ...`` (same as ``mesa-vllm eval``); also
+``python -m mesa_vllm.eval corpus pydoc [--out FILE]`` (builds the real-text corpus)."""
 
 import sys
 

@@ -1,16 +1,21 @@
-"""``mesa-vllm eval passkey|needle|ppl``: compare extrapolation methods in one invocation.
+"""``mesa-vllm eval TASK[,TASK...]``: compare extrapolation methods in one invocation.
 
-Either evaluate a running OpenAI-compatible endpoint as one method::
+Tasks: ``passkey``, ``needle``, ``ppl`` (docs/EVAL.md).  Either evaluate a running
+OpenAI-compatible endpoint as one method::
 
     mesa-vllm eval passkey --base-url http://127.0.0.1:8000 --method-name mesa \\
         --tokenizer MODEL_DIR --train-len 256 --multiples 1,2,4,8
 
-or start a local vLLM server per method in turn (always stopped afterwards)::
+or start a local vLLM server per method (always stopped afterwards); several tasks share each
+method's server, and ``--parallel-servers K`` runs up to K methods' servers at once::
 
-    mesa-vllm eval passkey --serve MODEL_DIR --methods stock-raised,mesa,dynamic-ntk,yarn \\
-        --multiples 1,2,4,8,16,32 --samples 20 --mesa-config '{"first_chunk": 32}' --out out/
+    mesa-vllm eval passkey,needle,ppl --serve MODEL_DIR --methods stock-raised,mesa,yarn \\
+        --multiples 1,2,4,8,16,32 --samples 20 --text ~/.cache/mesa_vllm/corpus/pydoc.txt \\
+        --ppl-tail 256 --parallel-servers 4 --out out/
 
-Writes ``results.json``, ``table.md`` and PNG plots to ``--out``; prints the table.
+Writes ``results.json``, ``table.md`` and PNG plots to ``--out`` (one task) or to
+``--out/<task>/`` (several); prints each table.  ``eval corpus pydoc [--out FILE]`` builds the
+real-text corpus (``mesa_vllm.eval.corpus``).
 Exit codes: 0 all methods evaluated; 2 bad arguments, endpoint unreachable or a server that
 did not start (results of the other methods are still written); 130 interrupted.
 """
@@ -19,14 +24,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import signal
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mesa_vllm.eval import harness, methods, report
+from mesa_vllm.eval import harness, methods, parallel, report
+
+_PRINT_LOCK = threading.Lock()
+_T0 = [time.monotonic()]
 
 
 def _ints(text: str) -> list[int]:
@@ -63,11 +73,59 @@ def _json_obj(text: str) -> dict[str, Any]:
     return obj
 
 
+def _task_spec(text: str) -> str:
+    """``"passkey,ppl"`` -> the same string, validated and deduplicated (order kept)."""
+    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    bad = [t for t in names if t not in harness.TASKS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown task(s) {', '.join(bad) or repr(text)}; known: {', '.join(harness.TASKS)} "
+            "(several comma-separated)"
+        )
+    return ",".join(names)
+
+
+def parse_tasks(spec: str) -> list[str]:
+    """The tasks of a positional TASK argument: ``"passkey,ppl"`` -> ``["passkey", "ppl"]``."""
+    return _task_spec(spec).split(",")
+
+
+def _caps(text: str) -> dict[int, int]:
+    """``"16384:8,32768:4"`` -> ``{16384: 8, 32768: 4}`` (LEN:N pairs, both positive)."""
+    caps: dict[int, int] = {}
+    for part in (x.strip() for x in text.split(",")):
+        if not part:
+            continue
+        try:
+            length, n = (int(v) for v in part.split(":"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected LEN:N[,LEN:N], got {text!r}") from None
+        if length <= 0 or n <= 0:
+            raise argparse.ArgumentTypeError(f"LEN and N must be positive, got {part!r}")
+        caps[length] = n
+    if not caps:
+        raise argparse.ArgumentTypeError(f"expected LEN:N[,LEN:N], got {text!r}")
+    return caps
+
+
+def sample_cap(caps: dict[int, int] | None, length: int) -> int | None:
+    """The most samples allowed at ``length``: the smallest N of the caps with LEN <= length."""
+    ns = [n for lim, n in (caps or {}).items() if length >= lim]
+    return min(ns) if ns else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="mesa-vllm eval", description="Long-context evaluation: passkey, needle, perplexity."
+        prog="mesa-vllm eval",
+        description="Long-context evaluation: passkey, needle, perplexity "
+        "(`mesa-vllm eval corpus pydoc` builds the real-text corpus for ppl --text).",
     )
-    p.add_argument("task", choices=harness.TASKS)
+    p.add_argument(
+        "task",
+        type=_task_spec,
+        metavar="TASK[,TASK...]",
+        help=f"one or several comma-separated of: {', '.join(harness.TASKS)}",
+    )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--base-url", help="existing OpenAI-compatible endpoint (one method)")
     where.add_argument("--serve", metavar="MODEL_DIR", help="start a local vLLM per method")
@@ -90,6 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     lens.add_argument("--lengths", type=_ints, help="prompt lengths in tokens, e.g. 256,512")
     lens.add_argument("--multiples", type=_ints, help="lengths as multiples of --train-len")
     p.add_argument("--samples", type=int, default=20, help="samples per length (and depth)")
+    p.add_argument(
+        "--needle-samples",
+        type=int,
+        help="needle samples per depth x length cell (default: --samples)",
+    )
+    p.add_argument(
+        "--max-samples-at",
+        type=_caps,
+        metavar="LEN:N[,LEN:N]",
+        help="at most N samples (per cell) at lengths >= LEN, e.g. 32768:4",
+    )
+    p.add_argument(
+        "--max-samples-methods",
+        metavar="M1,M2",
+        help="methods the --max-samples-at caps apply to (default: all)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--depths",
@@ -104,8 +178,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="perplexity over the last N tokens of each text (default: last 25%%)",
     )
+    p.add_argument(
+        "--text",
+        metavar="FILE",
+        help="ppl on windows of this text file (e.g. the `eval corpus pydoc` output) "
+        "instead of synthetic filler",
+    )
     p.add_argument("--tokenizer", help="tokenizer dir/name (default: --serve dir or --model)")
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight per method")
+    p.add_argument(
+        "--parallel-servers",
+        type=int,
+        default=1,
+        metavar="K",
+        help="with --serve, run up to K methods' servers at once (GPU: each gets "
+        "--gpu-memory-utilization 0.9/K unless --server-args sets it)",
+    )
     p.add_argument("--max-model-len", type=int, help="with --serve (default: longest + margin)")
     p.add_argument("--server-args", default="", help="extra vLLM server args for every method")
     p.add_argument("--server-timeout", type=float, default=600.0, help="seconds to /health")
@@ -120,37 +208,69 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _say(name: str, msg: str) -> None:
+    with _PRINT_LOCK:
+        print(f"[{name}] {msg} (t+{time.monotonic() - _T0[0]:.0f} s)", file=sys.stderr, flush=True)
+
+
 def _tokenizer(name: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(name)
 
 
-def _run_method(name: str, ep: harness.Endpoint, args, jobs) -> dict[str, Any]:
+def task_samples(task: str, args) -> int:
+    """Samples per length (per depth x length cell for needle) of ``task``."""
+    if task == "needle" and args.needle_samples is not None:
+        return args.needle_samples
+    return args.samples
+
+
+def method_jobs(name: str, jobs: list[harness.Job], args) -> list[harness.Job]:
+    """The jobs of method ``name``: all, or those under the --max-samples-at caps."""
+    if not args.max_samples_at:
+        return jobs
+    if args.max_samples_methods is not None:
+        capped = {m.strip() for m in args.max_samples_methods.split(",") if m.strip()}
+        if name not in capped:
+            return jobs
+    out = []
+    for j in jobs:
+        cap = sample_cap(args.max_samples_at, j.length)
+        if cap is None or j.index < cap:
+            out.append(j)
+    return out
+
+
+def _run_task(name: str, task: str, ep: harness.Endpoint, args, jobs, cancel=None) -> dict:
     from tqdm import tqdm
 
     t0 = time.monotonic()
-    with tqdm(total=len(jobs), desc=name, unit="req", disable=args.quiet, file=sys.stderr) as bar:
+    quiet = args.quiet or args.parallel_servers > 1  # bars of several threads would interleave
+    with tqdm(
+        total=len(jobs), desc=f"{name} {task}", unit="req", disable=quiet, file=sys.stderr
+    ) as bar:
         records = harness.run_jobs(
             ep,
-            args.task,
+            task,
             jobs,
             args.concurrency,
             args.max_tokens,
             args.ppl_tail,
             on_done=bar.update,
+            cancel=cancel,
         )
-    points = harness.aggregate(args.task, records)
+    points = harness.aggregate(task, records)
     errors, skipped = (sum(p[k] for p in points) for k in ("errors", "skipped"))
-    print(
-        f"[{name}] {len(records)} requests in {time.monotonic() - t0:.0f} s: {errors} errors, "
+    seconds = time.monotonic() - t0
+    _say(
+        name,
+        f"{task}: {len(records)} requests in {seconds:.0f} s: {errors} errors, "
         f"{skipped} skipped (prompt > max_model_len {ep.max_model_len})",
-        file=sys.stderr,
-        flush=True,
     )
     if errors and errors == len(records) - skipped:
         first = next(p["first_error"] for p in points if p["first_error"])
-        print(f"[{name}] warning: every request failed; first error: {first}", file=sys.stderr)
+        _say(name, f"warning: every {task} request failed; first error: {first}")
     return {
         "name": name,
         "endpoint": ep.base_url,
@@ -159,37 +279,83 @@ def _run_method(name: str, ep: harness.Endpoint, args, jobs) -> dict[str, Any]:
         "error": None,
         "points": points,
         "records": records,
-        "seconds": round(time.monotonic() - t0, 2),
+        "seconds": round(seconds, 2),
     }
 
 
-def _serve_method(name: str, args, ctx: methods.ServeContext, jobs, out: Path) -> dict[str, Any]:
-    import shlex
+def _timing(name: str, start_s: float | None, evals: dict[str, float], error=None) -> dict:
+    return {
+        "method": name,
+        "server_start_s": None if start_s is None else round(start_s, 2),
+        "eval_s": {t: round(s, 2) for t, s in evals.items()},
+        "total_s": round((start_s or 0.0) + sum(evals.values()), 2),
+        "error": error,
+    }
 
+
+def _serve_method(
+    name: str,
+    args,
+    ctx: methods.ServeContext,
+    task_jobs: dict[str, list[harness.Job]],
+    out: Path,
+    pool: parallel.ServerPool,
+    share: float | None,
+) -> tuple[dict[str, dict], dict] | None:
+    """Start ``name``'s server, run every task against it, stop it.
+
+    Returns ({task: method entry}, timing), or None when cancelled before it finished."""
     from mesa_vllm.eval.server import LocalServer, ServerError
 
-    launch = methods.build_launch(
-        name, ctx, methods.is_cpu_install(), tuple(shlex.split(args.server_args))
-    )
+    extra = tuple(shlex.split(args.server_args))
+    if share is not None:
+        extra = (parallel.UTIL_FLAG, f"{share:g}", *extra)
+    launch = methods.build_launch(name, ctx, methods.is_cpu_install(), extra)
     log = out / f"server-{name}.log"
     base = {"name": name, "launch": launch.describe(), "log": str(log), "points": []}
-    print(f"[{name}] starting vLLM server (log: {log}) ...", file=sys.stderr, flush=True)
-    t0 = time.monotonic()
-    try:
-        with LocalServer(
-            args.serve, launch.args, launch.env, log, served_name=name, timeout=args.server_timeout
-        ) as srv:
-            print(
-                f"[{name}] up in {time.monotonic() - t0:.0f} s at {srv.base_url}",
-                file=sys.stderr,
-                flush=True,
-            )
+    srv = LocalServer(
+        args.serve, launch.args, launch.env, log, served_name=name, timeout=args.server_timeout
+    )
+    entries: dict[str, dict] = {}
+    evals: dict[str, float] = {}
+    start_s = None
+    with pool.track(srv):
+        try:
+            with pool.gate() as waited:
+                if pool.cancel.is_set():
+                    return None
+                if waited >= 1:
+                    _say(name, f"waited {waited:.0f} s for the GPU start slot")
+                _say(name, f"starting vLLM server (log: {log}) ...")
+                t0 = time.monotonic()
+                srv.start()
+                start_s = time.monotonic() - t0
+            _say(name, f"up in {start_s:.0f} s at {srv.base_url}")
             ep = harness.connect(srv.base_url, name, args.api_key, args.request_timeout)
-            res = _run_method(name, ep, args, jobs)
-    except (ServerError, harness.EndpointError) as exc:
-        print(f"[{name}] error: {exc}", file=sys.stderr, flush=True)
-        return {**base, "error": str(exc)}
-    return {**base, **res}
+            for task, jobs in task_jobs.items():
+                res = _run_task(name, task, ep, args, method_jobs(name, jobs, args), pool.cancel)
+                evals[task] = res["seconds"]
+                entries[task] = {**base, **res}
+        except (ServerError, harness.EndpointError) as exc:
+            if pool.cancel.is_set():
+                return None
+            msg = str(exc)
+            _say(name, f"error: {msg}")
+            for task in task_jobs:
+                entries.setdefault(task, {**base, "error": msg})
+            return entries, _timing(name, start_s, evals, msg.splitlines()[0])
+        finally:
+            with pool.gate():
+                srv.stop()
+    if pool.cancel.is_set():
+        return None
+    timing = _timing(name, start_s, evals)
+    _say(
+        name,
+        f"done in {timing['total_s']:.0f} s (server start {start_s:.0f} s, eval "
+        f"{sum(evals.values()):.0f} s)",
+    )
+    return entries, timing
 
 
 def _lengths(args, train_len: int | None) -> list[int]:
@@ -200,7 +366,28 @@ def _lengths(args, train_len: int | None) -> list[int]:
     return [m * train_len for m in (args.multiples or [1, 2, 4, 8])]
 
 
-def _evaluate(args, results: dict[str, Any]) -> int:
+def _load_text(args, tok) -> tuple[list[int] | None, list[int], dict | None]:
+    """(corpus token ids, prefix, meta) for ppl --text; (None, [], None) without --text."""
+    if not args.text:
+        return None, [], None
+    from mesa_vllm.eval import corpus
+
+    path = Path(args.text).expanduser()
+    text = corpus.load_corpus(path)
+    print(f"tokenizing {path} ({len(text)} characters) ...", file=sys.stderr, flush=True)
+    ids = corpus.tokenize(tok, text)
+    prefix = corpus.bos_prefix(tok)
+    meta = {
+        "path": str(path.resolve()),
+        "characters": len(text),
+        "tokens": len(ids),
+        "bos": bool(prefix),
+        "provenance": corpus.provenance(path),
+    }
+    return ids, prefix, meta
+
+
+def _evaluate(args, tasks: list[str], results: dict[str, dict], timings: list[dict]) -> int:
     cfg = methods.read_model_config(args.serve or args.tokenizer or args.model or "")
     train_len = args.train_len or methods.trained_length(cfg)
     try:
@@ -222,72 +409,185 @@ def _evaluate(args, results: dict[str, Any]) -> int:
         return _fail(
             f"cannot load tokenizer {tok_name!r} ({type(exc).__name__}); pass --tokenizer MODEL_DIR"
         )
-    results["meta"].update(
-        model=args.serve or (ep.model if ep else None),
-        train_len=train_len,
-        lengths=lengths,
-        tokenizer=tok_name,
-    )
-    print(f"building {args.task} prompts for lengths {lengths} ...", file=sys.stderr, flush=True)
-    jobs = harness.make_jobs(args.task, tok, lengths, args.samples, args.seed, args.depths)
-    for n in sorted({j.length for j in jobs if j.n_tokens > j.length}):
-        least = min(j.n_tokens for j in jobs if j.length == n)
-        print(
-            f"note: length {n} is below the shortest {args.task} prompt; its prompts have "
-            f"{least}+ tokens",
-            file=sys.stderr,
+    for res in results.values():
+        res["meta"].update(
+            model=args.serve or (ep.model if ep else None),
+            train_len=train_len,
+            lengths=lengths,
+            tokenizer=tok_name,
         )
+    task_jobs: dict[str, list[harness.Job]] = {}
+    for task in tasks:
+        text_ids, prefix = None, []
+        if task == "ppl" and args.text:
+            from mesa_vllm.eval.corpus import CorpusError
+
+            try:
+                text_ids, prefix, text_meta = _load_text(args, tok)
+            except CorpusError as exc:
+                return _fail(str(exc))
+            results[task]["meta"]["text"] = text_meta
+        print(f"building {task} prompts for lengths {lengths} ...", file=sys.stderr, flush=True)
+        try:
+            jobs = harness.make_jobs(
+                task,
+                tok,
+                lengths,
+                task_samples(task, args),
+                args.seed,
+                args.depths,
+                text_ids=text_ids,
+                text_prefix=prefix,
+            )
+        except ValueError as exc:
+            return _fail(f"{task}: {exc}")
+        for n in sorted({j.length for j in jobs if j.n_tokens > j.length}):
+            least = min(j.n_tokens for j in jobs if j.length == n)
+            print(
+                f"note: length {n} is below the shortest {task} prompt; its prompts have "
+                f"{least}+ tokens",
+                file=sys.stderr,
+            )
+        task_jobs[task] = jobs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if ep is None and train_len is None:
         return _fail(f"cannot tell the trained length of {args.serve!r}; pass --train-len")
     if ep is not None:
-        results["methods"].append({**_run_method(names[0], ep, args, jobs), "launch": None})
+        evals = {}
+        for task, jobs in task_jobs.items():
+            res = _run_task(names[0], task, ep, args, method_jobs(names[0], jobs, args))
+            results[task]["methods"].append({**res, "launch": None})
+            evals[task] = res["seconds"]
+        timings.append(_timing(names[0], None, evals))
         return 0
-    longest = max(max(j.n_tokens for j in jobs), *lengths) + max(args.max_tokens, 1)
+    all_jobs = [j for jobs in task_jobs.values() for j in jobs]
+    longest = max(max(j.n_tokens for j in all_jobs), *lengths) + max(args.max_tokens, 1)
     max_len = args.max_model_len or max(longest, train_len)
     ctx = methods.ServeContext(
         args.serve, train_len, max_len, methods.rope_theta(cfg), args.mesa_config
     )
-    for name in names:
-        results["methods"].append(_serve_method(name, args, ctx, jobs, out))
-    return 2 if any(m.get("error") for m in results["methods"]) else 0
+    cpu = methods.is_cpu_install()
+    k = parallel.effective_parallel(args.parallel_servers, len(names))
+    share = parallel.memory_share(k, shlex.split(args.server_args), cpu)
+    pool = parallel.ServerPool(
+        gated=parallel.needs_start_gate(k, shlex.split(args.server_args), cpu)
+    )
+    for res in results.values():
+        res["meta"].update(parallel_servers=k, gpu_memory_share=share)
+    if k > 1:
+        print(
+            f"running up to {k} servers at once"
+            + (f", each with {parallel.UTIL_FLAG} {share:g}" if share else "")
+            + ("; GPU starts one at a time" if not cpu else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+    slots: list = [None] * len(names)
 
+    def work(name: str):
+        return _serve_method(name, args, ctx, task_jobs, out, pool, share)
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``mesa-vllm eval``; returns the exit code."""
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    if args.train_len is not None and args.train_len < 2:
-        return _fail("--train-len must be >= 2")
-    if args.samples < 1 or args.concurrency < 1:
-        return _fail("--samples and --concurrency must be >= 1")
-    results: dict[str, Any] = {
-        "task": args.task,
+        parallel.run_all(names, k, work, pool, slots)
+    finally:
+        for slot in slots:
+            if slot is None:
+                continue
+            entries, timing = slot
+            for task in tasks:
+                results[task]["methods"].append(entries[task])
+            timings.append(timing)
+    return 2 if any(m.get("error") for r in results.values() for m in r["methods"]) else 0
+
+
+def timing_table(timings: list[dict], tasks: list[str]) -> str:
+    """Per-method wall times as aligned text (server start, eval per task, total)."""
+    header = ["method", "server start s", *[f"{t} s" for t in tasks], "total s"]
+    rows = []
+    for t in timings:
+        start = "-" if t["server_start_s"] is None else f"{t['server_start_s']:.1f}"
+        evals = [f"{t['eval_s'][k]:.1f}" if k in t["eval_s"] else "-" for k in tasks]
+        rows.append([t["method"], start, *evals, f"{t['total_s']:.1f}"])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]
+    )
+
+
+def _new_results(task: str, args, tasks: list[str]) -> dict[str, Any]:
+    return {
+        "task": task,
         "meta": {
-            "samples": args.samples,
+            "samples": task_samples(task, args),
             "seed": args.seed,
             "max_tokens": args.max_tokens,
-            "depths": args.depths if args.task == "needle" else None,
+            "depths": args.depths if task == "needle" else None,
             "ppl_tail": args.ppl_tail,
+            **({"text": None} if task == "ppl" else {}),  # None: synthetic filler
+            "tasks": tasks,
+            "max_samples_at": args.max_samples_at,
+            "max_samples_methods": args.max_samples_methods,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
         "methods": [],
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mesa-vllm eval``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "corpus":
+        from mesa_vllm.eval import corpus
+
+        return corpus.main(argv[1:])
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    tasks = parse_tasks(args.task)
+    if args.train_len is not None and args.train_len < 2:
+        return _fail("--train-len must be >= 2")
+    if args.samples < 1 or args.concurrency < 1:
+        return _fail("--samples and --concurrency must be >= 1")
+    if args.needle_samples is not None and args.needle_samples < 1:
+        return _fail("--needle-samples must be >= 1")
+    if args.parallel_servers < 1:
+        return _fail("--parallel-servers must be >= 1")
+    if args.ppl_tail is not None and args.ppl_tail < 1:
+        return _fail("--ppl-tail must be >= 1")
+    if args.text and "ppl" not in tasks:
+        return _fail("--text is for the ppl task")
+    if args.max_samples_methods is not None and args.serve:
+        try:
+            methods.parse_methods(args.max_samples_methods)
+        except ValueError as exc:
+            return _fail(f"--max-samples-methods: {exc}")
+    _T0[0] = time.monotonic()
+    results = {t: _new_results(t, args, tasks) for t in tasks}
+    timings: list[dict] = []
     old = _install_sigterm()
     code = 130
     try:
-        code = _evaluate(args, results)
+        code = _evaluate(args, tasks, results, timings)
     except KeyboardInterrupt:
         print("interrupted; servers stopped; writing partial results", file=sys.stderr)
     finally:
         signal.signal(signal.SIGTERM, old)
-    if results["methods"]:
-        paths = report.write_all(results, args.out)
-        print(paths["table"].read_text())
-        print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    wall = round(time.monotonic() - _T0[0], 2)
+    for res in results.values():
+        res["meta"].update(timings=timings, wall_s=wall)
+    for task, res in results.items():
+        if res["methods"]:
+            out = Path(args.out) if len(tasks) == 1 else Path(args.out) / task
+            paths = report.write_all(res, out)
+            print(paths["table"].read_text())
+            print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    if timings:
+        print(
+            f"wall time per method ({wall:.0f} s in all):\n" + timing_table(timings, tasks),
+            file=sys.stderr,
+        )
     return code
 
 

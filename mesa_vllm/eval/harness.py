@@ -6,9 +6,15 @@ temperature 0), and reduced to one point per length (and depth, for needle):
 
 - passkey / needle: ``{"length", "depth", "n", "correct", "accuracy", "errors", "skipped",
   "prompt_tokens"}``; accuracy = correct / (n - skipped), errors count as wrong.
-- ppl: ``{"length", "n", "ppl", "ppl_all", "scored_tokens", "errors", "skipped",
-  "prompt_tokens"}``; ``ppl`` is exp(mean NLL) over the last ``tail`` prompt tokens of each
-  text, ``ppl_all`` over all of them (the first token has no logprob), pooled over samples.
+- ppl: ``{"length", "n", "ppl", "ppl_all", "nll", "nll_all", "scored_tokens",
+  "scored_tokens_all", "errors", "skipped", "prompt_tokens"}``; ``nll`` is the mean NLL per
+  token (nats) over the last ``tail`` prompt tokens of each text and ``ppl`` = exp(nll);
+  ``nll_all`` / ``ppl_all`` over all of them (the first token has no logprob); pooled over
+  samples.
+
+Perplexity text is synthetic passkey filler by default; with a corpus (``text_windows``) each
+prompt is a window of exactly N corpus tokens (N = the length; the tokenizer's BOS first when
+it adds one) at a seeded offset, sent as a list of token ids so no re-tokenization changes it.
 
 Prompt logprobs come from ``echo=True, logprobs=0, max_tokens=0`` (vLLM 0.26 answers with
 the prompt's logprobs, first entry None); NaN logprobs make vLLM answer 400 "Out of range
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -42,9 +49,10 @@ class Job:
     length: int
     depth: float | None
     index: int
-    prompt: str
+    prompt: str | tuple[int, ...]  # text, or token ids (sent as they are)
     key: str | None
     n_tokens: int
+    offset: int | None = None  # a corpus window's first token in the tokenized corpus
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,45 @@ def _rng(seed: int, task: str, length: int, depth: float | None, index: int) -> 
     return random.Random(f"{seed}/{task}/{length}/{depth}/{index}")
 
 
+def text_windows(
+    ids: Sequence[int],
+    lengths: Sequence[int],
+    samples: int,
+    seed: int,
+    prefix: Sequence[int] = (),
+) -> list[Job]:
+    """Perplexity jobs on real text: per length N, ``samples`` windows of exactly N tokens.
+
+    A window is ``prefix`` (e.g. the BOS token) plus ``N - len(prefix)`` consecutive tokens of
+    ``ids`` (the tokenized corpus) from an offset drawn without replacement per length
+    (``random.Random(f"{seed}/ppl-text/{N}")``): deterministic in seed, distinct offsets
+    within a length, independent of the other lengths.  ValueError when the corpus is
+    shorter than the longest window or has fewer offsets than samples.
+    """
+    prefix = tuple(int(t) for t in prefix)
+    jobs = []
+    for length in lengths:
+        body = length - len(prefix)
+        if body < 1:
+            raise ValueError(f"length {length} leaves no corpus token after the prefix {prefix}")
+        if len(ids) < body:
+            raise ValueError(
+                f"the corpus has {len(ids)} tokens, fewer than the longest window "
+                f"({max(lengths)} tokens); use a longer --text or shorter lengths"
+            )
+        span = len(ids) - body + 1
+        if samples > span:
+            raise ValueError(
+                f"the corpus ({len(ids)} tokens) has only {span} distinct windows of {length} "
+                f"tokens, fewer than {samples} samples"
+            )
+        rng = random.Random(f"{seed}/ppl-text/{length}")
+        for i, off in enumerate(rng.sample(range(span), samples)):
+            window = prefix + tuple(ids[off : off + body])
+            jobs.append(Job(length, None, i, window, None, length, off))
+    return jobs
+
+
 def make_jobs(
     task: str,
     tok: data.Tokenizer,
@@ -101,8 +148,15 @@ def make_jobs(
     samples: int,
     seed: int,
     depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    text_ids: Sequence[int] | None = None,
+    text_prefix: Sequence[int] = (),
 ) -> list[Job]:
-    """All requests of a task: lengths x samples (x depths for needle), deterministic in seed."""
+    """All requests of a task: lengths x samples (x depths for needle), deterministic in seed.
+
+    For ppl with ``text_ids`` (a tokenized corpus): ``text_windows``; else synthetic filler.
+    """
+    if task == "ppl" and text_ids is not None:
+        return text_windows(text_ids, lengths, samples, seed, text_prefix)
     jobs = []
     for length in lengths:
         for depth in depths if task == "needle" else [None]:
@@ -129,9 +183,13 @@ def _error_text(exc: Exception) -> str:
     return f"{type(exc).__name__}: {msg}"[:300]
 
 
+def _prompt(job: Job) -> str | list[int]:
+    return job.prompt if isinstance(job.prompt, str) else list(job.prompt)
+
+
 def _answer(ep: Endpoint, job: Job, max_tokens: int) -> dict[str, Any]:
     resp = ep.client.completions.create(
-        model=ep.model, prompt=job.prompt, max_tokens=max_tokens, temperature=0.0
+        model=ep.model, prompt=_prompt(job), max_tokens=max_tokens, temperature=0.0
     )
     text = resp.choices[0].text
     return {
@@ -143,7 +201,7 @@ def _answer(ep: Endpoint, job: Job, max_tokens: int) -> dict[str, Any]:
 
 def _logprobs(ep: Endpoint, job: Job, tail: int | None) -> dict[str, Any]:
     resp = ep.client.completions.create(
-        model=ep.model, prompt=job.prompt, max_tokens=0, temperature=0.0, echo=True, logprobs=0
+        model=ep.model, prompt=_prompt(job), max_tokens=0, temperature=0.0, echo=True, logprobs=0
     )
     n = resp.usage.prompt_tokens if resp.usage else job.n_tokens
     lps = list(resp.choices[0].logprobs.token_logprobs)[:n]
@@ -167,8 +225,12 @@ def run_jobs(
     max_tokens: int = ANSWER_TOKENS,
     ppl_tail: int | None = None,
     on_done: Callable[[], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> list[dict[str, Any]]:
-    """Send every job; one record per job (in job order) with its result, error or skip note."""
+    """Send every job; one record per job (in job order) with its result, error or skip note.
+
+    Once ``cancel`` is set, jobs not yet sent are recorded as skipped ("cancelled").
+    """
     budget = ep.max_model_len
     need = 1 if task == "ppl" else max_tokens
 
@@ -182,6 +244,11 @@ def run_jobs(
             "error": None,
             "skipped": None,
         }
+        if job.offset is not None:
+            rec["offset"] = job.offset
+        if cancel is not None and cancel.is_set():
+            rec["skipped"] = "cancelled"
+            return rec
         if budget is not None and job.n_tokens + need > budget:
             rec["skipped"] = f"prompt of {job.n_tokens} tokens + {need} > max_model_len {budget}"
             return rec
@@ -229,7 +296,10 @@ def aggregate(task: str, records: Sequence[dict[str, Any]]) -> list[dict[str, An
         if task == "ppl":
             scored = sum(r["scored"] for r in ok)
             scored_all = sum(r["scored_all"] for r in ok)
+            nll, nll_all = _mean(ok, "nll_sum", scored), _mean(ok, "nll_sum_all", scored_all)
             pt["scored_tokens"] = scored
+            pt["scored_tokens_all"] = scored_all
+            pt["nll"], pt["nll_all"] = nll, nll_all
             pt["ppl"] = _ppl(sum(r["nll_sum"] for r in ok), scored)
             pt["ppl_all"] = _ppl(sum(r["nll_sum_all"] for r in ok), scored_all)
         else:
@@ -237,6 +307,11 @@ def aggregate(task: str, records: Sequence[dict[str, Any]]) -> list[dict[str, An
             pt["accuracy"] = pt["correct"] / len(done) if done else None
         points.append(pt)
     return points
+
+
+def _mean(records: Sequence[dict[str, Any]], key: str, n: int) -> float | None:
+    total = math.fsum(r[key] for r in records)
+    return total / n if n and math.isfinite(total) else None
 
 
 def _ppl(nll_sum: float, n: int) -> float | None:

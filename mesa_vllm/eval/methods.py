@@ -17,6 +17,10 @@ into a ``Launch``: extra server arguments and environment variables.
   paper's ablation ``mesa-rerope`` / ``mesa-leaky-rerope`` (chunked prefill with Mesa's chunk
   settings, ReRoPE / Leaky-ReRoPE for the last chunk and decoding).
 
+A method name may carry Mesa settings of its own after ``@``: ``mesa@stair_width=3`` or
+``self-extend@group_size=4@window=1024`` (values as JSON: numbers, true/false, strings), so
+one run compares settings side by side; only methods served by the Mesa backend take them.
+
 vLLM 0.26 / transformers 5 need the *whole* ``rope_parameters`` dict in the override
 (``config.update`` replaces it): without ``rope_theta`` it becomes None, and yarn without
 ``original_max_position_embeddings`` is a KeyError.  The legacy ``rope_scaling`` key loses
@@ -128,12 +132,40 @@ METHODS: dict[str, Callable[[ServeContext], Launch]] = {
 }
 
 
+# the methods served by the Mesa backend (they take settings after '@')
+MESA_BACKEND_METHODS = frozenset(
+    name for name, f in METHODS.items() if "--attention-backend" in f(ServeContext("m", 2, 4)).args
+)
+
+
+def split_method(name: str) -> tuple[str, dict[str, Any]]:
+    """``"mesa@stair_width=3@log_n_scaling=false"`` -> ``("mesa", {"stair_width": 3, ...})``;
+    ValueError for an unknown base method, a malformed pair, or settings on a method that is
+    not served by the Mesa backend."""
+    base, *pairs = name.split("@")
+    if base not in METHODS:
+        raise ValueError(f"unknown method {base!r}; known: {', '.join(METHODS)}")
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{name!r}: {pair!r} is not key=value")
+        try:
+            settings[key] = json.loads(text)
+        except json.JSONDecodeError:
+            settings[key] = text
+    if settings and base not in MESA_BACKEND_METHODS:
+        raise ValueError(f"{name!r}: only Mesa-backend methods take settings after '@'")
+    return base, settings
+
+
 def parse_methods(spec: str) -> list[str]:
     """``"stock,mesa"`` -> ``["stock", "mesa"]``; ValueError naming unknown methods."""
     names = [s.strip() for s in spec.split(",") if s.strip()]
-    bad = [n for n in names if n not in METHODS]
-    if bad or not names:
-        raise ValueError(f"unknown method(s) {bad or spec!r}; known: {', '.join(METHODS)}")
+    if not names:
+        raise ValueError(f"no method in {spec!r}; known: {', '.join(METHODS)}")
+    for n in names:
+        split_method(n)
     return names
 
 
@@ -161,7 +193,12 @@ def platform_defaults(cpu: bool) -> Launch:
 def build_launch(name: str, ctx: ServeContext, cpu: bool, extra: tuple[str, ...] = ()) -> Launch:
     """Full launch of method ``name``: platform defaults, length, method flags, user extras."""
     base = platform_defaults(cpu)
-    meth = METHODS[name](ctx)
+    method, settings = split_method(name)
+    meth = METHODS[method](ctx)
+    if settings:  # a Mesa-backend method: its --additional-config is the last two args
+        cfg = json.loads(meth.args[-1])
+        cfg["mesa"].update(settings)
+        meth = Launch((*meth.args[:-1], json.dumps(cfg)), meth.env)
     args = (*base.args, "--max-model-len", str(ctx.max_model_len), *meth.args, *extra)
     return Launch(args, {**base.env, **meth.env})
 

@@ -1,12 +1,14 @@
-"""Results of one ``mesa-vllm eval`` run: JSON, a Markdown table and PNG plots.
+"""Results of one task of a ``mesa-vllm eval`` run: JSON, a Markdown table and PNG plots.
 
-``results`` is the dict the CLI builds::
+``results`` is the dict the CLI builds per task::
 
     {"task": "passkey" | "needle" | "ppl",
-     "meta": {"train_len": int | None, "lengths": [int], "samples": int, "seed": int, ...},
+     "meta": {"train_len": int | None, "lengths": [int], "samples": int, "seed": int,
+              "text": {...} | None (ppl), "timings": [...], ...},
      "methods": [{"name": str, "error": str | None, "points": [point], ...}]}
 
 with points as made by ``harness.aggregate`` (accuracy in [0, 1] or None; ppl > 0 or None).
+The ppl table shows the tail perplexity, then one over the whole text (``ppl_all``).
 Plots follow the paper: accuracy vs length (Figure 3), perplexity vs length (Figure 4),
 needle depth x length heat map per method (Figure 10).
 """
@@ -58,13 +60,17 @@ def _length_label(n: int) -> str:
     return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
-def by_length(method: dict[str, Any], task: str) -> dict[int, float | None]:
-    """{length: metric}; for needle the mean accuracy over depths (None if no depth scored)."""
+def by_length(
+    method: dict[str, Any], task: str, metric: str | None = None
+) -> dict[int, float | None]:
+    """{length: metric}; for needle the mean accuracy over depths (None if no depth scored).
+
+    ``metric`` names another point key (e.g. ``ppl_all``); default: the task's own."""
     acc: dict[int, list[float]] = {}
     seen: set[int] = set()
     for p in method.get("points", []):
         seen.add(p["length"])
-        v = p.get(_metric(task))
+        v = p.get(metric or _metric(task))
         if v is not None:
             acc.setdefault(p["length"], []).append(v)
     return {n: (sum(acc[n]) / len(acc[n]) if n in acc else None) for n in sorted(seen)}
@@ -85,23 +91,22 @@ def markdown(results: Results) -> str:
     """A Markdown report: one row per length, one column per method, notes on errors/skips."""
     task, meta = results["task"], results.get("meta", {})
     methods = results["methods"]
+    tail = meta.get("ppl_tail")
     title = {
         "passkey": "Passkey accuracy",
         "needle": "Needle accuracy (mean over depths)",
-        "ppl": "Perplexity (last tokens of each text)",
+        "ppl": f"Perplexity (last {tail or '25% of the'} tokens of each text)",
     }[task]
     lines = [f"## {title}", ""]
     info = [f"{k}: {meta[k]}" for k in ("model", "train_len", "samples", "seed") if k in meta]
+    if task == "ppl" and "text" in meta:
+        info.append(f"text: {_text_label(meta['text'])}")
     if info:
         lines += ["; ".join(info), ""]
-    cols = {m["name"]: by_length(m, task) for m in methods}
-    rows = []
-    for n in _lengths(results):
-        row = [str(n)]
-        for m in methods:
-            row.append("error" if m.get("error") else fmt(cols[m["name"]].get(n), task))
-        rows.append(row)
-    lines += _table(["length", *[m["name"] for m in methods]], rows)
+    lines += _metric_table(results, None)
+    if task == "ppl" and any("ppl_all" in p for m in methods for p in m.get("points", [])):
+        lines += ["", "### Perplexity over the whole text (ppl_all)", ""]
+        lines += _metric_table(results, "ppl_all")
     if task == "needle":
         for m in methods:
             lines += ["", f"### Needle accuracy, {m['name']} (rows: depth, columns: length)", ""]
@@ -110,6 +115,28 @@ def markdown(results: Results) -> str:
     if notes:
         lines += ["", "Notes:", *[f"- {s}" for s in notes]]
     return "\n".join(lines) + "\n"
+
+
+def _text_label(text: dict[str, Any] | None) -> str:
+    if not text:
+        return "synthetic passkey filler"
+    prov = text.get("provenance") or {}
+    label = Path(text.get("path", "?")).name
+    if prov.get("package"):
+        label += f" ({prov['package']} {prov.get('version') or '?'})"
+    return label
+
+
+def _metric_table(results: Results, metric: str | None) -> list[str]:
+    task, methods = results["task"], results["methods"]
+    cols = {m["name"]: by_length(m, task, metric) for m in methods}
+    rows = []
+    for n in _lengths(results):
+        row = [str(n)]
+        for m in methods:
+            row.append("error" if m.get("error") else fmt(cols[m["name"]].get(n), task))
+        rows.append(row)
+    return _table(["length", *[m["name"] for m in methods]], rows)
 
 
 def _needle_grid(method: dict[str, Any], lengths: list[int]) -> list[str]:

@@ -193,3 +193,21 @@ def test_make_jobs_deterministic_and_sized():
     assert all(j.n_tokens <= j.length and j.n_tokens > j.length - 30 for j in a)
     ppl = harness.make_jobs("ppl", tok, [150], 1, seed=0)
     assert ppl[0].key is None and 120 < ppl[0].n_tokens <= 150
+
+
+def test_ppl_whole_text_table_and_text_label():
+    res = _results("ppl")
+    for p in res["methods"][1]["points"]:
+        p["ppl_all"] = 2 * p["ppl"]
+    res["meta"].update(
+        ppl_tail=256,
+        text={"path": "/c/pydoc.txt", "provenance": {"package": "python3-doc", "version": "3"}},
+    )
+    md = report.markdown(res)
+    assert "## Perplexity (last 256 tokens of each text)" in md
+    assert "text: pydoc.txt (python3-doc 3)" in md
+    whole = md.split("### Perplexity over the whole text (ppl_all)")[1]
+    cells = _table_cells(whole)
+    assert [float(cells[n][1]) for n in LENGTHS] == [2 * v for v in PPL["mesa"]]
+    res["meta"]["text"] = None
+    assert "text: synthetic passkey filler" in report.markdown(res)

@@ -1,0 +1,47 @@
+"""Evaluation methods as server launches: flags per method and settings after '@'."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mesa_vllm.config import MesaConfig
+from mesa_vllm.eval import methods
+
+pytestmark = pytest.mark.unit
+
+CTX = methods.ServeContext("m", train_len=8192, max_model_len=20000, rope_theta=1e5)
+
+
+def _mesa_config(launch: methods.Launch) -> dict:
+    args = list(launch.args)
+    return json.loads(args[args.index("--additional-config") + 1])["mesa"]
+
+
+def test_settings_after_at_reach_the_mesa_config_and_validate():
+    launch = methods.build_launch("mesa@stair_width=3@log_n_scaling=false", CTX, cpu=False)
+    cfg = _mesa_config(launch)
+    assert cfg == {"train_len": 8192, "stair_width": 3, "log_n_scaling": False}
+    assert MesaConfig(**cfg).stair_width == 3  # the server would accept it
+    plain = _mesa_config(methods.build_launch("mesa", CTX, cpu=False))
+    assert plain == {"train_len": 8192}
+
+
+def test_variant_settings_keep_the_variant():
+    cfg = _mesa_config(methods.build_launch("self-extend@group_size=4@window=1024", CTX, False))
+    assert cfg == {"train_len": 8192, "pe": "self_extend", "group_size": 4, "window": 1024}
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("yarn@factor=2", "only Mesa-backend methods"),
+        ("mesa@stair_width", "is not key=value"),
+        ("nope", "unknown method 'nope'"),
+        (" , ", "no method"),
+    ],
+)
+def test_bad_method_specs_are_named(spec, message):
+    with pytest.raises(ValueError, match=message):
+        methods.parse_methods(spec)
