@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="needle samples per depth x length cell (default: --samples)",
     )
     p.add_argument(
+        "--ppl-samples",
+        type=int,
+        help="perplexity texts (windows) per length (default: --samples)",
+    )
+    p.add_argument(
         "--max-samples-at",
         type=_caps,
         metavar="LEN:N[,LEN:N]",
@@ -223,6 +228,8 @@ def task_samples(task: str, args) -> int:
     """Samples per length (per depth x length cell for needle) of ``task``."""
     if task == "needle" and args.needle_samples is not None:
         return args.needle_samples
+    if task == "ppl" and args.ppl_samples is not None:
+        return args.ppl_samples
     return args.samples
 
 
@@ -304,7 +311,8 @@ def _serve_method(
 ) -> tuple[dict[str, dict], dict] | None:
     """Start ``name``'s server, run every task against it, stop it.
 
-    Returns ({task: method entry}, timing), or None when cancelled before it finished."""
+    Returns ({task: method entry}, timing); when cancelled, the tasks finished before that
+    (None if none finished)."""
     from mesa_vllm.eval.server import LocalServer, ServerError
 
     extra = tuple(shlex.split(args.server_args))
@@ -334,6 +342,8 @@ def _serve_method(
             ep = harness.connect(srv.base_url, name, args.api_key, args.request_timeout)
             for task, jobs in task_jobs.items():
                 res = _run_task(name, task, ep, args, method_jobs(name, jobs, args), pool.cancel)
+                if pool.cancel.is_set():
+                    break  # the task in flight was cut short: keep only the finished ones
                 evals[task] = res["seconds"]
                 entries[task] = {**base, **res}
         except (ServerError, harness.EndpointError) as exc:
@@ -347,8 +357,8 @@ def _serve_method(
         finally:
             with pool.gate():
                 srv.stop()
-    if pool.cancel.is_set():
-        return None
+    if pool.cancel.is_set():  # interrupted: the tasks that finished before it still count
+        return (entries, _timing(name, start_s, evals, "interrupted")) if entries else None
     timing = _timing(name, start_s, evals)
     _say(
         name,
@@ -470,16 +480,15 @@ def _evaluate(args, tasks: list[str], results: dict[str, dict], timings: list[di
     cpu = methods.is_cpu_install()
     k = parallel.effective_parallel(args.parallel_servers, len(names))
     share = parallel.memory_share(k, shlex.split(args.server_args), cpu)
-    pool = parallel.ServerPool(
-        gated=parallel.needs_start_gate(k, shlex.split(args.server_args), cpu)
-    )
+    gated = parallel.needs_start_gate(k, shlex.split(args.server_args), cpu)
+    pool = parallel.ServerPool(gated=gated)
     for res in results.values():
         res["meta"].update(parallel_servers=k, gpu_memory_share=share)
     if k > 1:
         print(
             f"running up to {k} servers at once"
             + (f", each with {parallel.UTIL_FLAG} {share:g}" if share else "")
-            + ("; GPU starts one at a time" if not cpu else ""),
+            + ("; GPU starts one at a time" if gated else ""),
             file=sys.stderr,
             flush=True,
         )
@@ -496,7 +505,8 @@ def _evaluate(args, tasks: list[str], results: dict[str, dict], timings: list[di
                 continue
             entries, timing = slot
             for task in tasks:
-                results[task]["methods"].append(entries[task])
+                if task in entries:  # an interrupted method lacks its unfinished tasks
+                    results[task]["methods"].append(entries[task])
             timings.append(timing)
     return 2 if any(m.get("error") for r in results.values() for m in r["methods"]) else 0
 
@@ -550,8 +560,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("--train-len must be >= 2")
     if args.samples < 1 or args.concurrency < 1:
         return _fail("--samples and --concurrency must be >= 1")
-    if args.needle_samples is not None and args.needle_samples < 1:
-        return _fail("--needle-samples must be >= 1")
+    for flag in ("needle_samples", "ppl_samples"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            return _fail(f"--{flag.replace('_', '-')} must be >= 1")
     if args.parallel_servers < 1:
         return _fail("--parallel-servers must be >= 1")
     if args.ppl_tail is not None and args.ppl_tail < 1:

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The real model (SmolLM2-135M-Instruct, L = 8192) on the H200, after the vLLM bundle and the
+# model pieces are staged (../shared/gpu/README.md: /tmp/site, /tmp/models).  Each part fits
+# one `run` call (< 10 min); full logs and results land in $OUT.
+#
+#   bash benchmarks/real_model/gpu_burst.sh check            convert + Mesa vs FLASH_ATTN check
+#   bash benchmarks/real_model/gpu_burst.sh check-eval NAME METHODS [eval args...]
+#       both at once (the check's engines take a fixed KV cache, so they can start beside
+#       the evaluation's servers)
+#   bash benchmarks/real_model/gpu_burst.sh eval NAME METHODS [eval args...]
+#       convert + one `mesa-vllm eval passkey,needle,ppl` run of METHODS (comma list) at
+#       1x..16x L, every method's server once for the three tasks, several servers at once;
+#       results packed in $OUT/NAME.tgz (NAME/<task>/results.json, table.md, plots).
+#       EVAL_SECONDS bounds it (the methods finished by then are written); SERVER_ARGS
+#       (default --enforce-eager) go to every server.
+#
+# Real text for perplexity: .gpu/corpus/pydoc.txt.xz (carried; made here by
+# `python -m mesa_vllm.eval corpus pydoc` and xz).
+set -uo pipefail
+export PYTHONPATH=/tmp/site:/tmp/models/pylib PYTHONUNBUFFERED=1
+OUT=${OUT:-out/gpu}
+WORK=/tmp/burst  # everything is written here and packed into $OUT/<part>.tgz (8 files come back)
+GGUF=/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p "$OUT" "$WORK"
+pack() { tar -C "$WORK" -czf "$OUT/$1.tgz" . && echo "packed $OUT/$1.tgz"; }
+[ -d /tmp/site/vllm ] || { echo "vLLM is not staged in /tmp/site"; exit 3; }
+python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site \
+    --upgrade . >/dev/null 2>&1 || { echo "plugin install failed"; exit 3; }
+t0=$(date +%s)
+python3 -m mesa_vllm.cli models fetch smollm2 --gguf "$GGUF" > "$WORK/fetch.log" 2>&1 \
+    || { echo "model conversion failed"; tail -20 "$WORK/fetch.log"; exit 3; }
+MODEL=$(python3 -m mesa_vllm.cli models path smollm2)
+echo "model ready at $MODEL in $(( $(date +%s) - t0 )) s"; grep -E "ready|check" "$WORK/fetch.log" | tail -2
+CORPUS=/tmp/corpus/pydoc.txt
+if [ -f .gpu/corpus/pydoc.txt.xz ] && [ ! -f "$CORPUS" ]; then
+    mkdir -p /tmp/corpus && xz -dc .gpu/corpus/pydoc.txt.xz > "$CORPUS"
+    cp .gpu/corpus/pydoc.txt.json /tmp/corpus/ 2>/dev/null || true
+fi
+check() {
+    timeout 400 python3 benchmarks/real_model/gpu_check.py "$MODEL" --out "$WORK" \
+        > "$WORK/check.log" 2>&1
+    echo "check rc=$?"; grep -E "^\||^CHECK|Error" "$WORK/check.log" | tail -14
+}
+evaluate() {
+    name=$1; methods=$2; shift 2
+    budget=${EVAL_SECONDS:-500}
+    server_args=${SERVER_ARGS:---enforce-eager}
+    timeout "$budget" python3 -m mesa_vllm.cli eval passkey,needle,ppl --serve "$MODEL" \
+        --methods "$methods" --multiples 1,2,4,8,16 --text "$CORPUS" --ppl-tail 256 \
+        --server-args "$server_args" --quiet --out "$WORK/$name" "$@" \
+        > "$WORK/$name.log" 2>&1
+    echo "eval $name rc=$?"; grep -vE "INFO|DEBUG|WARNING|^\[" "$WORK/$name.log" | tail -80
+}
+case "${1:-check}" in
+check) check; pack check ;;
+eval) shift; evaluate "$@"; pack "$1" ;;
+check-eval)
+    shift; check > "$WORK/check.out" & evaluate "$@"; wait; cat "$WORK/check.out"; pack "$1" ;;
+*) echo "unknown part $1"; exit 2 ;;
+esac
