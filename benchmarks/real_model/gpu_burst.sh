@@ -15,7 +15,8 @@
 #       (default --enforce-eager) go to every server.
 #
 # Real text for perplexity: .gpu/corpus/pydoc.txt.xz (carried; made here by
-# `python -m mesa_vllm.eval corpus pydoc` and xz).
+# `python -m mesa_vllm.eval corpus pydoc` and xz).  The OpenAI server needs jmespath, which
+# the bundle lacks: carry its wheel in .whl (`pip download --no-deps -d .whl jmespath`).
 set -uo pipefail
 export PYTHONPATH=/tmp/site:/tmp/models/pylib PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
@@ -26,6 +27,12 @@ pack() { tar -C "$WORK" -czf "$OUT/$1.tgz" . && echo "packed $OUT/$1.tgz"; }
 [ -d /tmp/site/vllm ] || { echo "vLLM is not staged in /tmp/site"; exit 3; }
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site \
     --upgrade . >/dev/null 2>&1 || { echo "plugin install failed"; exit 3; }
+# wheels the bundle lacks for the OpenAI server (jmespath), carried as .whl when present
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+fi
+python3 -c "import vllm.entrypoints.openai.api_server" 2>&1 | tail -1 | grep -q Error \
+    && { python3 -c "import vllm.entrypoints.openai.api_server" 2>&1 | tail -3; exit 3; }
 t0=$(date +%s)
 python3 -m mesa_vllm.cli models fetch smollm2 --gguf "$GGUF" > "$WORK/fetch.log" 2>&1 \
     || { echo "model conversion failed"; tail -20 "$WORK/fetch.log"; exit 3; }

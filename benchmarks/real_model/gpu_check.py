@@ -31,16 +31,13 @@ def main() -> int:
     from vllm import LLM, SamplingParams
 
     from mesa_vllm.eval.data import passkey_sample
+    from mesa_vllm.testing.real_models import chat_prompt_ids
 
     L = json.loads((args.model / "config.json").read_text())["max_position_embeddings"]
     tok = AutoTokenizer.from_pretrained(str(args.model))
-    prompts = [
-        list(tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True))
-        for c in CHATS
-    ]
+    prompts = [chat_prompt_ids(tok, c) for c in CHATS]
     for i, f in enumerate((0.1, 0.5, 0.95)):
         prompts.append(tok.encode(passkey_sample(tok, int(f * L), rng=random.Random(i)).prompt))
-    prompts = [list(p if isinstance(p, list) else p["input_ids"]) for p in prompts]
     sp = SamplingParams(temperature=0, max_tokens=24, prompt_logprobs=0)
     outs, secs = {}, {}
     for backend in ("FLASH_ATTN", "mesa"):

@@ -23,6 +23,15 @@ def smollm2() -> Path:
     return zoo.fetch("smollm2", log=lambda msg: None)
 
 
+def chat_prompt_ids(tok, question: str) -> list[int]:
+    """Token ids of a one-turn chat asking ``question``, ready for the assistant's answer
+    (the same on every transformers version: the template is rendered to text first)."""
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
 def truncated_copy(src: str | Path, dst: str | Path, layers: int) -> Path:
     """Write a copy of checkpoint ``src`` with its first ``layers`` decoder layers to ``dst``
     (reused when present and made from the same source file)."""

@@ -76,12 +76,10 @@ def test_whole_model_greedy_equals_stock_within_training_length(smollm2):
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
+    from mesa_vllm.testing.real_models import chat_prompt_ids
+
     tok = AutoTokenizer.from_pretrained(str(smollm2))
-    prompts = [
-        tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)
-        for c in CHATS
-    ]
-    prompts = [p if isinstance(p, list) else list(p["input_ids"]) for p in prompts]
+    prompts = [chat_prompt_ids(tok, c) for c in CHATS]
     sp = SamplingParams(temperature=0, max_tokens=24)
     kw = dict(
         model=str(smollm2), dtype="float32", enforce_eager=True, max_model_len=4096,
