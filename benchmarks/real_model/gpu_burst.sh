@@ -11,7 +11,10 @@
 #       convert + one `mesa-vllm eval passkey,needle,ppl` run of METHODS (comma list) at
 #       1x..16x L, every method's server once for the three tasks, several servers at once;
 #       results packed in $OUT/NAME.tgz (NAME/<task>/results.json, table.md, plots).
-#       EVAL_SECONDS bounds it (the methods finished by then are written); SERVER_ARGS
+#       EVAL_SECONDS bounds it: each method's finished tasks are saved as it finishes them
+#       (NAME/<task>/partial/; `mesa-vllm eval report DIR` rebuilds tables from them), and
+#       the tables of the methods finished by then are written.  Keep EVAL_SECONDS + 90 under
+#       the call's limit.  TASKS (default passkey,needle,ppl) picks the tasks; SERVER_ARGS
 #       (default --enforce-eager) go to every server.
 #
 # Real text for perplexity: .gpu/corpus/pydoc.txt.xz (carried; made here by
@@ -31,8 +34,10 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tm
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 fi
-python3 -c "import vllm.entrypoints.openai.api_server" 2>&1 | tail -1 | grep -q Error \
-    && { python3 -c "import vllm.entrypoints.openai.api_server" 2>&1 | tail -3; exit 3; }
+err=$(python3 -c "import gguf, vllm.entrypoints.openai.api_server" 2>&1 | grep Error | tail -1)
+[ -z "$err" ] || { echo "$err (stage the model pieces in order: m3, which carries gguf, last)"; exit 3; }
+# servers a killed earlier call left behind still hold GPU memory
+pkill -9 -f "[v]llm.entrypoints.openai" 2>/dev/null; pkill -9 -f "[V]LLM::" 2>/dev/null
 t0=$(date +%s)
 python3 -m mesa_vllm.cli models fetch smollm2 --gguf "$GGUF" > "$WORK/fetch.log" 2>&1 \
     || { echo "model conversion failed"; tail -20 "$WORK/fetch.log"; exit 3; }
@@ -52,8 +57,10 @@ evaluate() {
     name=$1; methods=$2; shift 2
     budget=${EVAL_SECONDS:-500}
     server_args=${SERVER_ARGS:---enforce-eager}
-    timeout "$budget" python3 -m mesa_vllm.cli eval passkey,needle,ppl --serve "$MODEL" \
-        --methods "$methods" --multiples 1,2,4,8,16 --text "$CORPUS" --ppl-tail 256 \
+    tasks=${TASKS:-passkey,needle,ppl}
+    text=(); [[ $tasks == *ppl* ]] && text=(--text "$CORPUS" --ppl-tail 256)
+    timeout -k 30 "$budget" python3 -m mesa_vllm.cli eval "$tasks" --serve "$MODEL" \
+        --methods "$methods" --multiples 1,2,4,8,16 "${text[@]}" \
         --server-args "$server_args" --quiet --out "$WORK/$name" "$@" \
         > "$WORK/$name.log" 2>&1
     echo "eval $name rc=$?"; grep -vE "INFO|DEBUG|WARNING|^\[" "$WORK/$name.log" | tail -80

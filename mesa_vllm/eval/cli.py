@@ -15,7 +15,9 @@ method's server, and ``--parallel-servers K`` runs up to K methods' servers at o
 
 Writes ``results.json``, ``table.md`` and PNG plots to ``--out`` (one task) or to
 ``--out/<task>/`` (several); prints each table.  ``eval corpus pydoc [--out FILE]`` builds the
-real-text corpus (``mesa_vllm.eval.corpus``).
+real-text corpus (``mesa_vllm.eval.corpus``).  Each method's finished task is saved at once
+under ``<task dir>/partial/``; ``eval report DIR`` rebuilds the tables of a run that was
+stopped before it wrote them.
 Exit codes: 0 all methods evaluated; 2 bad arguments, endpoint unreachable or a server that
 did not start (results of the other methods are still written); 130 interrupted.
 """
@@ -249,6 +251,11 @@ def method_jobs(name: str, jobs: list[harness.Job], args) -> list[harness.Job]:
     return out
 
 
+def task_dir(out: Path, task: str, results: dict[str, dict]) -> Path:
+    """Where ``task``'s tables go: ``out`` for a single task, ``out/<task>`` for several."""
+    return out if len(results) == 1 else out / task
+
+
 def _run_task(name: str, task: str, ep: harness.Endpoint, args, jobs, cancel=None) -> dict:
     from tqdm import tqdm
 
@@ -268,14 +275,17 @@ def _run_task(name: str, task: str, ep: harness.Endpoint, args, jobs, cancel=Non
             cancel=cancel,
         )
     points = harness.aggregate(task, records)
-    errors, skipped = (sum(p[k] for p in points) for k in ("errors", "skipped"))
+    errors = sum(p["errors"] for p in points)
+    cancelled = sum(1 for r in records if r["skipped"] == "cancelled")
+    too_long = sum(1 for r in records if r["skipped"]) - cancelled
     seconds = time.monotonic() - t0
     _say(
         name,
         f"{task}: {len(records)} requests in {seconds:.0f} s: {errors} errors, "
-        f"{skipped} skipped (prompt > max_model_len {ep.max_model_len})",
+        f"{too_long} skipped (prompt > max_model_len {ep.max_model_len})"
+        + (f", {cancelled} not sent (interrupted)" if cancelled else ""),
     )
-    if errors and errors == len(records) - skipped:
+    if errors and errors == len(records) - too_long - cancelled:
         first = next(p["first_error"] for p in points if p["first_error"])
         _say(name, f"warning: every {task} request failed; first error: {first}")
     return {
@@ -308,6 +318,7 @@ def _serve_method(
     out: Path,
     pool: parallel.ServerPool,
     share: float | None,
+    results: dict[str, dict],
 ) -> tuple[dict[str, dict], dict] | None:
     """Start ``name``'s server, run every task against it, stop it.
 
@@ -346,6 +357,7 @@ def _serve_method(
                     break  # the task in flight was cut short: keep only the finished ones
                 evals[task] = res["seconds"]
                 entries[task] = {**base, **res}
+                report.write_partial(results[task], entries[task], task_dir(out, task, results))
         except (ServerError, harness.EndpointError) as exc:
             if pool.cancel.is_set():
                 return None
@@ -495,7 +507,7 @@ def _evaluate(args, tasks: list[str], results: dict[str, dict], timings: list[di
     slots: list = [None] * len(names)
 
     def work(name: str):
-        return _serve_method(name, args, ctx, task_jobs, out, pool, share)
+        return _serve_method(name, args, ctx, task_jobs, out, pool, share, results)
 
     try:
         parallel.run_all(names, k, work, pool, slots)
@@ -551,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         from mesa_vllm.eval import corpus
 
         return corpus.main(argv[1:])
+    if argv and argv[0] == "report":
+        return _report_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
@@ -590,8 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         res["meta"].update(timings=timings, wall_s=wall)
     for task, res in results.items():
         if res["methods"]:
-            out = Path(args.out) if len(tasks) == 1 else Path(args.out) / task
-            paths = report.write_all(res, out)
+            paths = report.write_all(res, task_dir(Path(args.out), task, results))
             print(paths["table"].read_text())
             print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     if timings:
@@ -600,6 +613,21 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     return code
+
+
+def _report_main(argv: list[str]) -> int:
+    """``eval report DIR [DIR ...]``: tables and plots of a stopped run from each task
+    directory's ``partial/`` snapshots (written as each method finishes a task)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: mesa-vllm eval report TASK_DIR [TASK_DIR ...]", file=sys.stderr)
+        return 0 if argv else 2
+    for d in argv:
+        try:
+            paths = report.rebuild(d)
+        except FileNotFoundError as exc:
+            return _fail(str(exc))
+        print(paths["table"].read_text())
+    return 0
 
 
 def _install_sigterm():

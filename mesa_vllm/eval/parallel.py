@@ -89,12 +89,18 @@ class ServerPool:
                 self._live.discard(server)
 
     def stop_all(self) -> None:
-        """Set the cancel event and cancel every live server (stops the running ones)."""
+        """Set the cancel event and cancel every live server (stops the running ones, in
+        parallel)."""
         self.cancel.set()
         with self._lock:
             live = list(self._live)
-        for srv in live:
-            srv.cancel()
+        # all at once: each stop may wait out its grace period, and K of them in a row can
+        # outlast the time an interrupted run has left
+        stoppers = [threading.Thread(target=srv.cancel, daemon=True) for srv in live]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join()
 
 
 def run_all(

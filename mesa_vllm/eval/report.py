@@ -276,3 +276,31 @@ def write_all(results: Results, out_dir: str | Path) -> dict[str, Path]:
     for p in plot(results, out):
         paths[p.stem] = p
     return paths
+
+
+PARTIAL_DIR = "partial"
+
+
+def write_partial(results: Results, entry: dict[str, Any], out_dir: str | Path) -> Path:
+    """Save one method's finished entry of a task at once (``out_dir/partial/<name>.json``),
+    so a run that is killed before it writes its tables keeps what it measured."""
+    path = Path(out_dir) / PARTIAL_DIR / f"{entry['name']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    snapshot = {"task": results["task"], "meta": results["meta"], "methods": [entry]}
+    tmp = path.with_suffix(".tmp")
+    write_json(snapshot, tmp)
+    tmp.replace(path)
+    return path
+
+
+def rebuild(out_dir: str | Path) -> dict[str, Path]:
+    """Tables, JSON and plots of a task directory from its ``partial/`` snapshots (the
+    methods in the order they finished); for a run that was stopped before writing them."""
+    files = sorted((Path(out_dir) / PARTIAL_DIR).glob("*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"no {PARTIAL_DIR}/*.json under {out_dir}")
+    snaps = [json.loads(f.read_text()) for f in files]
+    results = {"task": snaps[0]["task"], "meta": snaps[0]["meta"], "methods": []}
+    for snap in snaps:
+        results["methods"].extend(snap["methods"])
+    return write_all(results, out_dir)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -118,6 +119,28 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+# the last line of a raised exception, alone or after vLLM's "(Proc pid=N) ERROR date [f]"
+_EXC_LINE = re.compile(
+    r"^(?:\(\w+ pid=\d+\) )?(?:ERROR [\d-]+ [\d:]+ \[[^\]]*\] )?"
+    r"([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$"
+)
+
+
+def root_cause(path: Path) -> str | None:
+    """The first exception a vLLM server log reports, as ``Type: message``: the engine
+    core's own error, which the API server's traceback at the end of the log hides.  None
+    when the log names none."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        m = _EXC_LINE.match(line.strip())
+        if m:
+            return f"{m.group(1)}: {m.group(2).strip()}"[:300]
+    return None
 
 
 class LocalServer:
@@ -240,7 +263,9 @@ class LocalServer:
 
     def _failure(self, what: str) -> str:
         tail = log_tail(self.log_path)
-        return f"{what} (log: {self.log_path}); last lines:\n{tail}"
+        cause = root_cause(self.log_path)
+        because = f": {cause}" if cause else ""
+        return f"{what}{because} (log: {self.log_path}); last lines:\n{tail}"
 
     def alive(self) -> bool:
         """True while the server process is running."""

@@ -178,6 +178,14 @@ def test_two_tasks_parallel_servers(model_dir, tmp_path):
             "ppl",
         }
         assert times["mesa"]["error"] and times["mesa"]["server_start_s"] is None
+        # the finished method was saved as soon as it finished; the tables rebuild from it
+        snap = json.loads((out / task / "partial" / "stock.json").read_text())
+        assert snap["methods"][0]["points"] == stock["points"]
+        (out / task / "results.json").unlink()
+        assert cli.main(["report", str(out / task)]) == 0
+        again = json.loads((out / task / "results.json").read_text())
+        assert [m["name"] for m in again["methods"]] == ["stock"]
+        assert again["methods"][0]["points"] == stock["points"]
     assert (out / "server-mesa.log").stat().st_size > 0
     port = int(stock["endpoint"].rsplit(":", 1)[1].split("/")[0])
     assert not port_open("127.0.0.1", port)

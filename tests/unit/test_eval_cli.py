@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -112,6 +113,26 @@ def test_run_all_keeps_order_and_limits_concurrency():
     peak[0] = 0
     assert parallel.run_all(names, 1, work, pool) == [f"r{n}" for n in names]
     assert peak[0] == 1
+
+
+def test_stop_all_stops_every_live_server_at_once():
+    """Each fake server's cancel waits until all four are cancelling: one after the other,
+    the first would break the barrier."""
+    barrier = threading.Barrier(4, timeout=10)
+    stopped = []
+
+    class Server:
+        def cancel(self) -> None:
+            barrier.wait()
+            stopped.append(self)
+
+    pool = parallel.ServerPool()
+    servers = [Server() for _ in range(4)]
+    with contextlib.ExitStack() as stack:
+        for srv in servers:
+            stack.enter_context(pool.track(srv))
+        pool.stop_all()
+    assert pool.cancel.is_set() and sorted(map(id, stopped)) == sorted(map(id, servers))
 
 
 def test_run_all_error_cancels_the_pool():
