@@ -2,6 +2,8 @@
 
 Read from ``--additional-config '{"mesa": {...}}'`` (``VllmConfig.additional_config``).
 Defaults follow the paper / official code (F=100, Lc=512, Mmax=200, E=50, log-n on);
+``stair_width`` also takes ``"auto"`` (per stair query set, the smallest E that keeps every
+relative position inside the trained range: ``mesa_vllm.plan.stair_width_for``);
 ``train_len`` defaults to the model's trained context (HF ``max_position_embeddings`` before
 any override).  Imports no vLLM.
 """
@@ -11,7 +13,14 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mesa_vllm.plan import WINDOWED_PE
 
@@ -36,7 +45,11 @@ class MesaConfig(BaseModel):
     first_chunk: int = Field(default=100, ge=1, description="[F] attention-sink chunk width")
     last_chunk: int = Field(default=512, ge=1, description="[Lc] last-chunk target width")
     max_remainder: int = Field(default=200, ge=0, description="[Mmax] DynamicSplit threshold")
-    stair_width: int = Field(default=50, ge=1, description="[E] Stair PE step width")
+    stair_width: int | Literal["auto"] = Field(
+        default=50,
+        description='[E] Stair PE step width; "auto": per stair query set, the smallest E '
+        "keeping every relative position inside the trained range (plan.stair_width_for)",
+    )
     log_n_scaling: bool | None = Field(
         default=None,
         description="scale long queries by log-n; default on for stair/rerope/leaky_rerope",
@@ -56,6 +69,15 @@ class MesaConfig(BaseModel):
         default=None, ge=1, description="[G] self_extend group size; default: auto"
     )
     sink_tokens: int = Field(default=4, ge=0, description="[S] streaming/lm_infinite sinks")
+
+    @field_validator("stair_width", mode="plain")
+    @classmethod
+    def _check_stair_width(cls, value: Any) -> int | str:
+        if value == "auto" and isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        raise ValueError("must be an integer >= 1 or the string 'auto'")
 
     @model_validator(mode="after")
     def _check_chunks_fit(self) -> MesaConfig:
@@ -151,7 +173,7 @@ _RANGES = {
     "first_chunk": "an integer >= 1 and <= train_len - 2",
     "last_chunk": "an integer >= 1",
     "max_remainder": "an integer >= 0",
-    "stair_width": "an integer >= 1",
+    "stair_width": 'an integer >= 1, or "auto"',
     "log_n_scaling": "true or false (default: on for stair, rerope, leaky_rerope)",
     "pe": "one of " + ", ".join(PE_NAMES),
     "chunked_prefill": "true or false (true requires a pe other than streaming/lm_infinite)",
@@ -175,5 +197,6 @@ def _describe(exc: ValidationError) -> str:
             continue
         allowed = _RANGES.get(field)
         hint = f" (allowed: {allowed})" if allowed else ""
-        parts.append(f"mesa.{loc}: {err['msg']}, got {err.get('input')!r}{hint}")
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"mesa.{loc}: {msg}, got {err.get('input')!r}{hint}")
     return "invalid Mesa configuration: " + "; ".join(parts)

@@ -13,7 +13,8 @@ sent to the engine core and the workers, so every process sees the same resolved
 * ask vLLM for per-request prompt lengths in the attention metadata (``rswa_window``);
 * warn when the stair positions of some prompt or decode length up to ``max_model_len``
   reach beyond the trained length (``worst_stair_span``), naming the smallest stair width
-  that keeps every one inside it.
+  that keeps every one inside it (not with ``stair_width: auto``: there every span fits by
+  construction, ``plan.stair_width_for``).
 """
 
 from __future__ import annotations
@@ -144,12 +145,15 @@ def apply(vllm_config: Any, prefix_caching_explicit: bool) -> MesaConfig:
         max_len,
         max_len / mesa.train_len,
     )
-    if max_len > mesa.train_len and mesa.pe == "stair":
+    if max_len > mesa.train_len and mesa.pe == "stair" and params.stair_width is not None:
         _warn_stair_span(max_len, params)
     return mesa
 
 
 def _warn_stair_span(max_len: int, params: MesaParams) -> None:
+    """Warn when a stair span up to ``max_len`` reaches train_len (a fixed stair width only:
+    ``apply`` skips it for ``stair_width: auto``, where E(n) keeps every span <= L - 1 by
+    construction)."""
     worst = worst_stair_span(max_len, params)
     if worst is None or worst.span < params.train_len:
         return
@@ -308,8 +312,11 @@ def worst_stair_span(max_len: int, params: MesaParams, decode: bool = True) -> S
     and are not counted here.  O(max_len / (L - F) + (L - F) log(max_len)).
 
     ``seq_len`` is T for a prompt's tokens and p + 1 for a generated token; ties between
-    prompts and generated tokens at one sequence length go to the prompt.
+    prompts and generated tokens at one sequence length go to the prompt.  A fixed stair
+    width only (ValueError for ``stair_width: auto``, whose spans are all <= L - 1).
     """
+    if params.stair_width is None:
+        raise ValueError("worst_stair_span needs a fixed stair_width (auto spans fit L)")
     ranges = _stair_ranges(max_len, params, decode)
     if not ranges:
         return None
@@ -365,6 +372,7 @@ def _min_stair_width(max_len: int, params: MesaParams, decode: bool = True) -> i
 
 
 def to_params(mesa: MesaConfig) -> MesaParams:
+    """MesaParams of a resolved MesaConfig (``stair_width: "auto"`` becomes None)."""
     assert mesa.train_len is not None and mesa.chunked_prefill is not None, "resolve first"
     return MesaParams(
         train_len=mesa.train_len,
@@ -372,7 +380,7 @@ def to_params(mesa: MesaConfig) -> MesaParams:
         first_chunk=min(mesa.first_chunk, mesa.train_len - 2),
         last_chunk=mesa.last_chunk,
         max_remainder=mesa.max_remainder,
-        stair_width=mesa.stair_width,
+        stair_width=None if mesa.stair_width == "auto" else mesa.stair_width,
         log_n_scaling=bool(mesa.log_n_scaling),
         pe=mesa.pe,
         chunked_prefill=mesa.chunked_prefill,

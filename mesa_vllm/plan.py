@@ -17,6 +17,9 @@ executes each one as a small dense attention problem.
 * ``stair``: last chunk and decode: keys [0, p]; every token j takes pos(j) = j if j >= A
   else A - 1 - (A - 1 - j) // E, with anchor A = n - ((n - 1) mod C); n = T for prompt tokens
   and n = p + 1 for generated ones.  Queries are scaled by max(1, ln(p + 1) / ln(L)).
+  E is the fixed ``stair_width``, or with ``stair_width: auto`` (``MesaParams.stair_width``
+  None) the smallest E that keeps every relative position of the query set of n inside the
+  trained range (``stair_width_for``).
 * ``weave``: the other members of the weave-PE family (docs/VARIANTS.md: rerope,
   leaky_rerope, self_extend, streaming, lm_infinite): keys [0, p] (sinks + window for the
   windowed variants); the position of each (query, key) pair depends on their distance, so
@@ -37,13 +40,18 @@ WINDOWED_PE = ("streaming", "lm_infinite")
 
 @dataclass(frozen=True)
 class MesaParams:
-    """Resolved parameters: L, F, Lc, Mmax, E and the log-n switch."""
+    """Resolved parameters: L, F, Lc, Mmax, E and the log-n switch.
+
+    ``stair_width`` is E, or None for ``stair_width: auto``: E then depends on the stair query
+    set (its sequence length n and chunk width C), see ``stair_width_for``; every consumer
+    asks that function (or reads ``Segment.stair_width``) instead of this field.
+    """
 
     train_len: int
     first_chunk: int = 100
     last_chunk: int = 512
     max_remainder: int = 200
-    stair_width: int = 50
+    stair_width: int | None = 50
     log_n_scaling: bool = True
     pe: str = "stair"
     chunked_prefill: bool = True
@@ -55,8 +63,9 @@ class MesaParams:
     def __post_init__(self) -> None:
         if not 1 <= self.first_chunk <= self.train_len - 2:
             raise ValueError(f"first_chunk must be in [1, {self.train_len - 2}]")
-        if self.last_chunk < 1 or self.stair_width < 1 or self.max_remainder < 0:
-            raise ValueError("last_chunk >= 1, stair_width >= 1, max_remainder >= 0")
+        bad_width = self.stair_width is not None and self.stair_width < 1
+        if self.last_chunk < 1 or bad_width or self.max_remainder < 0:
+            raise ValueError("last_chunk >= 1, stair_width >= 1 or None (auto), max_remainder >= 0")
         if self.pe != "stair" and (self.window < 1 or self.leaky_factor < 1 or self.group_size < 1):
             raise ValueError("weave variants need window >= 1, leaky_factor >= 1, group_size >= 1")
         if self.pe == "stair" and not self.chunked_prefill:
@@ -137,6 +146,25 @@ def stair_position(j: int, anchor: int, stair_width: int) -> int:
     return anchor - 1 - (anchor - 1 - j) // stair_width
 
 
+def stair_width_for(n: int, width: int, params: MesaParams) -> int:
+    """E of the stair queries with sequence length n and chunk width C (``width``).
+
+    A fixed ``stair_width`` is returned as is.  ``stair_width: auto`` (None): with anchor
+    A = n - ((n - 1) mod C), the largest relative position a query of that n sees is
+    (n - A) + floor((A - 1) / E) (query n - 1 against key 0), and E(n) is the smallest integer
+    E >= 1 with (n - A) + floor((A - 1) / E) <= L - 1, i.e. floor((A - 1) / (R + 1)) + 1 with
+    R = L - 1 - (n - A).  R >= 1 for every stair query (n - A <= C - 1 <= L - F - 1); n is T
+    for every prompt token of the last chunk and p + 1 for a generated token at index p.
+    """
+    if params.stair_width is not None:
+        return params.stair_width
+    a = stair_anchor(n, width)
+    room = params.train_len - 1 - (n - a)  # R
+    if room < 1:
+        raise ValueError(f"n={n}, C={width}: n - A = {n - a} leaves no room below L")
+    return (a - 1) // (room + 1) + 1
+
+
 def log_n_scale(p: int, train_len: int) -> float:
     """max(1, ln(p + 1) / ln(L)) for a stair query at index p."""
     return max(1.0, math.log(p + 1) / math.log(train_len))
@@ -147,8 +175,9 @@ class Segment:
     """Consecutive queries [q_start, q_end) of one request sharing keys and position rule.
 
     ``key_ranges`` lists the half-open index ranges of keys the segment reads (each query p
-    additionally masks keys j > p).  ``chunk_start`` is s for ``middle``; ``anchor`` is A for
-    ``stair``.
+    additionally masks keys j > p).  ``chunk_start`` is s for ``middle``; ``anchor`` is A and
+    ``stair_width`` is E for ``stair`` (``stair_width_for``: with ``stair_width: auto`` one E
+    per segment, generated-token segments end where E changes).
     """
 
     kind: SegmentKind
@@ -212,6 +241,10 @@ def plan_request(
             segs[-1] = Segment("causal", segs[-1].q_start, end)
         else:
             window = params.window if kind == "weave" and params.windowed else 0
+            if kind == "stair":
+                e = stair_width_for(p + 1 if p >= prompt_len else prompt_len, plan.width, params)
+            else:
+                e = params.stair_width or 1
             segs.append(
                 Segment(
                     kind,
@@ -220,7 +253,7 @@ def plan_request(
                     params.first_chunk,
                     s,
                     a,
-                    params.stair_width,
+                    e,
                     params.sink_tokens if window else 0,
                     window,
                 )
@@ -246,11 +279,18 @@ def _segment_end(
     if kind == "weave":
         return q_end  # no anchor: every long generated token follows one rule
     # generated stair tokens share the anchor while p // C is constant: p in [A-1, A-1+C)
-    return min(a - 1 + plan.width, q_end)
+    end = a - 1 + plan.width
+    if params.stair_width is None:
+        # auto: E(n) = (A - 1) // (L - (n - A)) + 1 grows with n; it stays e while
+        # L - (n - A) >= (A - 1) // e + 1, i.e. up to n = A + L - ((A - 1) // e + 1)
+        e = stair_width_for(p + 1, plan.width, params)
+        end = min(end, a + params.train_len - ((a - 1) // e + 1))
+    return min(end, q_end)
 
 
 def max_stair_distance(seq_len: int, params: MesaParams) -> int:
     """Largest relative position a stair query at index seq_len - 1 can see (for warnings)."""
     plan = dynamic_split(seq_len, params)
     a = stair_anchor(seq_len, plan.width)
-    return (seq_len - 1) - stair_position(0, a, params.stair_width)
+    e = stair_width_for(seq_len, plan.width, params)
+    return (seq_len - 1) - stair_position(0, a, e)

@@ -14,10 +14,15 @@ Rules, per query index p (L training length, F first chunk, C chunk width, E sta
   n = p + 1): keys [0, p]; anchor A = n - ((n - 1) mod C); every token j <= p, the query
   included, has pos(j) = j if j >= A else A - 1 - floor((A - 1 - j) / E).  The query is
   scaled by max(1, ln(p + 1) / ln(L)) when log-n scaling is on.
+* ``E = "auto"``: each stair query set (one n, hence one anchor) takes the smallest integer
+  E >= 1 for which no query of that n sees a relative position above L - 1 (the largest:
+  query n - 1 against key 0).  Here it is found by trying E = 1, 2, ... on the positions
+  themselves (``auto_stair_width``), not by a closed form.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -63,13 +68,34 @@ def _query_rule(p: int, T: int, L: int, F: int, Lc: int, Mmax: int) -> tuple[str
     return "stair", T, C
 
 
+def _stair_row(j: torch.Tensor, A: int, E: int) -> torch.Tensor:
+    below = torch.div((A - 1 - j).clamp(min=0), E, rounding_mode="floor")
+    return torch.where(j >= A, j, A - 1 - below)
+
+
+@functools.lru_cache(maxsize=65536)
+def auto_stair_width(n: int, C: int, L: int) -> int:
+    """The smallest E >= 1 with max_{0 <= k <= p < n} pos(p) - pos(k) <= L - 1 (every query p
+    of sequence length n against every key k <= p; anchor A = n - ((n - 1) mod C)), found by
+    trying E = 1, 2, ... in turn."""
+    A = n - ((n - 1) % C)
+    j = torch.arange(n, dtype=torch.int64)
+    for E in range(1, n + 1):
+        pos = _stair_row(j, A, E)
+        span = int((pos - torch.cummin(pos, 0).values).max())
+        if span <= L - 1:
+            return E
+    raise ValueError(f"no stair width keeps n={n}, C={C} inside L={L}")
+
+
 def reference_positions(
-    T_prompt: int, seq_len: int, L: int, F: int, Lc: int, Mmax: int, E: int
+    T_prompt: int, seq_len: int, L: int, F: int, Lc: int, Mmax: int, E: int | str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Allowed keys and positions of every query of one sequence.
 
     Args: prompt length T_prompt, total tokens seq_len (prompt + generated), training length
-    L, first chunk F, last-chunk target Lc, max remainder Mmax, stair width E.
+    L, first chunk F, last-chunk target Lc, max remainder Mmax, stair width E (an int, or
+    "auto": ``auto_stair_width`` per stair query set).
 
     Returns ``(mask, qpos, kpos)``: mask bool [seq_len, seq_len], mask[p, j] true when query p
     attends to key j; qpos int64 [seq_len], the query's position; kpos int64
@@ -92,8 +118,8 @@ def reference_positions(
         else:
             n, C = a, b
             A = n - ((n - 1) % C)
-            below = torch.div((A - 1 - j).clamp(min=0), E, rounding_mode="floor")
-            row_pos = torch.where(j >= A, j, A - 1 - below)
+            e = auto_stair_width(n, C, L) if E == "auto" else E
+            row_pos = _stair_row(j, A, e)
             row_mask = j <= p
             q = int(row_pos[p])
         mask[p] = row_mask
@@ -201,7 +227,7 @@ def mesa_attention_reference(
     F: int = 100,
     Lc: int = 512,
     Mmax: int = 200,
-    E: int = 50,
+    E: int | str = 50,
     log_n: bool = True,
     rope_parameters: dict | None = None,
     scale: float | None = None,

@@ -84,14 +84,17 @@ class SegmentTable:
 
     q_lo: row of the segment's first query in the packed query tensor; q_len: its number of
     queries; q_abs: absolute token index of the first query; kind: 0 causal, 1 middle,
-    2 stair, 3 weave; chunk_start: s (middle); anchor: A (stair); req: block-table row.
+    2 stair, 3 weave; chunk_start: s (middle); anchor: A (stair); width: E (stair, one per
+    segment: ``Segment.stair_width``, which with ``stair_width: auto`` depends on the
+    segment's n; >= 1 for every segment); req: block-table row.
     tile_seg / tile_q0 (int32 [num_tiles]): per prefill program, the segment and the offset of
-    its first query (multiples of ``block_q``), longest key list first.  F, E, L, log_n: Mesa
-    scalars.  pe: the kernels' ``PE`` constexpr, the engine's variant (``PE_CODES``; 0 for
-    stair, whose kernels are the plain Mesa ones), whatever segments the table holds, so that
-    a CUDA graph captured on causal decodes replays weave ones correctly.  window (w, or W),
-    sink (S for the windowed variants, else 0), leaky_factor (k), group_size (G): the
-    variant's scalars.
+    its first query (multiples of ``block_q``), longest key list first.  F, L, log_n: Mesa
+    scalars; ``stair_width``: the engine's fixed E (1 with auto), which the Mesa kernels do not
+    read (they read ``width``), kept for ``_scalars``' callers (benchmarks/decode_lab.py).
+    pe: the kernels' ``PE`` constexpr, the engine's variant (``PE_CODES``; 0 for stair, whose
+    kernels are the plain Mesa ones), whatever segments the table holds, so that a CUDA graph
+    captured on causal decodes replays weave ones correctly.  window (w, or W), sink (S for
+    the windowed variants, else 0), leaky_factor (k), group_size (G): the variant's scalars.
     """
 
     q_lo: torch.Tensor
@@ -100,6 +103,7 @@ class SegmentTable:
     kind: torch.Tensor
     chunk_start: torch.Tensor
     anchor: torch.Tensor
+    width: torch.Tensor
     req: torch.Tensor
     tile_seg: torch.Tensor
     tile_q0: torch.Tensor
@@ -132,7 +136,7 @@ def build_segment_table(
     """Segment table from ``(req, q_lo, segment)`` triples (req: block-table row; q_lo: row of
     ``segment.q_start`` in the packed query tensor).  One host->device copy."""
     n = len(entries)
-    cols = np.zeros((7, n), dtype=np.int64)
+    cols = np.zeros((8, n), dtype=np.int64)
     for i, (req, q_lo, seg) in enumerate(entries):
         cols[:, i] = (
             q_lo,
@@ -141,6 +145,7 @@ def build_segment_table(
             KIND_CODES[seg.kind],
             seg.chunk_start,
             seg.anchor,
+            seg.stair_width,
             req,
         )
     q_len, q_abs, kind, s = cols[1], cols[2], cols[3], cols[4]
@@ -159,12 +164,12 @@ def build_segment_table(
     packed = np.concatenate([cols.reshape(-1), tile_seg[order], tile_q0[order]])
     t = torch.from_numpy(packed.astype(np.int32)).to(device, non_blocking=True)
     nt = tile_seg.size
-    parts = list(t[: 7 * n].view(7, n)) + [t[7 * n : 7 * n + nt], t[7 * n + nt :]]
+    parts = list(t[: 8 * n].view(8, n)) + [t[8 * n : 8 * n + nt], t[8 * n + nt :]]
     return SegmentTable(
         *parts,
         block_q=block_q,
         first_chunk=F,
-        stair_width=params.stair_width,
+        stair_width=params.stair_width or 1,
         train_len=params.train_len,
         log_n=params.log_n_scaling,
         pe=PE_CODES.get(params.pe, 0),
@@ -625,8 +630,8 @@ def _weave_tile(
 @triton.jit
 def _prefill_kernel(
     Q, K, V, Out, BT, TILE_SEG, TILE_Q0,
-    SEG_QLO, SEG_QLEN, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_REQ, INV_FREQ,
-    qk_scale, inv_log_L, F, E, W, SINK, LEAKY, FAR_C, GROUP,
+    SEG_QLO, SEG_QLEN, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_WIDTH, SEG_REQ,
+    INV_FREQ, qk_scale, inv_log_L, F, W, SINK, LEAKY, FAR_C, GROUP,
     s_qn, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_on, s_oh, s_bt,
     G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
@@ -644,6 +649,7 @@ def _prefill_kernel(
     kind = tl.load(SEG_KIND + seg)
     s = tl.load(SEG_CHUNK + seg)
     A = tl.load(SEG_ANCHOR + seg)
+    E = tl.load(SEG_WIDTH + seg)
     req = tl.load(SEG_REQ + seg)
 
     rows = tl.arange(0, BLOCK_M)
@@ -806,8 +812,8 @@ def _merge_rows(m_i, l_i, acc, NV: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: t
 @triton.jit
 def _decode_kernel(
     Q, K, V, BT, M_WS, L_WS, ACC_WS,
-    SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_REQ, INV_FREQ,
-    qk_scale, inv_log_L, F, E, W, SINK, LEAKY, FAR_C, GROUP, num_splits, min_split,
+    SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_WIDTH, SEG_REQ, INV_FREQ,
+    qk_scale, inv_log_L, F, W, SINK, LEAKY, FAR_C, GROUP, num_splits, min_split,
     split_div, split_keys,
     s_qn, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, NV: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -828,6 +834,7 @@ def _decode_kernel(
     kind = tl.load(SEG_KIND + seg)
     s = tl.load(SEG_CHUNK + seg)
     A = tl.load(SEG_ANCHOR + seg)
+    E = tl.load(SEG_WIDTH + seg)
     req = tl.load(SEG_REQ + seg)
 
     rows = tl.arange(0, BLOCK_G)
@@ -1015,6 +1022,12 @@ def _strides(query, key_cache, value_cache) -> tuple[int, ...]:
     return (query.stride(0), query.stride(1), *key_cache.stride()[:3], *value_cache.stride()[:3])
 
 
+def _kernel_scalars(table: SegmentTable, scale: float) -> tuple:
+    """``_scalars`` without E: the Mesa kernels read E per segment (``SegmentTable.width``)."""
+    sc = _scalars(table, scale)
+    return sc[:3] + sc[4:]
+
+
 def _scalars(table: SegmentTable, scale: float) -> tuple:
     """qk_scale (softmax scale * log2 e), 1 / ln L, F, E, then the weave scalars: w, S, k, the
     far-query constant (w - w / k for leaky_rerope, w - floor(w / G) for self_extend) and G."""
@@ -1060,10 +1073,11 @@ def mesa_prefill(
     if block_n is None:
         wide = meta["BLOCK_D"] > 128 or query.dtype == torch.float32
         block_n = 16 if interp else (32 if wide else 64)
-    seg = (table.q_lo, table.q_len, table.q_abs, table.kind, table.chunk_start, table.anchor)
+    seg = (table.q_lo, table.q_len, table.q_abs, table.kind, table.chunk_start, table.anchor,
+           table.width)  # fmt: skip
     _prefill_kernel[(table.num_tiles, Hkv)](
         query, key_cache, value_cache, output, block_table, table.tile_seg, table.tile_q0,
-        *seg, table.req, inv_freq, *_scalars(table, scale),
+        *seg, table.req, inv_freq, *_kernel_scalars(table, scale),
         *_strides(query, key_cache, value_cache), output.stride(0), output.stride(1),
         block_table.stride(0),
         BLOCK_Q=table.block_q, BLOCK_M=block_m, BLOCK_N=block_n, LOG_N=table.log_n,
@@ -1168,10 +1182,11 @@ def mesa_decode(
     # engine's decode has no stair rows: the G heads only)
     g_pad = triton.next_power_of_2(meta["G"])
     block_g = max(tile_rows, g_pad * (DECODE_STAIR_ROWS if table.pe == 0 else 1))
-    seg = (table.q_lo, table.q_abs, table.kind, table.chunk_start, table.anchor, table.req)
+    seg = (table.q_lo, table.q_abs, table.kind, table.chunk_start, table.anchor, table.width,
+           table.req)  # fmt: skip
     _decode_kernel[(n_seg, Hkv, num_splits)](
         query, key_cache, value_cache, block_table, *workspace, *seg, inv_freq,
-        *_scalars(table, scale), *splits,
+        *_kernel_scalars(table, scale), *splits,
         *_strides(query, key_cache, value_cache), block_table.stride(0),
         G_PAD=g_pad, NV=block_g // g_pad, BLOCK_G=block_g, BLOCK_N=block_n, LOG_N=table.log_n,
         FAST_TRIG=not interp if fast_trig is None else fast_trig, ANGLE_ADD=angle_add,

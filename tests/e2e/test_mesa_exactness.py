@@ -63,8 +63,8 @@ def _prompt_logprobs(llm, prompts: list[list[int]], max_tokens: int = 1):
     return result
 
 
-def _oracle_logprobs(model, prompt: list[int]) -> torch.Tensor:
-    logits = dense_model_logits(model, prompt, mesa=MESA_SMALL).to(torch.float64)
+def _oracle_logprobs(model, prompt: list[int], mesa: dict = MESA_SMALL) -> torch.Tensor:
+    logits = dense_model_logits(model, prompt, mesa=mesa).to(torch.float64)
     lp = torch.log_softmax(logits, dim=-1)
     return lp[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
 
@@ -127,3 +127,51 @@ def test_chunked_prefill_and_preemption_match_oracle(chunked_llm, tiny_llama):
     # generated tokens after preemption/recompute equal the dense greedy continuation
     want = dense_greedy(tiny_llama, prompts[0], 40, mesa=MESA_SMALL)
     assert results[0][1] == want, f"seed {SEED}"
+
+
+# ------------------------------------------------------------------ stair_width: auto
+
+MESA_AUTO = {**MESA_SMALL, "stair_width": "auto"}
+
+
+@pytest.fixture(scope="module")
+def auto_llm(tiny_llama):
+    """stair_width "auto": each stair query set takes the smallest E that keeps it inside L;
+    prefill split every 100 tokens, so last chunks are resumed mid-way."""
+    from vllm import LLM
+
+    llm = LLM(
+        **mesa_engine_kwargs(
+            tiny_llama, MAX_LEN, MESA_AUTO, max_num_seqs=8, max_num_batched_tokens=100
+        )
+    )
+    yield llm
+    del llm
+
+
+@pytest.mark.parametrize("multiple", [4, 16])
+def test_auto_prompt_logprobs_match_dense_oracle(auto_llm, tiny_llama, multiple):
+    """The oracle's reference finds E by its own search over E (not plan.stair_width_for)."""
+    rng = random.Random(SEED + 100 + multiple)
+    prompt = _prompt(int(multiple * TRAIN_LEN), rng)
+    ((got, _),) = _prompt_logprobs(auto_llm, [prompt])
+    _assert_close(got, _oracle_logprobs(tiny_llama, prompt, MESA_AUTO), f"auto T={len(prompt)}")
+
+
+def test_auto_greedy_continuation_crosses_an_anchor(auto_llm, tiny_llama):
+    """T = 300 (C = 53): 32 generated tokens cross the anchor at n = 319, and E(n) changes
+    with n inside each anchor."""
+    from vllm import SamplingParams
+
+    from mesa_vllm.plan import MesaParams, dynamic_split, stair_anchor, stair_width_for
+
+    params = MesaParams(64, 8, 24, 10, None)
+    C = dynamic_split(300, params).width
+    assert len({stair_anchor(n, C) for n in range(301, 333)}) > 1
+    assert len({stair_width_for(n, C, params) for n in range(301, 333)}) > 2
+    rng = random.Random(SEED + 300)
+    prompt = _prompt(300, rng)
+    sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    out = auto_llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
+    want = dense_greedy(tiny_llama, prompt, 32, mesa=MESA_AUTO)
+    assert list(out.outputs[0].token_ids) == want, f"seed {SEED}"

@@ -191,3 +191,29 @@ def test_stair_span_warning_covers_every_length(tiny64):
         assert len(stair_warnings(stair_width=e - 1)[1]) == 1
     finally:
         log.removeHandler(handler)
+
+
+def test_stair_width_auto_reaches_workers_without_span_warning(tiny64):
+    """stair_width "auto" survives the engine-config round trip (MesaParams.stair_width None
+    in the workers) and skips the stair-span warning: every span fits by construction."""
+    import logging
+
+    from mesa_vllm.engine_config import params_from_vllm_config
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    log = logging.getLogger("vllm.mesa_vllm")
+    log.addHandler(handler)
+    try:
+        cfg = _config(
+            tiny64,
+            attention_backend="mesa",
+            max_model_len=1024,
+            additional_config={"mesa": {"first_chunk": 8, "stair_width": "auto"}},
+        )
+    finally:
+        log.removeHandler(handler)
+    assert cfg.additional_config["mesa"]["stair_width"] == "auto"
+    assert params_from_vllm_config(cfg).stair_width is None
+    assert not [r for r in records if "stair positions" in r.getMessage()]

@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 
 from mesa_vllm.attention.metadata import segment_tensors
 from mesa_vllm.ops.reference import query_scales, reference_positions, reference_split
-from mesa_vllm.plan import MesaParams, dynamic_split, log_n_scale, plan_request, stair_position
+from mesa_vllm.plan import (
+    MesaParams,
+    dynamic_split,
+    log_n_scale,
+    plan_request,
+    stair_anchor,
+    stair_position,
+    stair_width_for,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -60,6 +68,10 @@ params_st = st.builds(
 def test_segments_match_reference(params, T, gen, cut, data):
     """Every query's key set and positions equal the dense reference, wherever the scheduler
     cuts the step ([q0, q1) is an arbitrary window of the sequence)."""
+    _check_segments_match_reference(params, T, gen, cut, data)
+
+
+def _check_segments_match_reference(params, T, gen, cut, data):
     S = T + gen
     q0 = min(cut, S - 1)
     q1 = data.draw(st.integers(q0 + 1, S))
@@ -70,7 +82,7 @@ def test_segments_match_reference(params, T, gen, cut, data):
         params.max_remainder,
         params.stair_width,
     )
-    mask, qpos, kpos = reference_positions(T, S, L, F, Lc, Mm, E)
+    mask, qpos, kpos = reference_positions(T, S, L, F, Lc, Mm, "auto" if E is None else E)
     if T > L:
         plan = dynamic_split(T, params)
         assert (plan.width, plan.n_mid) == reference_split(T, L, F, Lc, Mm)
@@ -90,6 +102,80 @@ def test_segments_match_reference(params, T, gen, cut, data):
             got_scale = 1.0 if scale is None else float(scale[i])
             assert got_scale == pytest.approx(float(want_scale[p]), rel=1e-6)
     assert covered == list(range(q0, q1))
+
+
+# ------------------------------------------------------------------ stair_width: auto
+
+auto_params_st = st.builds(
+    lambda L, F, Lc, M: MesaParams(
+        train_len=L, first_chunk=min(F, L - 2), last_chunk=Lc, max_remainder=M, stair_width=None
+    ),
+    st.integers(8, 48),
+    st.integers(1, 20),
+    st.integers(1, 40),
+    st.integers(0, 30),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(params=auto_params_st, data=st.data())
+def test_auto_stair_width_is_the_smallest_that_fits(params, data):
+    """stair_width_for(n, C) is the smallest E >= 1 whose largest relative position (every
+    query p of the stair set of n against every key k <= p) is <= L - 1, by brute force over
+    E, for the last chunk of a prompt (n = T) and a generated token (n = p + 1 > T)."""
+    L = params.train_len
+    n = data.draw(st.integers(L + 1, 40 * L))
+    T = data.draw(st.sampled_from([n, data.draw(st.integers(1, n))]))
+    C = dynamic_split(T, params).width
+    A = stair_anchor(n, C)
+
+    def span(e: int) -> int:
+        pos = [stair_position(j, A, e) for j in range(n)]
+        queries = range(A - 1, n) if T == n else [n - 1]  # the stair queries of that n
+        return max(pos[p] - min(pos[: p + 1]) for p in queries)
+
+    brute = next(e for e in range(1, n + 1) if span(e) <= L - 1)
+    assert stair_width_for(n, C, params) == brute
+    # the closed form of the contract: (n - A) + floor((A - 1) / E) is that largest span
+    assert span(brute) == (n - A) + (A - 1) // brute <= L - 1
+    fixed = MesaParams(L, params.first_chunk, params.last_chunk, params.max_remainder, 7)
+    assert stair_width_for(n, C, fixed) == 7
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    params=auto_params_st,
+    T=st.integers(1, 300),
+    gen=st.integers(0, 60),
+    cut=st.integers(0, 400),
+    data=st.data(),
+)
+def test_auto_segments_match_reference(params, T, gen, cut, data):
+    """stair_width auto: plan + torch-path positions equal the reference's own auto rule
+    (a search over E on the positions), wherever the scheduler cuts the step; generated
+    stair segments are maximal (neighbours sharing an anchor differ in E)."""
+    _check_segments_match_reference(params, T, gen, cut, data)
+    segs = [s for s in plan_request(T, 0, T + gen, params) if s.kind == "stair"]
+    for s in segs:
+        n = T if s.q_start < T else s.q_start + 1
+        assert s.stair_width == stair_width_for(n, dynamic_split(T, params).width, params)
+    for a, b in zip(segs, segs[1:], strict=False):
+        if a.q_start >= T and a.anchor == b.anchor:
+            assert a.stair_width != b.stair_width, (a, b)
+
+
+def test_auto_stair_width_worked_example():
+    """L = 8192, F = 100 (SmolLM2-135M's setting): a 16x prompt gets E = 18 for its last
+    chunk; the first token generated past L (n = L + 1, C = L - F: A = L + 1 - F) already
+    needs E = 2 (with E = 1 its span would be F + (L - F) = L)."""
+    p = MesaParams(train_len=8192, stair_width=None)
+    T = 16 * 8192
+    plan = dynamic_split(T, p)
+    A = stair_anchor(T, plan.width)
+    e = stair_width_for(T, plan.width, p)
+    assert (T - A) + (A - 1) // e <= 8191 < (T - A) + (A - 1) // (e - 1)
+    assert e == 18
+    assert stair_width_for(8193, p.default_width, p) == 2
 
 
 def test_middle_chunk_cost_is_linear():

@@ -162,6 +162,24 @@ def test_stair_query_below_anchor():
     assert int(qpos[181]) == 181 and kpos[181, 180].item() == 180
 
 
+def test_auto_stair_width_keeps_every_row_inside_L():
+    """E = "auto": the same worked example as above (T = 190, C = 60, A = 181); with L = 64
+    the last chunk's largest span 9 + floor(180 / E) <= 63 needs E = 4 (E = 3: 69).  Every
+    stair row, prompt and generated, sees relative positions <= L - 1, and one less E would
+    push the row's stair set past it."""
+    mask, qpos, kpos = reference_positions(190, 230, 64, 4, 16, 100, "auto")
+    assert int(qpos[150]) == 180 - (180 - 150) // 4 and kpos[150, 0].item() == 180 - 45
+    assert kpos[189, 0].item() == 180 - 45  # same n = T for every last-chunk query
+    for p in range(124, 230):
+        rel = qpos[p] - kpos[p, : p + 1]
+        assert int(rel.max()) <= 63, p
+    # p = 229: n = 230, A = 230 - 229 % 60 = 181 still, n - A = 49: E = floor(180 / 15) + 1
+    # = 13, span 49 + 13 = 62 (E = 12: 64)
+    assert int(qpos[229] - kpos[229, 0]) == 49 + 180 // 13 <= 63 < 49 + 180 // 12
+    fixed = reference_positions(190, 230, 64, 4, 16, 100, 4)
+    assert torch.equal(fixed[2][:190], kpos[:190])  # the prompt's E is 4
+
+
 def test_grown_request_uses_L_minus_F():
     T, S = 50, 80  # short prompt, decoding past L = 64
     mask, qpos, kpos = reference_positions(T, S, **SMALL)

@@ -125,6 +125,19 @@ _CASES = [
     ("lm-infinite-bf16-d32-g1-p32-full-window", "bfloat16", 32, 2, 1, 32,
      [(150, 150, 0), (70, 80, 79)],
      dict(pe="lm_infinite", window=32, sink=4)),
+    # stair_width auto: E per segment (n = 256: E = 9, blocks of <= 2 positions; n = 50:
+    # E = 3, keys turned as loaded), decode rows of long and grown sequences in one launch
+    ("auto-fp32-d32-g4-p16-decode", "float32", 32, 2, 4, 16,
+     [(256, 256, 255), (20, 50, 49), (200, 230, 229), (150, 71, 70), (100, 101, 100)],
+     dict(E="auto", splits=4)),
+    # chunked prefill: a last chunk resumed mid-way, a middle chunk, grown decode rows
+    ("auto-bf16-d64-g2-p32-chunked", "bfloat16", 64, 2, 2, 32,
+     [(256, 256, 0), (200, 200, 150), (96, 96, 33), (40, 90, 89)],
+     dict(E="auto", splits=2)),
+    # one step from the last chunk into 10 generated tokens: their E grows with n (15 .. 33),
+    # so the generated queries split into several stair segments
+    ("auto-fp32-d64-g1-p16-prompt+gen-partial", "float32", 64, 1, 1, 16,
+     [(240, 250, 200), (60, 62, 61)], dict(E="auto", rotary=0.5, splits=3)),
     ("leaky-fp32-d32-g3-p16-blockq3-no-angle-add", "float32", 32, 1, 3, 16,
      [(120, 120, 0), (90, 100, 99)],
      dict(pe="leaky_rerope", window=9, k=1.75, block_q=3, flip_angle_add=True, splits=7)),
@@ -138,7 +151,8 @@ WEAVE_TOL_FP32 = (2e-4, 2e-5)
 
 
 def case_mesa(case: dict) -> dict:
-    """The case's Mesa setting: MESA with its own stair width E where it sets one."""
+    """The case's Mesa setting: MESA with its own stair width E where it sets one ("auto":
+    the reference's own auto rule, MesaParams' None)."""
     return dict(MESA, E=case.get("E", MESA["E"]))
 
 
@@ -151,9 +165,8 @@ def case_params(case: dict):
     chunked = case.get("chunked", pe == "stair")
     w, k, G = case.get("window", 0), case.get("k", 1.0), case.get("group", 1)
     sink = case.get("sink", 0)
-    params = MesaParams(
-        m["L"], m["F"], m["Lc"], m["Mmax"], m["E"], log_n, pe, chunked, w, k, G, sink
-    )
+    E = None if m["E"] == "auto" else m["E"]  # MesaParams: None = stair_width auto
+    params = MesaParams(m["L"], m["F"], m["Lc"], m["Mmax"], E, log_n, pe, chunked, w, k, G, sink)
     if pe == "stair":
         return params, None
     from mesa_vllm.ops.reference_variants import VariantSpec
