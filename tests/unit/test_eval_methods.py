@@ -24,6 +24,8 @@ def test_settings_after_at_reach_the_mesa_config_and_validate():
     cfg = _mesa_config(launch)
     assert cfg == {"train_len": 8192, "stair_width": 3, "log_n_scaling": False}
     assert MesaConfig(**cfg).stair_width == 3  # the server would accept it
+    auto = _mesa_config(methods.build_launch("mesa@stair_width=auto", CTX, cpu=False))
+    assert auto["stair_width"] == "auto" and MesaConfig(**auto).stair_width == "auto"
     plain = _mesa_config(methods.build_launch("mesa", CTX, cpu=False))
     assert plain == {"train_len": 8192}
 
