@@ -45,6 +45,7 @@ from mesa_vllm.ops.reference import (
     rope_angles,
     rope_inv_freq,
 )
+from mesa_vllm.plan import MesaParams
 
 CATS = ("key", "sent", "first", "near", "rest")
 
@@ -122,16 +123,20 @@ def _lin(x: torch.Tensor, W: dict, name: str) -> torch.Tensor:
 # ---------------------------------------------------------------- attention plan
 
 
+# the product's defaults (mesa_vllm.plan.MesaParams), not a copy of them
+PAPER = MesaParams(train_len=8192)
+
+
 @dataclass
 class MesaCfg:
     name: str
     mesa: bool
-    L: int = 8192
-    F: int = 100
-    Lc: int = 512
-    Mmax: int = 200
-    E: int = 50
-    log_n: bool = True
+    L: int = PAPER.train_len
+    F: int = PAPER.first_chunk
+    Lc: int = PAPER.last_chunk
+    Mmax: int = PAPER.max_remainder
+    E: int = PAPER.stair_width
+    log_n: bool = PAPER.log_n_scaling
 
 
 def parse_config(spec: str, defaults: MesaCfg) -> MesaCfg:
@@ -590,10 +595,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--config", action="append", default=None, help="causal | mesa[:k=v,...]")
     ap.add_argument("--train-len", type=int, default=None, help="L of the Mesa rules")
-    ap.add_argument("--first-chunk", type=int, default=100)
-    ap.add_argument("--last-chunk", type=int, default=512)
-    ap.add_argument("--max-remainder", type=int, default=200)
-    ap.add_argument("--stair-width", type=int, default=50)
+    ap.add_argument("--first-chunk", type=int, default=PAPER.first_chunk)
+    ap.add_argument("--last-chunk", type=int, default=PAPER.last_chunk)
+    ap.add_argument("--max-remainder", type=int, default=PAPER.max_remainder)
+    ap.add_argument("--stair-width", type=int, default=PAPER.stair_width)
     ap.add_argument("--no-log-n", action="store_true")
     ap.add_argument("--layers", type=int, default=None, help="stop after N layers")
     ap.add_argument("--new-tokens", type=int, default=8)
