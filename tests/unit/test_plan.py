@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import mesa_params
 
 from mesa_vllm.attention.metadata import segment_tensors
 from mesa_vllm.ops.reference import query_scales, reference_positions, reference_split
@@ -45,16 +46,7 @@ def test_log_n_scale():
     assert log_n_scale(4095, 256) == pytest.approx(1.5)
 
 
-params_st = st.builds(
-    lambda L, F, Lc, M, E: MesaParams(
-        train_len=L, first_chunk=min(F, L - 2), last_chunk=Lc, max_remainder=M, stair_width=E
-    ),
-    st.integers(8, 48),
-    st.integers(1, 20),
-    st.integers(1, 40),
-    st.integers(0, 30),
-    st.integers(1, 9),
-)
+params_st = mesa_params(L=(8, 48), F=(1, 20), Lc=(1, 40), Mmax=(0, 30), E=(1, 9))
 
 
 @settings(max_examples=60, deadline=None)
@@ -106,15 +98,7 @@ def _check_segments_match_reference(params, T, gen, cut, data):
 
 # ------------------------------------------------------------------ stair_width: auto
 
-auto_params_st = st.builds(
-    lambda L, F, Lc, M: MesaParams(
-        train_len=L, first_chunk=min(F, L - 2), last_chunk=Lc, max_remainder=M, stair_width=None
-    ),
-    st.integers(8, 48),
-    st.integers(1, 20),
-    st.integers(1, 40),
-    st.integers(0, 30),
-)
+auto_params_st = mesa_params(L=(8, 48), F=(1, 20), Lc=(1, 40), Mmax=(0, 30))
 
 
 @settings(max_examples=300, deadline=None)

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import mesa_params
 
 from mesa_vllm.engine_config import (
     _min_stair_width,
@@ -63,16 +64,7 @@ def brute_min_width(queries: dict, train_len: int) -> int:
     return e
 
 
-params_st = st.builds(
-    lambda L, F, Lc, M, E: MesaParams(
-        train_len=L, first_chunk=min(F, L - 2), last_chunk=Lc, max_remainder=M, stair_width=E
-    ),
-    st.integers(3, 64),
-    st.integers(1, 40),
-    st.integers(1, 90),
-    st.integers(0, 70),
-    st.integers(1, 12),
-)
+params_st = mesa_params(L=(3, 64), F=(1, 40), Lc=(1, 90), Mmax=(0, 70), E=(1, 12))
 
 
 @settings(max_examples=200, deadline=None)
