@@ -62,7 +62,7 @@ _INV_TWO_PI = tl.constexpr(1.0 / (2 * math.pi))
 _NEG_BIG = tl.constexpr(-1.0e30)
 # Decode split sizing per sequence, in-kernel (mesa_decode's split_programs / split_keys /
 # min_split_keys): ~512 programs, 512 to 8192 keys per split (H200, benchmarks/
-# kernels_h200.md, sessions 5 and 6)
+# kernels_h200.md)
 DECODE_SPLIT_PROGRAMS = 512
 DECODE_SPLIT_KEYS = 8192
 DECODE_MIN_SPLIT_KEYS = 512
@@ -206,7 +206,7 @@ def decode_num_splits(
     """The decode grid's split count from host ints only (CUDA graphs: pass the captured
     batch size and max_model_len).  At least ~``target_programs`` programs and one split per
     ``keys_per_split`` keys, never under ``min_keys`` keys per split, at most ``max_splits``.
-    Fitted on an H200 in session 3 (benchmarks/kernels_h200.md).  It is an upper bound: the
+    Fitted on an H200 (benchmarks/kernels_h200.md).  It is an upper bound: the
     kernel splits each sequence by its own length (``mesa_decode``'s split_keys /
     split_programs), and given max_seq_len, ``mesa_decode`` launches only the splits that
     sizing can use (``decode_busy_splits``)."""
@@ -1138,8 +1138,8 @@ def mesa_decode(
     (m, l fp32 [num_segments * Hq * num_splits], acc fp32 [num_segments * Hq * num_splits,
     BLOCK_D]) or None to allocate.
 
-    Launch options (defaults from the H200 sweeps in benchmarks/kernels_h200.md, sessions 5
-    and 6; MESA_VLLM_DECODE_KERNEL overrides them in the engine):
+    Launch options (defaults from the H200 sweeps in benchmarks/kernels_h200.md;
+    MESA_VLLM_DECODE_KERNEL overrides them in the engine):
 
     * block_n (128 for fp16/bf16), num_warps (4), num_stages (3).
     * turn_query: stair keys below the anchor are scored with the query turned per stair
