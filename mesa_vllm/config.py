@@ -35,7 +35,7 @@ _LOG_N_DEFAULT_ON = ("stair", "rerope", "leaky_rerope")
 
 
 class MesaConfig(BaseModel):
-    """Mesa-Extrapolation parameters (DESIGN.md section 3 notation in brackets)."""
+    """Mesa-Extrapolation parameters (docs/CONTRACT.md notation in brackets)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 

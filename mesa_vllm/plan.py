@@ -1,4 +1,4 @@
-"""DynamicSplit, chunk plans, anchors and Stair PE positions (DESIGN.md section 3).
+"""DynamicSplit, chunk plans, anchors and Stair PE positions (docs/CONTRACT.md).
 
 Pure Python: no vLLM, no torch.  Everything here is a function of the token index p, the
 prompt length T and the parameters, never of how the scheduler split the work, so chunked

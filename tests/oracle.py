@@ -108,9 +108,9 @@ def dense_model_logits(
 
     ``mesa``: None for plain causal RoPE attention; else a dict with keys train_len,
     first_chunk, last_chunk, max_remainder, stair_width (an int or "auto"), log_n_scaling
-    (missing keys take DESIGN.md's defaults; train_len defaults to the config's trained
-    length), and for a weave variant (docs/VARIANTS.md) pe, chunked_prefill, window and the
-    variant's own keys.
+    (missing keys take the paper's defaults, docs/CONFIGURATION.md; train_len defaults to
+    the config's trained length), and for a weave variant (docs/VARIANTS.md) pe,
+    chunked_prefill, window and the variant's own keys.
     ``prompt_len``: how many of ``token_ids`` are the prompt (default all); the rest are
     treated as generated tokens by the Mesa rules.
     """

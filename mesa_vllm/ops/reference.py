@@ -1,4 +1,4 @@
-"""Dense torch reference of the Mesa contract (DESIGN.md section 3): slow and obvious.
+"""Dense torch reference of the Mesa contract (docs/CONTRACT.md): slow and obvious.
 
 Written from the contract text alone (it does not import ``mesa_vllm.plan``), so the two can
 check each other.  Everything is a full ``S x S`` tensor for one sequence of ``S`` tokens:

@@ -1,4 +1,4 @@
-"""plan.py against the contract (DESIGN.md section 3) and against the independent dense
+"""plan.py against the contract (docs/CONTRACT.md) and against the independent dense
 reference (mesa_vllm/ops/reference.py), with property tests over random parameters."""
 
 from __future__ import annotations

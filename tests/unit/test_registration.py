@@ -40,7 +40,7 @@ def test_backend_pickles_as_custom():
 
 
 def test_fresh_process_unpickles_before_plugins_load():
-    """The spawned engine core unpickles the config before loading plugins (DESIGN.md 2)."""
+    """The spawned engine core unpickles the config before loading plugins (docs/PLATFORM.md)."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     import mesa_vllm
