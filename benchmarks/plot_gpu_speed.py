@@ -1,8 +1,8 @@
 """Plot the end-to-end GPU speed run: Mesa / FLASH_ATTN ratios against prompt length, with
 the issue's targets.
 
-    python benchmarks/plot_gpu_speed.py [benchmarks/gpu/speed-session6-a.json] [--floor JSON]
-        [-o PNG]
+    python benchmarks/plot_gpu_speed.py [benchmarks/gpu/speed-2026-11-30-5a1b989-a.json]
+        [--floor JSON] [-o PNG]
 
 Reads the JSON that ``bench_gpu_e2e.py --parts speed`` writes (``speed`` -> backend ->
 ``"<length>": [prefill s, decode ms/token]``).
@@ -30,7 +30,9 @@ def ratios(speed: dict) -> tuple[list[int], list[float], list[float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", nargs="?", default=str(HERE / "gpu" / "speed-session6-a.json"))
+    ap.add_argument(
+        "json", nargs="?", default=str(HERE / "gpu" / "speed-2026-11-30-5a1b989-a.json")
+    )
     ap.add_argument(
         "--floor",
         default=str(HERE / "prefill_floor_h200.json"),
