@@ -353,7 +353,7 @@ def run_backend(backend, points, args, model, tokenizer, server_extra, cpu, dead
         srv.start()
     except Exception as exc:
         for p in todo:
-            p.status, p.reason = "server failed", str(exc).splitlines()[0][:200]
+            p.status, p.reason = "server failed", str(exc).split(" (log:")[0][:160]
         log(f"{backend}: server failed: {exc}")
         return
     log(f"[{time.monotonic() - t_start:6.0f} s] {backend}: server up in "
