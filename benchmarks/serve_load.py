@@ -318,6 +318,11 @@ def run_point(p: Point, cmd: list[str], log_path: Path, result: Path, timeout: f
             proc.wait()
             p.status, p.reason = "timeout", f"killed at the budget's end after {timeout:.0f} s"
             return
+        except BaseException:  # SIGTERM / Ctrl-C: the client is in its own session
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            p.status, p.reason = "timeout", "stopped by a signal"
+            raise
         finally:
             p.seconds = round(time.monotonic() - t0, 1)
     if rc != 0 or not result.is_file():
@@ -474,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for p in points:
             if p.status == "pending":
-                p.status = "budget"
+                p.status, p.reason = "budget", "not reached (the run stopped)"
         log(f"[{time.monotonic() - t_start:6.0f} s] done")
         write_outputs(points, backends, args, header)
     return 0 if any(p.status == "ok" for p in points) else 1
