@@ -16,6 +16,14 @@
 #       the tables of the methods finished by then are written.  Keep EVAL_SECONDS + 90 under
 #       the call's limit.  TASKS (default passkey,needle,ppl) picks the tasks; SERVER_ARGS
 #       (default --enforce-eager) go to every server.
+#   bash benchmarks/real_model/gpu_burst.sh load
+#       convert + benchmarks/serve_load.py: `vllm bench serve` under load, FLASH_ATTN then
+#       Mesa (one server each, CUDA graphs on), max-model-len 65536, output 256, concurrency
+#       LOAD_CONC (default 1,8,32,64), inputs LOAD_INPUTS in priority order (default
+#       1024,32768,8192); its budget ends LOAD_END s (default 530) after this script began,
+#       so the table of what finished is written inside a 560 s call.  LOAD_SERVER_ARGS
+#       (default --max-num-seqs 64: fewer CUDA graphs to capture) go to both servers.
+#       Results packed in $OUT/load.tgz (load/table.md, serve_load.png, raw/*.json, logs).
 #
 # Real text for perplexity: .gpu/corpus/pydoc.txt.xz (carried; made here by
 # `python -m mesa_vllm.eval corpus pydoc` and xz).  The OpenAI server needs jmespath, which
@@ -25,6 +33,7 @@ export PYTHONPATH=/tmp/site:/tmp/models/pylib PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
 WORK=/tmp/burst  # everything is written here and packed into $OUT/<part>.tgz (8 files come back)
 GGUF=/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf
+T_CALL=$(date +%s)
 mkdir -p "$OUT" "$WORK"
 pack() { tar -C "$WORK" -czf "$OUT/$1.tgz" . && echo "packed $OUT/$1.tgz"; }
 [ -d /tmp/site/vllm ] || { echo "vLLM is not staged in /tmp/site"; exit 3; }
@@ -65,10 +74,20 @@ evaluate() {
         > "$WORK/$name.log" 2>&1
     echo "eval $name rc=$?"; grep -vE "INFO|DEBUG|WARNING|^\[" "$WORK/$name.log" | tail -80
 }
+load() {
+    left=$(( ${LOAD_END:-530} - ($(date +%s) - T_CALL) ))
+    HF_HUB_OFFLINE=1 timeout -k 15 "$left" python3 benchmarks/serve_load.py --model "$MODEL" \
+        --max-model-len 65536 --input-lens "${LOAD_INPUTS:-1024,32768,8192}" --output-len 256 \
+        --concurrency "${LOAD_CONC:-1,8,32,64}" \
+        --server-args "${LOAD_SERVER_ARGS:---max-num-seqs 64}" \
+        --budget-seconds $(( left - 30 )) --out "$WORK/load" > "$WORK/load.log" 2>&1
+    echo "load rc=$? (budget $(( left - 30 )) s)"; grep -E "^\[|^\||skipped|Error" "$WORK/load.log" | tail -90
+}
 case "${1:-check}" in
 check) check; pack check ;;
 eval) shift; evaluate "$@"; pack "$1" ;;
 check-eval)
     shift; check > "$WORK/check.out" & evaluate "$@"; wait; cat "$WORK/check.out"; pack "$1" ;;
+load) load; pack load ;;
 *) echo "unknown part $1"; exit 2 ;;
 esac
