@@ -7,6 +7,10 @@
 #   bash benchmarks/real_model/gpu_burst.sh check-eval NAME METHODS [eval args...]
 #       both at once (the check's engines take a fixed KV cache, so they can start beside
 #       the evaluation's servers)
+#   bash benchmarks/real_model/gpu_burst.sh toy-eval NAME METHODS [eval args...]
+#       the eval beside a passkey run of the bundled 256-token toy models (passkey-llama,
+#       passkey-qwen2) at 1x..32x L, TOY_METHODS (default mesa with the models' Mesa
+#       settings, E = 64, next to mesa@stair_width=auto), results in NAME/toy-<model>/
 #   bash benchmarks/real_model/gpu_burst.sh eval NAME METHODS [eval args...]
 #       convert + one `mesa-vllm eval passkey,needle,ppl` run of METHODS (comma list) at
 #       1x..16x L, every method's server once for the three tasks, several servers at once;
@@ -83,11 +87,30 @@ load() {
         --budget-seconds $(( left - 30 )) --out "$WORK/load" > "$WORK/load.log" 2>&1
     echo "load rc=$? (budget $(( left - 30 )) s)"; grep -E "^\[|^\||skipped|Error" "$WORK/load.log" | tail -90
 }
+toy() {
+    name=$1
+    methods=${TOY_METHODS:-mesa,mesa@stair_width=auto}
+    settings=$(python3 -c "import json; from mesa_vllm.testing.cases import PASSKEY_MODEL_MESA as m; print(json.dumps(m))")
+    for m in passkey-llama passkey-qwen2; do
+        timeout -k 30 "${EVAL_SECONDS:-500}" python3 -m mesa_vllm.cli eval passkey \
+            --serve "mesa_vllm/assets/models/$m" --methods "$methods" --mesa-config "$settings" \
+            --multiples 1,2,4,8,16,32 --samples 20 --parallel-servers 2 --quiet \
+            --server-args "--enforce-eager --gpu-memory-utilization 0.05 --kv-cache-memory-bytes 2G" \
+            --out "$WORK/$name/toy-$m" > "$WORK/$name-toy-$m.log" 2>&1 &
+    done
+    wait
+    for m in passkey-llama passkey-qwen2; do
+        echo "toy $m:"; cat "$WORK/$name/toy-$m/table.md" 2>/dev/null | grep "^|" \
+            || tail -5 "$WORK/$name-toy-$m.log"
+    done
+}
 case "${1:-check}" in
 check) check; pack check ;;
 eval) shift; evaluate "$@"; pack "$1" ;;
 check-eval)
     shift; check > "$WORK/check.out" & evaluate "$@"; wait; cat "$WORK/check.out"; pack "$1" ;;
 load) load; pack load ;;
+toy-eval)
+    shift; toy "$1" > "$WORK/toy.out" & evaluate "$@"; wait; cat "$WORK/toy.out"; pack "$1" ;;
 *) echo "unknown part $1"; exit 2 ;;
 esac

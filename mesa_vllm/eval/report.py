@@ -183,7 +183,9 @@ def _line_plot(results: Results, path: Path) -> Path:
 
     task, meta = results["task"], results.get("meta", {})
     lengths = _lengths(results)
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    many = len(results["methods"]) > 5  # legend beside the axes, 20 distinct colours
+    fig, ax = plt.subplots(figsize=(9.2 if many else 7, 4.2), dpi=120)
+    colours = plt.get_cmap("tab20").colors if len(results["methods"]) > 10 else None
     for i, m in enumerate(results["methods"]):
         vals = by_length(m, task)
         xs = sorted(vals)
@@ -197,6 +199,7 @@ def _line_plot(results: Results, path: Path) -> Path:
                 ls=_STYLES[i % len(_STYLES)],
                 lw=1.6,
                 label=m["name"],
+                **({"color": colours[(2 * i) % 20 + (2 * i) // 20]} if colours else {}),
             )
     if lengths and min(lengths) > 0:
         ax.set_xscale("log", base=2)
@@ -219,7 +222,10 @@ def _line_plot(results: Results, path: Path) -> Path:
         )
     ax.set_xlabel("input length (tokens)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
