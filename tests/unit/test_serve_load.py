@@ -157,3 +157,22 @@ def test_bench_command_uses_only_flags_vllm_bench_serve_has(tmp_path):
     assert cmd[cmd.index("--num-prompts") + 1] == "16"
     assert cmd[cmd.index("--result-filename") + 1] == "mesa-in1024-c8.json"
     assert cmd[cmd.index("bench") + 1] == "serve"
+
+
+def test_bench_worker_runs_several_points_in_one_process(tmp_path):
+    """The persistent worker runs vLLM's real CLI main once per request, keeps running after a
+    failing request (argparse error, exit 2), and writes each request's output to its log."""
+    worker = sl.BenchWorker()
+    try:
+        assert worker.run(["--version"], tmp_path / "a.log", timeout=300) == 0
+        pid = worker.proc.pid
+        assert worker.run(["bench", "serve", "--no-such-flag"], tmp_path / "b.log", 300) == 2
+        assert worker.run(["--version"], tmp_path / "c.log", timeout=300) == 0
+        assert worker.proc.pid == pid  # the same process served all three
+    finally:
+        worker.close()
+    import vllm
+
+    assert vllm.__version__.split("+")[0] in (tmp_path / "c.log").read_text()
+    assert "--no-such-flag" in (tmp_path / "b.log").read_text()
+    assert (tmp_path / "a.log").read_text().startswith("$ vllm --version")
