@@ -44,12 +44,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mesa_vllm.ops import triton_mesa as tm  # noqa: E402
 from mesa_vllm.ops.reference import mesa_attention_reference, rope_inv_freq  # noqa: E402
 from mesa_vllm.ops.reference_variants import (  # noqa: E402
     VariantSpec,
     variant_attention_reference,
 )
+from mesa_vllm.ops.triton import table as tm  # noqa: E402
+from mesa_vllm.ops.triton.decode import mesa_decode  # noqa: E402
+from mesa_vllm.ops.triton.prefill import mesa_prefill  # noqa: E402
 from mesa_vllm.plan import MesaParams, dynamic_split, plan_request  # noqa: E402
 from mesa_vllm.testing.paged import random_paged_batch  # noqa: E402
 
@@ -113,13 +115,18 @@ def build(reqs, D, Hkv, G, page, dtype, params, seed, rope=ROPE, with_ref=True, 
 
 
 def run(pb, num_splits=4, out=None, pre_kw=None, dec_kw=None):
-    """Both kernels over a problem from ``build``; returns output [n, Hq, D]."""
+    """Both kernels over a problem from ``build``; returns output [n, Hq, D].  pre_kw:
+    ``PrefillTuning`` keywords; dec_kw: ``DecodeTuning`` keywords and max_seq_len."""
     out = torch.full_like(pb["query"], float("nan")) if out is None else out
     args = (pb["query"], pb["key_cache"], pb["value_cache"], pb["block_table"])
     if pb["pre"] is not None:
-        tm.mesa_prefill(*args, pb["pre"], pb["inv"], pb["scale"], out, **(pre_kw or {}))
+        tuning = tm.PrefillTuning(**(pre_kw or {}))
+        mesa_prefill(*args, pb["pre"], pb["inv"], pb["scale"], out, tuning=tuning)
     if pb["dec"] is not None:
-        tm.mesa_decode(*args, pb["dec"], pb["inv"], pb["scale"], out, num_splits, **(dec_kw or {}))
+        kw = dict(dec_kw or {})
+        max_seq_len = kw.pop("max_seq_len", None)
+        mesa_decode(*args, pb["dec"], pb["inv"], pb["scale"], out, num_splits,
+                    max_seq_len=max_seq_len, tuning=tm.DecodeTuning(**kw))  # fmt: skip
     return out
 
 
@@ -305,10 +312,10 @@ def graph_check(seed: int, G: int) -> dict:
     out = torch.full_like(b["query"], float("nan"))
     args = (b["query"], b["key_cache"], b["value_cache"], b["block_table"])
     kw = dict(max_seq_len=1200)  # the engine's launch: the grid for the longest sequence
-    tm.mesa_decode(*args, table, b["inv"], b["scale"], out, 8, **kw)  # warm-up / compile
+    mesa_decode(*args, table, b["inv"], b["scale"], out, 8, **kw)  # warm-up / compile
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        tm.mesa_decode(*args, table, b["inv"], b["scale"], out, 8, **kw)
+        mesa_decode(*args, table, b["inv"], b["scale"], out, 8, **kw)
     for f in ("q_lo", "q_len", "q_abs", "kind", "chunk_start", "anchor", "req"):
         getattr(table, f).copy_(getattr(b["dec"], f))
     out.fill_(float("nan"))
@@ -475,10 +482,10 @@ def _pre_kw(cfg) -> dict:
 
 
 def _dec_kw(cfg: DecodeCfg, sizing: tuple[int, int] | None = None) -> dict:
-    """mesa_decode keywords of a decode config; sizing None: the grid's split count alone
-    (the sweep), else the engine's launch: per-sequence split sizing (split_keys,
-    split_programs) in a grid for ENGINE_MAX_LEN."""
-    keys, programs = sizing or (None, tm.DECODE_SPLIT_PROGRAMS)
+    """mesa_decode keywords (``DecodeTuning``'s and max_seq_len) of a decode config; sizing
+    None: the grid's split count alone (the sweep: split_keys 0), else the engine's launch:
+    per-sequence split sizing (split_keys, split_programs) in a grid for ENGINE_MAX_LEN."""
+    keys, programs = sizing or (0, tm.DECODE_SPLIT_PROGRAMS)
     engine = dict(max_seq_len=ENGINE_MAX_LEN) if sizing else dict(min_split_keys=SWEEP_MIN_SPLIT)
     return dict(
         **engine,
@@ -496,7 +503,7 @@ def _dec_kw(cfg: DecodeCfg, sizing: tuple[int, int] | None = None) -> dict:
 
 ENGINE_MAX_LEN = 131072 + 64 + 8  # bench_gpu_e2e.py's speed engine: max_model_len
 # candidate per-sequence split sizings (split_keys, split_programs): DECODE_SPLIT_KEYS and
-# DECODE_SPLIT_PROGRAMS in mesa_vllm/ops/triton_mesa.py
+# DECODE_SPLIT_PROGRAMS in mesa_vllm/ops/triton/table.py
 SPLIT_SIZINGS = tuple(itertools.product((1024, 2048, 8192), (256, 512, 1024)))
 DEFAULT_SIZING = (tm.DECODE_SPLIT_KEYS, tm.DECODE_SPLIT_PROGRAMS)
 
@@ -512,8 +519,8 @@ def _engine_split_args(sizing: tuple[int, int], Hkv: int, block_n: int) -> tuple
 def engine_splits(
     S: int, sizing: tuple[int, int], Hkv: int = SPEED_SHAPE[1], block_n: int = 128
 ) -> int:
-    """Busy splits of one sequence of S keys in the engine (``_split_len`` in
-    mesa_vllm/ops/triton_mesa.py, on the host)."""
+    """Busy splits of one sequence of S keys in the engine (``split_len_host`` in
+    mesa_vllm/ops/triton/table.py)."""
     per = tm.split_len_host(S, *_engine_split_args(sizing, Hkv, block_n), block_n)
     return int(-(-S // per))
 

@@ -22,6 +22,7 @@ from mesa_vllm.attention.metadata import FreshPrefill, MesaMetadata, MesaMetadat
 from mesa_vllm.envs import decode_kernel_options
 from mesa_vllm.ops.rope import RopeSpec
 from mesa_vllm.ops.torch_mesa import run_segments
+from mesa_vllm.ops.triton.table import DecodeTuning
 
 BACKEND_NAME = "CUSTOM"  # see mesa_vllm.patches: MESA is an alias of vLLM's CUSTOM slot
 
@@ -108,7 +109,8 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.rope = mesa_rope
-        self.decode_options = decode_kernel_options()  # a bad value stops the engine here
+        # a bad MESA_VLLM_DECODE_KERNEL stops the engine here
+        self.decode_tuning = DecodeTuning(**decode_kernel_options())
 
     def do_kv_cache_update(
         self,
@@ -187,8 +189,9 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
     def _forward_triton(
         self, query: torch.Tensor, kv_cache: torch.Tensor, md: MesaMetadata, output: torch.Tensor
     ) -> None:
-        """Triton kernels (mesa_vllm/ops/triton_mesa.py) over the paged cache."""
-        from mesa_vllm.ops.triton_mesa import mesa_decode, mesa_prefill
+        """Triton kernels (mesa_vllm/ops/triton/) over the paged cache."""
+        from mesa_vllm.ops.triton.decode import mesa_decode
+        from mesa_vllm.ops.triton.prefill import mesa_prefill
 
         if not self.rope.is_neox_style:
             raise ValueError("Mesa Triton kernels support neox-style RoPE only")
@@ -207,7 +210,7 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
                 md.num_splits,
                 rotary_dim=rd,
                 max_seq_len=md.max_seq_len,
-                **self.decode_options,
+                tuning=self.decode_tuning,
             )
 
     def _forward_fresh(

@@ -210,7 +210,7 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
         num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
         self.kernel = resolve_kernel(torch.device(device).type)
         if self.kernel == "triton":
-            from mesa_vllm.ops.triton_mesa import default_block_q
+            from mesa_vllm.ops.triton.table import default_block_q
 
             self.block_q = default_block_q(num_heads // self.num_kv_heads)
         self.max_model_len = vllm_config.model_config.max_model_len
@@ -279,7 +279,7 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
     def _triton_metadata(
         self, cm: CommonAttentionMetadata, entries, max_seq_len: int, padded, qsl
     ) -> MesaMetadata:
-        from mesa_vllm.ops.triton_mesa import (
+        from mesa_vllm.ops.triton.table import (
             build_segment_table,
             decode_num_splits,
             split_prefill_decode,
