@@ -44,16 +44,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mesa_vllm.ops.reference import mesa_attention_reference, rope_inv_freq  # noqa: E402
-from mesa_vllm.ops.reference_variants import (  # noqa: E402
-    VariantSpec,
-    variant_attention_reference,
-)
 from mesa_vllm.ops.triton import table as tm  # noqa: E402
 from mesa_vllm.ops.triton.decode import mesa_decode  # noqa: E402
 from mesa_vllm.ops.triton.prefill import mesa_prefill  # noqa: E402
 from mesa_vllm.plan import MesaParams, dynamic_split, plan_request  # noqa: E402
 from mesa_vllm.testing.paged import random_paged_batch  # noqa: E402
+from mesa_vllm.testing.reference import mesa_attention_reference, rope_inv_freq  # noqa: E402
+from mesa_vllm.testing.reference_variants import (  # noqa: E402
+    VariantSpec,
+    variant_attention_reference,
+)
 
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 LLAMA2 = dict(L=4096, F=100, Lc=512, Mmax=200, E=50)

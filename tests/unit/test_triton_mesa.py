@@ -169,7 +169,7 @@ def case_params(case: dict):
     params = MesaParams(m["L"], m["F"], m["Lc"], m["Mmax"], E, log_n, pe, chunked, w, k, G, sink)
     if pe == "stair":
         return params, None
-    from mesa_vllm.ops.reference_variants import VariantSpec
+    from mesa_vllm.testing.reference_variants import VariantSpec
 
     spec = VariantSpec(pe, chunked, w, k, G, sink, log_n, m["F"], m["Lc"], m["Mmax"], m["E"])
     return params, spec
@@ -191,12 +191,12 @@ def run_case(case: dict, seed: int) -> dict:
 
     import torch
 
-    from mesa_vllm.ops.reference import mesa_attention_reference, rope_inv_freq
-    from mesa_vllm.ops.reference_variants import variant_attention_reference
     from mesa_vllm.ops.triton import table as tm
     from mesa_vllm.ops.triton.decode import mesa_decode
     from mesa_vllm.ops.triton.prefill import mesa_prefill
     from mesa_vllm.testing.paged import random_paged_batch
+    from mesa_vllm.testing.reference import mesa_attention_reference, rope_inv_freq
+    from mesa_vllm.testing.reference_variants import variant_attention_reference
 
     g = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, case["dtype"])
