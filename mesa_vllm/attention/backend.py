@@ -18,7 +18,12 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 
-from mesa_vllm.attention.metadata import FreshPrefill, MesaMetadata, MesaMetadataBuilder
+from mesa_vllm.attention.metadata import (
+    FreshPrefill,
+    MesaMetadata,
+    MesaMetadataBuilder,
+    TritonMesaMetadata,
+)
 from mesa_vllm.envs import decode_kernel_options
 from mesa_vllm.ops.rope import RopeSpec
 from mesa_vllm.ops.torch_mesa import run_segments
@@ -170,7 +175,7 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
                 "Mesa backend needs the model's RoPE (mesa_rope); load the model through a "
                 "Mesa-registered architecture (mesa_vllm.models)"
             )
-        if attn_metadata.block_table is not None:
+        if isinstance(attn_metadata, TritonMesaMetadata):
             if attn_metadata.fresh is not None:
                 self._forward_fresh(query, key, value, attn_metadata.fresh, output)
             self._forward_triton(query, kv_cache, attn_metadata, output)
@@ -187,7 +192,11 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
         return output
 
     def _forward_triton(
-        self, query: torch.Tensor, kv_cache: torch.Tensor, md: MesaMetadata, output: torch.Tensor
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        md: TritonMesaMetadata,
+        output: torch.Tensor,
     ) -> None:
         """Triton kernels (mesa_vllm/ops/triton/) over the paged cache."""
         from mesa_vllm.ops.triton.decode import mesa_decode
