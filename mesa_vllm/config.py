@@ -1,7 +1,8 @@
 """MesaConfig: the one validated place for Mesa-Extrapolation settings.
 
 Read from ``--additional-config '{"mesa": {...}}'`` (``VllmConfig.additional_config``).
-Defaults follow the paper / official code (F=100, Lc=512, Mmax=200, E=50, log-n on);
+Defaults follow the paper / official code (F=100, Lc=512, Mmax=200, E=50, log-n on: the
+field defaults of ``mesa_vllm.plan.MesaParams``, the resolved parameters MesaConfig becomes);
 ``stair_width`` also takes ``"auto"`` (per stair query set, the smallest E that keeps every
 relative position inside the trained range: ``mesa_vllm.plan.stair_width_for``);
 ``train_len`` defaults to the model's trained context (HF ``max_position_embeddings`` before
@@ -10,7 +11,7 @@ any override).  Imports no vLLM.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import Any, Literal
 
 from pydantic import (
@@ -22,16 +23,23 @@ from pydantic import (
     model_validator,
 )
 
-from mesa_vllm.plan import WINDOWED_PE
+from mesa_vllm.plan import MesaParams
+from mesa_vllm.support import (
+    PE_NAMES,
+    PE_RULES,
+    default_leaky_factor,
+    smallest_group_size,
+)
+
+__all__ = ["PE_NAMES", "MesaConfig", "MesaConfigError", "smallest_group_size"]
 
 
 class MesaConfigError(ValueError):
     """Invalid Mesa configuration; the message names the field and the allowed range."""
 
 
-PeName = Literal["stair", "rerope", "leaky_rerope", "self_extend", "streaming", "lm_infinite"]
-PE_NAMES: tuple[str, ...] = PeName.__args__
-_LOG_N_DEFAULT_ON = ("stair", "rerope", "leaky_rerope")
+PeName = Literal[PE_NAMES]
+_PAPER = {f.name: f.default for f in dataclasses.fields(MesaParams)}  # F, Lc, Mmax, E
 
 
 class MesaConfig(BaseModel):
@@ -42,11 +50,17 @@ class MesaConfig(BaseModel):
     train_len: int | None = Field(
         default=None, ge=2, description="[L] trained context length; default: from the model"
     )
-    first_chunk: int = Field(default=100, ge=1, description="[F] attention-sink chunk width")
-    last_chunk: int = Field(default=512, ge=1, description="[Lc] last-chunk target width")
-    max_remainder: int = Field(default=200, ge=0, description="[Mmax] DynamicSplit threshold")
+    first_chunk: int = Field(
+        default=_PAPER["first_chunk"], ge=1, description="[F] attention-sink chunk width"
+    )
+    last_chunk: int = Field(
+        default=_PAPER["last_chunk"], ge=1, description="[Lc] last-chunk target width"
+    )
+    max_remainder: int = Field(
+        default=_PAPER["max_remainder"], ge=0, description="[Mmax] DynamicSplit threshold"
+    )
     stair_width: int | Literal["auto"] = Field(
-        default=50,
+        default=_PAPER["stair_width"],
         description='[E] Stair PE step width; "auto": per stair query set, the smallest E '
         "keeping every relative position inside the trained range (plan.stair_width_for)",
     )
@@ -82,15 +96,16 @@ class MesaConfig(BaseModel):
     @model_validator(mode="after")
     def _check_chunks_fit(self) -> MesaConfig:
         # L - F >= 2 keeps every DynamicSplit chunk width >= 1
-        chunked = self.chunked_prefill if self.chunked_prefill is not None else self.pe == "stair"
+        rule = PE_RULES[self.pe]
+        chunked = self.chunked_prefill if self.chunked_prefill is not None else bool(rule.chunked)
         if chunked and self.train_len is not None and self.first_chunk > self.train_len - 2:
             raise ValueError(
                 f"first_chunk={self.first_chunk} must be < train_len - 1 = {self.train_len - 1} "
                 f"(allowed range: 1 .. {self.train_len - 2})"
             )
-        if self.pe == "stair" and self.chunked_prefill is False:
-            raise ValueError("chunked_prefill=false is not allowed with pe='stair'")
-        if self.pe in WINDOWED_PE and self.chunked_prefill:
+        if rule.chunked is True and self.chunked_prefill is False:
+            raise ValueError(f"chunked_prefill=false is not allowed with pe={self.pe!r}")
+        if rule.chunked is False and self.chunked_prefill:
             raise ValueError(f"chunked_prefill=true is not allowed with pe={self.pe!r}")
         L, w = self.train_len, self.window
         if L is not None and w is not None:
@@ -141,31 +156,19 @@ class MesaConfig(BaseModel):
         raw["train_len"] = L
         max_len = max(int(max_model_len or L), L)
         pe = raw["pe"]
+        rule = PE_RULES[pe]
         if raw["chunked_prefill"] is None:
-            raw["chunked_prefill"] = pe == "stair"
+            raw["chunked_prefill"] = bool(rule.chunked)
         if raw["log_n_scaling"] is None:
-            raw["log_n_scaling"] = pe in _LOG_N_DEFAULT_ON
-        if raw["window"] is None and pe != "stair":
-            raw["window"] = {"streaming": L - raw["sink_tokens"], "lm_infinite": L - 1}.get(
-                pe, max(1, min(512, L // 2))
-            )
+            raw["log_n_scaling"] = rule.log_n
+        if raw["window"] is None and rule.weave:
+            raw["window"] = rule.default_window(L, raw["sink_tokens"])
         w = raw["window"]
         if pe == "leaky_rerope" and raw["leaky_factor"] is None:
-            raw["leaky_factor"] = max(1.0, (max_len - 1 - w) / max(1, L - 1 - w))
+            raw["leaky_factor"] = default_leaky_factor(max_len, L, w)
         if pe == "self_extend" and raw["group_size"] is None and w <= L - 1:
             raw["group_size"] = smallest_group_size(max_len, L, w)
         return MesaConfig.from_dict(raw)
-
-
-def smallest_group_size(max_len: int, train_len: int, window: int) -> int:
-    """Smallest G >= 1 with floor((max_len - 1) / G) + w - floor(w / G) <= L - 1, i.e. every
-    Self-Extend far position of a sequence of ``max_len`` tokens stays in the trained range."""
-    if window > train_len - 1:
-        raise ValueError(f"window={window} must be <= train_len - 1 = {train_len - 1}")
-    g = max(1, math.ceil((max_len - 1 - window) / max(1, train_len - 1 - window)) - 2)
-    while (max_len - 1) // g + window - window // g > train_len - 1:  # ends by g = max_len
-        g += 1
-    return g
 
 
 _RANGES = {

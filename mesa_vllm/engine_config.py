@@ -26,16 +26,12 @@ from typing import Any, NamedTuple
 from mesa_vllm import envs
 from mesa_vllm.config import MesaConfig, MesaConfigError
 from mesa_vllm.plan import MesaParams, dynamic_split, stair_anchor, stair_position
+from mesa_vllm.support import ARCHITECTURES, ROPE_TYPES
 
 logger = logging.getLogger("vllm.mesa_vllm")
 
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Phi3ForCausalLM",
-)
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+SUPPORTED_ROPE_TYPES = ROPE_TYPES
 _UNSUPPORTED_HF_FIELDS = ("llama_4_scaling", "dual_chunk_attention_config")
 
 

@@ -34,13 +34,18 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from mesa_vllm.support import PE_RULES, WINDOWED_PE
+
 SegmentKind = Literal["causal", "middle", "stair", "weave"]
-WINDOWED_PE = ("streaming", "lm_infinite")
+__all__ = ["WINDOWED_PE", "MesaParams", "Segment", "dynamic_split", "plan_request"]
 
 
 @dataclass(frozen=True)
 class MesaParams:
-    """Resolved parameters: L, F, Lc, Mmax, E and the log-n switch.
+    """Resolved parameters: L, F, Lc, Mmax, E, the log-n switch and the position rule; the
+    one frozen object the engine config resolves to (``MesaConfig.resolved`` ->
+    ``engine_config.to_params``) and every worker, plan and kernel reads.  Its field defaults
+    are the paper's, and MesaConfig's.
 
     ``stair_width`` is E, or None for ``stair_width: auto``: E then depends on the stair query
     set (its sequence length n and chunk width C), see ``stair_width_for``; every consumer
@@ -74,12 +79,12 @@ class MesaParams:
     @property
     def windowed(self) -> bool:
         """Sink + window masks (streaming, lm_infinite)."""
-        return self.pe in WINDOWED_PE
+        return PE_RULES[self.pe].windowed
 
     @property
     def long_rule(self) -> SegmentKind:
         """The rule of last-chunk tokens and long generated tokens."""
-        return "stair" if self.pe == "stair" else "weave"
+        return "weave" if PE_RULES[self.pe].weave else "stair"
 
     @property
     def default_width(self) -> int:

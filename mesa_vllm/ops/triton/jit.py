@@ -18,6 +18,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from mesa_vllm.ops.triton import table as tb
+from mesa_vllm.support import PE_RULES
 
 # Segment kinds and PE codes (table.py) as the kernels' constants
 KIND_MIDDLE: tl.constexpr = tl.constexpr(tb.KIND_MIDDLE)
@@ -43,17 +44,20 @@ _INV_TWO_PI = tl.constexpr(1.0 / (2 * math.pi))
 NEG_BIG = tl.constexpr(-1.0e30)
 
 
+_RULE_OF_CODE = {rule.code: rule for rule in PE_RULES.values()}
+
+
 @triton.constexpr_function
 def windowed(pe):
     """PE code of a windowed variant (streaming, lm_infinite): sinks and a window only."""
-    return pe in (tb.PE_STREAMING, tb.PE_LM_INFINITE)
+    return _RULE_OF_CODE[pe].windowed
 
 
 @triton.constexpr_function
 def far_keys_at_zero(pe):
     """PE code of a variant whose far keys sit at position 0, unturned (rerope,
     lm_infinite)."""
-    return pe in (tb.PE_REROPE, tb.PE_LM_INFINITE)
+    return _RULE_OF_CODE[pe].far_keys_at_zero
 
 
 # ---------------------------------------------------------------- launch parameters

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from mesa_vllm.plan import MesaParams, Segment
+from mesa_vllm.support import PE_RULES
 
 # Segment kinds, ``SegmentTable.kind``: plain causal attention, a middle chunk (reads the
 # first chunk then its own), the stair segment (Stair PE), a weave-PE variant's segment.
@@ -25,16 +26,16 @@ KIND_WEAVE = 3
 KIND_CODES = {"causal": KIND_CAUSAL, "middle": KIND_MIDDLE, "stair": KIND_STAIR,
               "weave": KIND_WEAVE}  # fmt: skip
 
-# The kernels' ``PE`` constexpr: the engine's position-encoding variant (docs/VARIANTS.md).
-# Stair runs the plain Mesa kernels; the others add the weave loops.
-PE_STAIR = 0
-PE_REROPE = 1
-PE_LEAKY_REROPE = 2
-PE_SELF_EXTEND = 3
-PE_STREAMING = 4
-PE_LM_INFINITE = 5
-PE_CODES = {"rerope": PE_REROPE, "leaky_rerope": PE_LEAKY_REROPE, "self_extend": PE_SELF_EXTEND,
-            "streaming": PE_STREAMING, "lm_infinite": PE_LM_INFINITE}  # fmt: skip
+# The kernels' ``PE`` constexpr: the engine's position-encoding variant (docs/VARIANTS.md,
+# mesa_vllm.support.PE_RULES).  Stair runs the plain Mesa kernels; the others add the weave
+# loops.
+PE_STAIR = PE_RULES["stair"].code
+PE_REROPE = PE_RULES["rerope"].code
+PE_LEAKY_REROPE = PE_RULES["leaky_rerope"].code
+PE_SELF_EXTEND = PE_RULES["self_extend"].code
+PE_STREAMING = PE_RULES["streaming"].code
+PE_LM_INFINITE = PE_RULES["lm_infinite"].code
+PE_CODES = {name: rule.code for name, rule in PE_RULES.items() if rule.weave}
 
 # Decode split sizing per sequence, in-kernel (``DecodeTuning``'s split_programs / split_keys
 # / min_split_keys): ~512 programs, 512 to 8192 keys per split (H200,
