@@ -48,6 +48,11 @@ from mesa_vllm.ops.triton import table as tm  # noqa: E402
 from mesa_vllm.ops.triton.decode import mesa_decode  # noqa: E402
 from mesa_vllm.ops.triton.prefill import mesa_prefill  # noqa: E402
 from mesa_vllm.plan import MesaParams, dynamic_split, plan_request  # noqa: E402
+from mesa_vllm.support import (  # noqa: E402
+    PE_RULES,
+    default_leaky_factor,
+    smallest_group_size,
+)
 from mesa_vllm.testing.paged import random_paged_batch  # noqa: E402
 from mesa_vllm.testing.reference import mesa_attention_reference, rope_inv_freq  # noqa: E402
 from mesa_vllm.testing.reference_variants import (  # noqa: E402
@@ -56,7 +61,9 @@ from mesa_vllm.testing.reference_variants import (  # noqa: E402
 )
 
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
-LLAMA2 = dict(L=4096, F=100, Lc=512, Mmax=200, E=50)
+_PAPER = MesaParams(train_len=4096)  # the product's defaults: F, Lc, Mmax, E
+LLAMA2 = dict(L=4096, F=_PAPER.first_chunk, Lc=_PAPER.last_chunk, Mmax=_PAPER.max_remainder,
+              E=_PAPER.stair_width)  # fmt: skip
 DEV = "cuda"  # a dry run under the Triton interpreter sets "cpu"
 SPEED_SHAPE = (128, 32, 16)  # head size, heads (Hq = Hkv), cache block size
 
@@ -824,24 +831,21 @@ def markdown(check_rows, sp) -> str:
 
 # ---------------------------------------------------------------- weave-PE variants
 
-LOG_N_ON = ("stair", "rerope", "leaky_rerope")
-
 
 def variant_params(pe, mesa, max_len, chunked=None, sink=4, log_n=None) -> MesaParams:
-    """MesaParams of ``pe`` with the defaults of docs/VARIANTS.md for training length L =
-    mesa[0] and a max-model-len ``max_len``; mesa = (L, F, Lc, Mmax, E)."""
+    """MesaParams of ``pe`` with the product's defaults (docs/VARIANTS.md, the rules of
+    mesa_vllm.support, as MesaConfig.resolved applies them) for training length L = mesa[0]
+    and a max-model-len ``max_len``; mesa = (L, F, Lc, Mmax, E)."""
     L = mesa[0]
-    chunked = pe == "stair" if chunked is None else chunked
-    log_n = pe in LOG_N_ON if log_n is None else log_n
-    if pe == "stair":
+    rule = PE_RULES[pe]
+    chunked = bool(rule.chunked) if chunked is None else chunked
+    log_n = rule.log_n if log_n is None else log_n
+    if not rule.weave:
         return MesaParams(*mesa, log_n)
-    w = {"streaming": L - sink, "lm_infinite": L}.get(pe, min(512, L // 2))
-    k = max(1.0, (max_len - 1 - w) / max(1, L - 1 - w)) if pe == "leaky_rerope" else 1.0
-    g = 1
-    if pe == "self_extend":
-        while (max_len - 1) // g + w - w // g > L - 1:
-            g += 1
-    s = sink if pe in ("streaming", "lm_infinite") else 0
+    w = rule.default_window(L, sink)
+    k = default_leaky_factor(max_len, L, w) if pe == "leaky_rerope" else 1.0
+    g = smallest_group_size(max_len, L, w) if pe == "self_extend" else 1
+    s = sink if rule.windowed else 0
     return MesaParams(*mesa, log_n, pe, chunked, w, k, g, s)
 
 
