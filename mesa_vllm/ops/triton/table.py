@@ -66,11 +66,9 @@ class SegmentTable:
     ``Segment.stair_width``, which with ``stair_width: auto`` depends on the segment's n;
     >= 1 for every segment); req: block-table row.
     tile_seg / tile_q0 (int32 [num_tiles]): per prefill program, the segment and the offset of
-    its first query (multiples of ``block_q``), longest key list first.  F, L, log_n: Mesa
-    scalars.  pe: the kernels' ``PE`` constexpr, the engine's variant (``PE_CODES``;
-    ``PE_STAIR`` for stair), whatever segments the table holds, so that a CUDA graph captured
-    on causal decodes replays weave ones correctly.  window (w, or W), sink (S for the
-    windowed variants, else 0), leaky_factor (k), group_size (G): the variant's scalars.
+    its first query (multiples of ``block_q``), longest key list first.  params: the engine's
+    resolved parameters, which the kernels' scalars come from (``first_chunk`` ...
+    ``group_size`` below).
     """
 
     q_lo: torch.Tensor
@@ -84,14 +82,43 @@ class SegmentTable:
     tile_seg: torch.Tensor
     tile_q0: torch.Tensor
     block_q: int
-    first_chunk: int
-    train_len: int
-    log_n: bool
-    pe: int = PE_STAIR
-    window: int = 0
-    sink: int = 0
-    leaky_factor: float = 1.0
-    group_size: int = 1
+    params: MesaParams
+
+    @property
+    def first_chunk(self) -> int:
+        return self.params.first_chunk
+
+    @property
+    def train_len(self) -> int:
+        return self.params.train_len
+
+    @property
+    def log_n(self) -> bool:
+        return self.params.log_n_scaling
+
+    @property
+    def pe(self) -> int:
+        """The kernels' ``PE`` constexpr: the engine's variant whatever segments the table
+        holds, so that a CUDA graph captured on causal decodes replays weave ones."""
+        return PE_RULES[self.params.pe].code
+
+    @property
+    def window(self) -> int:
+        """w, or W for the windowed variants."""
+        return self.params.window
+
+    @property
+    def sink(self) -> int:
+        """S for the windowed variants, else 0."""
+        return self.params.sink_tokens if self.params.windowed else 0
+
+    @property
+    def leaky_factor(self) -> float:
+        return float(self.params.leaky_factor)
+
+    @property
+    def group_size(self) -> int:
+        return self.params.group_size
 
     @property
     def num_segments(self) -> int:
@@ -140,18 +167,7 @@ def build_segment_table(
     t = torch.from_numpy(packed.astype(np.int32)).to(device, non_blocking=True)
     nt = tile_seg.size
     parts = list(t[: 8 * n].view(8, n)) + [t[8 * n : 8 * n + nt], t[8 * n + nt :]]
-    return SegmentTable(
-        *parts,
-        block_q=block_q,
-        first_chunk=F,
-        train_len=params.train_len,
-        log_n=params.log_n_scaling,
-        pe=PE_CODES.get(params.pe, PE_STAIR),
-        window=params.window,
-        sink=params.sink_tokens if params.windowed else 0,
-        leaky_factor=float(params.leaky_factor),
-        group_size=params.group_size,
-    )
+    return SegmentTable(*parts, block_q=block_q, params=params)
 
 
 def kernel_scalars(table: SegmentTable, scale: float) -> dict[str, float | int]:
