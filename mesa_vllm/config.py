@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from mesa_vllm.plan import MesaParams
+from mesa_vllm.plan import MesaParams, check_rules
 from mesa_vllm.support import (
     PE_NAMES,
     PE_RULES,
@@ -94,20 +94,9 @@ class MesaConfig(BaseModel):
         raise ValueError("must be an integer >= 1 or the string 'auto'")
 
     @model_validator(mode="after")
-    def _check_chunks_fit(self) -> MesaConfig:
-        # L - F >= 2 keeps every DynamicSplit chunk width >= 1
-        rule = PE_RULES[self.pe]
-        chunked = self.chunked_prefill if self.chunked_prefill is not None else bool(rule.chunked)
-        if chunked and self.train_len is not None and self.first_chunk > self.train_len - 2:
-            raise ValueError(
-                f"first_chunk={self.first_chunk} must be < train_len - 1 = {self.train_len - 1} "
-                f"(allowed range: 1 .. {self.train_len - 2})"
-            )
-        if rule.chunked is True and self.chunked_prefill is False:
-            raise ValueError(f"chunked_prefill=false is not allowed with pe={self.pe!r}")
-        if rule.chunked is False and self.chunked_prefill:
-            raise ValueError(f"chunked_prefill=true is not allowed with pe={self.pe!r}")
-        L, w = self.train_len, self.window
+    def _check_rules(self) -> MesaConfig:
+        check_rules(self.train_len, self.first_chunk, self.pe, self.chunked_prefill)
+        L, w = self.train_len, self.window  # the windows fit L (user input; see VARIANTS.md)
         if L is not None and w is not None:
             if self.pe in ("rerope", "leaky_rerope", "self_extend") and w > L - 1:
                 raise ValueError(

@@ -372,8 +372,7 @@ def to_params(mesa: MesaConfig) -> MesaParams:
     assert mesa.train_len is not None and mesa.chunked_prefill is not None, "resolve first"
     return MesaParams(
         train_len=mesa.train_len,
-        # unused without chunked prefill; clamped so MesaParams' own check holds
-        first_chunk=min(mesa.first_chunk, mesa.train_len - 2),
+        first_chunk=mesa.first_chunk,
         last_chunk=mesa.last_chunk,
         max_remainder=mesa.max_remainder,
         stair_width=None if mesa.stair_width == "auto" else mesa.stair_width,
