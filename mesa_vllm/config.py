@@ -7,6 +7,12 @@ field defaults of ``mesa_vllm.plan.MesaParams``, the resolved parameters MesaCon
 relative position inside the trained range: ``mesa_vllm.plan.stair_width_for``);
 ``train_len`` defaults to the model's trained context (HF ``max_position_embeddings`` before
 any override).  Imports no vLLM.
+
+The flow: ``from_additional_config`` validates the user's dict (ranges here, the rules tying
+fields together in ``plan.check_rules``, the per-rule defaults in ``mesa_vllm.support``);
+``resolved`` fills the model's and the engine's defaults once, at startup
+(``engine_config.apply``, which stores the result back in ``additional_config``); ``params``
+turns a resolved config into the frozen ``MesaParams`` that workers, plan and kernels read.
 """
 
 from __future__ import annotations
@@ -158,6 +164,25 @@ class MesaConfig(BaseModel):
         if pe == "self_extend" and raw["group_size"] is None and w <= L - 1:
             raw["group_size"] = smallest_group_size(max_len, L, w)
         return MesaConfig.from_dict(raw)
+
+    def params(self) -> MesaParams:
+        """The frozen MesaParams of a resolved config (``resolved``), which the workers, the
+        plan and the kernels read; ``stair_width: "auto"`` becomes None."""
+        assert self.train_len is not None and self.chunked_prefill is not None, "resolve first"
+        return MesaParams(
+            train_len=self.train_len,
+            first_chunk=self.first_chunk,
+            last_chunk=self.last_chunk,
+            max_remainder=self.max_remainder,
+            stair_width=None if self.stair_width == "auto" else self.stair_width,
+            log_n_scaling=bool(self.log_n_scaling),
+            pe=self.pe,
+            chunked_prefill=self.chunked_prefill,
+            window=self.window or 0,
+            leaky_factor=float(self.leaky_factor or 1.0),
+            group_size=self.group_size or 1,
+            sink_tokens=self.sink_tokens,
+        )
 
 
 _RANGES = {

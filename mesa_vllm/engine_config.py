@@ -134,7 +134,7 @@ def apply(vllm_config: Any, prefix_caching_explicit: bool) -> MesaConfig:
     # component reads rswa_window (the Mesa backend ignores the window value itself).
     vllm_config.model_config.model_arch_config.rswa_window = mesa.train_len
     max_len = vllm_config.model_config.max_model_len
-    params = to_params(mesa)
+    params = mesa.params()
     logger.info(
         "Mesa configuration: %s; max_model_len=%d (%.1fx the training length)",
         mesa.model_dump(),
@@ -368,22 +368,8 @@ def _min_stair_width(max_len: int, params: MesaParams, decode: bool = True) -> i
 
 
 def to_params(mesa: MesaConfig) -> MesaParams:
-    """MesaParams of a resolved MesaConfig (``stair_width: "auto"`` becomes None)."""
-    assert mesa.train_len is not None and mesa.chunked_prefill is not None, "resolve first"
-    return MesaParams(
-        train_len=mesa.train_len,
-        first_chunk=mesa.first_chunk,
-        last_chunk=mesa.last_chunk,
-        max_remainder=mesa.max_remainder,
-        stair_width=None if mesa.stair_width == "auto" else mesa.stair_width,
-        log_n_scaling=bool(mesa.log_n_scaling),
-        pe=mesa.pe,
-        chunked_prefill=mesa.chunked_prefill,
-        window=mesa.window or 0,
-        leaky_factor=float(mesa.leaky_factor or 1.0),
-        group_size=mesa.group_size or 1,
-        sink_tokens=mesa.sink_tokens,
-    )
+    """MesaParams of a resolved MesaConfig (``MesaConfig.params``)."""
+    return mesa.params()
 
 
 def params_from_vllm_config(vllm_config: Any) -> MesaParams:
@@ -393,4 +379,4 @@ def params_from_vllm_config(vllm_config: Any) -> MesaParams:
         model_train_len(vllm_config.model_config.hf_text_config),
         vllm_config.model_config.max_model_len,
     )
-    return to_params(mesa)
+    return mesa.params()
