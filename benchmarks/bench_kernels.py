@@ -873,11 +873,11 @@ VARIANT_CHECKS = [
      (256, 16, 64, 32, 8), [(2000, 2000, 0), (700, 720, 719)], 4),
 ]  # fmt: skip
 VARIANT_MAX_LEN = 32  # x L: the max-model-len the variant defaults are resolved for
-SPEED_VARIANTS = [  # pe, chunked prefill
-    ("stair", True), ("rerope", False), ("rerope", True), ("leaky_rerope", False),
-    ("leaky_rerope", True), ("self_extend", False), ("self_extend", True), ("streaming", False),
-    ("lm_infinite", False),
-]  # fmt: skip
+SPEED_VARIANTS = [  # pe, chunked prefill: every rule, each way it allows
+    (pe, chunked)
+    for pe, rule in PE_RULES.items()
+    for chunked in ((False, True) if rule.chunked is None else (rule.chunked,))
+]
 
 
 def variant_checks(seed: int) -> list[dict]:
