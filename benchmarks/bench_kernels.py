@@ -44,17 +44,26 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mesa_vllm.ops import triton_mesa as tm  # noqa: E402
-from mesa_vllm.ops.reference import mesa_attention_reference, rope_inv_freq  # noqa: E402
-from mesa_vllm.ops.reference_variants import (  # noqa: E402
+from mesa_vllm.ops.triton import table as tm  # noqa: E402
+from mesa_vllm.ops.triton.decode import mesa_decode  # noqa: E402
+from mesa_vllm.ops.triton.prefill import mesa_prefill  # noqa: E402
+from mesa_vllm.plan import MesaParams, dynamic_split, plan_request  # noqa: E402
+from mesa_vllm.support import (  # noqa: E402
+    PE_RULES,
+    default_leaky_factor,
+    smallest_group_size,
+)
+from mesa_vllm.testing.paged import random_paged_batch  # noqa: E402
+from mesa_vllm.testing.reference import mesa_attention_reference, rope_inv_freq  # noqa: E402
+from mesa_vllm.testing.reference_variants import (  # noqa: E402
     VariantSpec,
     variant_attention_reference,
 )
-from mesa_vllm.plan import MesaParams, dynamic_split, plan_request  # noqa: E402
-from mesa_vllm.testing.paged import random_paged_batch  # noqa: E402
 
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
-LLAMA2 = dict(L=4096, F=100, Lc=512, Mmax=200, E=50)
+_PAPER = MesaParams(train_len=4096)  # the product's defaults: F, Lc, Mmax, E
+LLAMA2 = dict(L=4096, F=_PAPER.first_chunk, Lc=_PAPER.last_chunk, Mmax=_PAPER.max_remainder,
+              E=_PAPER.stair_width)  # fmt: skip
 DEV = "cuda"  # a dry run under the Triton interpreter sets "cpu"
 SPEED_SHAPE = (128, 32, 16)  # head size, heads (Hq = Hkv), cache block size
 
@@ -113,13 +122,18 @@ def build(reqs, D, Hkv, G, page, dtype, params, seed, rope=ROPE, with_ref=True, 
 
 
 def run(pb, num_splits=4, out=None, pre_kw=None, dec_kw=None):
-    """Both kernels over a problem from ``build``; returns output [n, Hq, D]."""
+    """Both kernels over a problem from ``build``; returns output [n, Hq, D].  pre_kw:
+    ``PrefillTuning`` keywords; dec_kw: ``DecodeTuning`` keywords and max_seq_len."""
     out = torch.full_like(pb["query"], float("nan")) if out is None else out
     args = (pb["query"], pb["key_cache"], pb["value_cache"], pb["block_table"])
     if pb["pre"] is not None:
-        tm.mesa_prefill(*args, pb["pre"], pb["inv"], pb["scale"], out, **(pre_kw or {}))
+        tuning = tm.PrefillTuning(**(pre_kw or {}))
+        mesa_prefill(*args, pb["pre"], pb["inv"], pb["scale"], out, tuning=tuning)
     if pb["dec"] is not None:
-        tm.mesa_decode(*args, pb["dec"], pb["inv"], pb["scale"], out, num_splits, **(dec_kw or {}))
+        kw = dict(dec_kw or {})
+        max_seq_len = kw.pop("max_seq_len", None)
+        mesa_decode(*args, pb["dec"], pb["inv"], pb["scale"], out, num_splits,
+                    max_seq_len=max_seq_len, tuning=tm.DecodeTuning(**kw))  # fmt: skip
     return out
 
 
@@ -305,10 +319,10 @@ def graph_check(seed: int, G: int) -> dict:
     out = torch.full_like(b["query"], float("nan"))
     args = (b["query"], b["key_cache"], b["value_cache"], b["block_table"])
     kw = dict(max_seq_len=1200)  # the engine's launch: the grid for the longest sequence
-    tm.mesa_decode(*args, table, b["inv"], b["scale"], out, 8, **kw)  # warm-up / compile
+    mesa_decode(*args, table, b["inv"], b["scale"], out, 8, **kw)  # warm-up / compile
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        tm.mesa_decode(*args, table, b["inv"], b["scale"], out, 8, **kw)
+        mesa_decode(*args, table, b["inv"], b["scale"], out, 8, **kw)
     for f in ("q_lo", "q_len", "q_abs", "kind", "chunk_start", "anchor", "req"):
         getattr(table, f).copy_(getattr(b["dec"], f))
     out.fill_(float("nan"))
@@ -475,10 +489,10 @@ def _pre_kw(cfg) -> dict:
 
 
 def _dec_kw(cfg: DecodeCfg, sizing: tuple[int, int] | None = None) -> dict:
-    """mesa_decode keywords of a decode config; sizing None: the grid's split count alone
-    (the sweep), else the engine's launch: per-sequence split sizing (split_keys,
-    split_programs) in a grid for ENGINE_MAX_LEN."""
-    keys, programs = sizing or (None, tm.DECODE_SPLIT_PROGRAMS)
+    """mesa_decode keywords (``DecodeTuning``'s and max_seq_len) of a decode config; sizing
+    None: the grid's split count alone (the sweep: split_keys 0), else the engine's launch:
+    per-sequence split sizing (split_keys, split_programs) in a grid for ENGINE_MAX_LEN."""
+    keys, programs = sizing or (0, tm.DECODE_SPLIT_PROGRAMS)
     engine = dict(max_seq_len=ENGINE_MAX_LEN) if sizing else dict(min_split_keys=SWEEP_MIN_SPLIT)
     return dict(
         **engine,
@@ -496,7 +510,7 @@ def _dec_kw(cfg: DecodeCfg, sizing: tuple[int, int] | None = None) -> dict:
 
 ENGINE_MAX_LEN = 131072 + 64 + 8  # bench_gpu_e2e.py's speed engine: max_model_len
 # candidate per-sequence split sizings (split_keys, split_programs): DECODE_SPLIT_KEYS and
-# DECODE_SPLIT_PROGRAMS in mesa_vllm/ops/triton_mesa.py
+# DECODE_SPLIT_PROGRAMS in mesa_vllm/ops/triton/table.py
 SPLIT_SIZINGS = tuple(itertools.product((1024, 2048, 8192), (256, 512, 1024)))
 DEFAULT_SIZING = (tm.DECODE_SPLIT_KEYS, tm.DECODE_SPLIT_PROGRAMS)
 
@@ -512,8 +526,8 @@ def _engine_split_args(sizing: tuple[int, int], Hkv: int, block_n: int) -> tuple
 def engine_splits(
     S: int, sizing: tuple[int, int], Hkv: int = SPEED_SHAPE[1], block_n: int = 128
 ) -> int:
-    """Busy splits of one sequence of S keys in the engine (``_split_len`` in
-    mesa_vllm/ops/triton_mesa.py, on the host)."""
+    """Busy splits of one sequence of S keys in the engine (``split_len_host`` in
+    mesa_vllm/ops/triton/table.py)."""
     per = tm.split_len_host(S, *_engine_split_args(sizing, Hkv, block_n), block_n)
     return int(-(-S // per))
 
@@ -817,24 +831,21 @@ def markdown(check_rows, sp) -> str:
 
 # ---------------------------------------------------------------- weave-PE variants
 
-LOG_N_ON = ("stair", "rerope", "leaky_rerope")
-
 
 def variant_params(pe, mesa, max_len, chunked=None, sink=4, log_n=None) -> MesaParams:
-    """MesaParams of ``pe`` with the defaults of docs/VARIANTS.md for training length L =
-    mesa[0] and a max-model-len ``max_len``; mesa = (L, F, Lc, Mmax, E)."""
+    """MesaParams of ``pe`` with the product's defaults (docs/VARIANTS.md, the rules of
+    mesa_vllm.support, as MesaConfig.resolved applies them) for training length L = mesa[0]
+    and a max-model-len ``max_len``; mesa = (L, F, Lc, Mmax, E)."""
     L = mesa[0]
-    chunked = pe == "stair" if chunked is None else chunked
-    log_n = pe in LOG_N_ON if log_n is None else log_n
-    if pe == "stair":
+    rule = PE_RULES[pe]
+    chunked = bool(rule.chunked) if chunked is None else chunked
+    log_n = rule.log_n if log_n is None else log_n
+    if not rule.weave:
         return MesaParams(*mesa, log_n)
-    w = {"streaming": L - sink, "lm_infinite": L}.get(pe, min(512, L // 2))
-    k = max(1.0, (max_len - 1 - w) / max(1, L - 1 - w)) if pe == "leaky_rerope" else 1.0
-    g = 1
-    if pe == "self_extend":
-        while (max_len - 1) // g + w - w // g > L - 1:
-            g += 1
-    s = sink if pe in ("streaming", "lm_infinite") else 0
+    w = rule.default_window(L, sink)
+    k = default_leaky_factor(max_len, L, w) if pe == "leaky_rerope" else 1.0
+    g = smallest_group_size(max_len, L, w) if pe == "self_extend" else 1
+    s = sink if rule.windowed else 0
     return MesaParams(*mesa, log_n, pe, chunked, w, k, g, s)
 
 
@@ -862,11 +873,11 @@ VARIANT_CHECKS = [
      (256, 16, 64, 32, 8), [(2000, 2000, 0), (700, 720, 719)], 4),
 ]  # fmt: skip
 VARIANT_MAX_LEN = 32  # x L: the max-model-len the variant defaults are resolved for
-SPEED_VARIANTS = [  # pe, chunked prefill
-    ("stair", True), ("rerope", False), ("rerope", True), ("leaky_rerope", False),
-    ("leaky_rerope", True), ("self_extend", False), ("self_extend", True), ("streaming", False),
-    ("lm_infinite", False),
-]  # fmt: skip
+SPEED_VARIANTS = [  # pe, chunked prefill: every rule, each way it allows
+    (pe, chunked)
+    for pe, rule in PE_RULES.items()
+    for chunked in ((False, True) if rule.chunked is None else (rule.chunked,))
+]
 
 
 def variant_checks(seed: int) -> list[dict]:

@@ -7,7 +7,7 @@
 
 A compact plain-torch Llama forward (float32, CPU or CUDA) of a HF checkpoint (default: the
 converted SmolLM2-135M-Instruct).  Every layer's attention follows the dense Mesa contract:
-masks, query/key positions and log-n scales come from ``mesa_vllm.ops.reference``
+masks, query/key positions and log-n scales come from ``mesa_vllm.testing.reference``
 (``reference_positions``, ``query_scales``, the rope helpers), computed over the allowed keys
 only, in blocks of rows that share key positions.  Prefill runs the prompt; then a KV cache
 decodes (a) the true answer " <key>" teacher-forced and (b) greedily ``--new-tokens``.
@@ -38,14 +38,14 @@ from pathlib import Path
 
 import torch
 
-from mesa_vllm.ops.reference import (
+from mesa_vllm.plan import MesaParams
+from mesa_vllm.testing.reference import (
     query_scales,
     reference_positions,
     reference_split,
     rope_angles,
     rope_inv_freq,
 )
-from mesa_vllm.plan import MesaParams
 
 CATS = ("key", "sent", "first", "near", "rest")
 

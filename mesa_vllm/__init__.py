@@ -9,13 +9,6 @@ from __future__ import annotations
 __version__ = "0.1.0"
 VLLM_VERSION = "0.26.0"  # the one place for the pin; pyproject and setup scripts follow it
 
-_MODELS = {
-    "LlamaForCausalLM": "mesa_vllm.models.mesa_models:MesaLlamaForCausalLM",
-    "MistralForCausalLM": "mesa_vllm.models.mesa_models:MesaMistralForCausalLM",
-    "Qwen2ForCausalLM": "mesa_vllm.models.mesa_models:MesaQwen2ForCausalLM",
-    "Phi3ForCausalLM": "mesa_vllm.models.mesa_models:MesaPhi3ForCausalLM",
-}
-
 
 def check_vllm_version(version: str) -> None:
     """Refuse any vLLM but the pinned release, loudly."""
@@ -33,10 +26,11 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from mesa_vllm import patches
+    from mesa_vllm.support import ARCHITECTURES
 
     check_vllm_version(vllm.__version__)
     patches.apply_all()
-    for arch, path in _MODELS.items():
+    for arch, path in ARCHITECTURES.items():
         # Lazy class paths; re-registering the same path is harmless.  The Mesa classes
         # behave exactly like vLLM's own unless --attention-backend mesa is selected.
         ModelRegistry.register_model(arch, path)

@@ -1,16 +1,23 @@
 """MesaConfig: the one validated place for Mesa-Extrapolation settings.
 
 Read from ``--additional-config '{"mesa": {...}}'`` (``VllmConfig.additional_config``).
-Defaults follow the paper / official code (F=100, Lc=512, Mmax=200, E=50, log-n on);
+Defaults follow the paper / official code (F=100, Lc=512, Mmax=200, E=50, log-n on: the
+field defaults of ``mesa_vllm.plan.MesaParams``, the resolved parameters MesaConfig becomes);
 ``stair_width`` also takes ``"auto"`` (per stair query set, the smallest E that keeps every
 relative position inside the trained range: ``mesa_vllm.plan.stair_width_for``);
 ``train_len`` defaults to the model's trained context (HF ``max_position_embeddings`` before
 any override).  Imports no vLLM.
+
+The flow: ``from_additional_config`` validates the user's dict (ranges here, the rules tying
+fields together in ``plan.check_rules``, the per-rule defaults in ``mesa_vllm.support``);
+``resolved`` fills the model's and the engine's defaults once, at startup
+(``engine_config.apply``, which stores the result back in ``additional_config``); ``params``
+turns a resolved config into the frozen ``MesaParams`` that workers, plan and kernels read.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import Any, Literal
 
 from pydantic import (
@@ -22,16 +29,23 @@ from pydantic import (
     model_validator,
 )
 
-from mesa_vllm.plan import WINDOWED_PE
+from mesa_vllm.plan import MesaParams, check_rules
+from mesa_vllm.support import (
+    PE_NAMES,
+    PE_RULES,
+    default_leaky_factor,
+    smallest_group_size,
+)
+
+__all__ = ["PE_NAMES", "MesaConfig", "MesaConfigError", "smallest_group_size"]
 
 
 class MesaConfigError(ValueError):
     """Invalid Mesa configuration; the message names the field and the allowed range."""
 
 
-PeName = Literal["stair", "rerope", "leaky_rerope", "self_extend", "streaming", "lm_infinite"]
-PE_NAMES: tuple[str, ...] = PeName.__args__
-_LOG_N_DEFAULT_ON = ("stair", "rerope", "leaky_rerope")
+PeName = Literal[PE_NAMES]
+_PAPER = {f.name: f.default for f in dataclasses.fields(MesaParams)}  # F, Lc, Mmax, E
 
 
 class MesaConfig(BaseModel):
@@ -42,11 +56,17 @@ class MesaConfig(BaseModel):
     train_len: int | None = Field(
         default=None, ge=2, description="[L] trained context length; default: from the model"
     )
-    first_chunk: int = Field(default=100, ge=1, description="[F] attention-sink chunk width")
-    last_chunk: int = Field(default=512, ge=1, description="[Lc] last-chunk target width")
-    max_remainder: int = Field(default=200, ge=0, description="[Mmax] DynamicSplit threshold")
+    first_chunk: int = Field(
+        default=_PAPER["first_chunk"], ge=1, description="[F] attention-sink chunk width"
+    )
+    last_chunk: int = Field(
+        default=_PAPER["last_chunk"], ge=1, description="[Lc] last-chunk target width"
+    )
+    max_remainder: int = Field(
+        default=_PAPER["max_remainder"], ge=0, description="[Mmax] DynamicSplit threshold"
+    )
     stair_width: int | Literal["auto"] = Field(
-        default=50,
+        default=_PAPER["stair_width"],
         description='[E] Stair PE step width; "auto": per stair query set, the smallest E '
         "keeping every relative position inside the trained range (plan.stair_width_for)",
     )
@@ -80,19 +100,9 @@ class MesaConfig(BaseModel):
         raise ValueError("must be an integer >= 1 or the string 'auto'")
 
     @model_validator(mode="after")
-    def _check_chunks_fit(self) -> MesaConfig:
-        # L - F >= 2 keeps every DynamicSplit chunk width >= 1
-        chunked = self.chunked_prefill if self.chunked_prefill is not None else self.pe == "stair"
-        if chunked and self.train_len is not None and self.first_chunk > self.train_len - 2:
-            raise ValueError(
-                f"first_chunk={self.first_chunk} must be < train_len - 1 = {self.train_len - 1} "
-                f"(allowed range: 1 .. {self.train_len - 2})"
-            )
-        if self.pe == "stair" and self.chunked_prefill is False:
-            raise ValueError("chunked_prefill=false is not allowed with pe='stair'")
-        if self.pe in WINDOWED_PE and self.chunked_prefill:
-            raise ValueError(f"chunked_prefill=true is not allowed with pe={self.pe!r}")
-        L, w = self.train_len, self.window
+    def _check_rules(self) -> MesaConfig:
+        check_rules(self.train_len, self.first_chunk, self.pe, self.chunked_prefill)
+        L, w = self.train_len, self.window  # the windows fit L (user input; see VARIANTS.md)
         if L is not None and w is not None:
             if self.pe in ("rerope", "leaky_rerope", "self_extend") and w > L - 1:
                 raise ValueError(
@@ -141,31 +151,38 @@ class MesaConfig(BaseModel):
         raw["train_len"] = L
         max_len = max(int(max_model_len or L), L)
         pe = raw["pe"]
+        rule = PE_RULES[pe]
         if raw["chunked_prefill"] is None:
-            raw["chunked_prefill"] = pe == "stair"
+            raw["chunked_prefill"] = bool(rule.chunked)
         if raw["log_n_scaling"] is None:
-            raw["log_n_scaling"] = pe in _LOG_N_DEFAULT_ON
-        if raw["window"] is None and pe != "stair":
-            raw["window"] = {"streaming": L - raw["sink_tokens"], "lm_infinite": L - 1}.get(
-                pe, max(1, min(512, L // 2))
-            )
+            raw["log_n_scaling"] = rule.log_n
+        if raw["window"] is None and rule.weave:
+            raw["window"] = rule.default_window(L, raw["sink_tokens"])
         w = raw["window"]
         if pe == "leaky_rerope" and raw["leaky_factor"] is None:
-            raw["leaky_factor"] = max(1.0, (max_len - 1 - w) / max(1, L - 1 - w))
+            raw["leaky_factor"] = default_leaky_factor(max_len, L, w)
         if pe == "self_extend" and raw["group_size"] is None and w <= L - 1:
             raw["group_size"] = smallest_group_size(max_len, L, w)
         return MesaConfig.from_dict(raw)
 
-
-def smallest_group_size(max_len: int, train_len: int, window: int) -> int:
-    """Smallest G >= 1 with floor((max_len - 1) / G) + w - floor(w / G) <= L - 1, i.e. every
-    Self-Extend far position of a sequence of ``max_len`` tokens stays in the trained range."""
-    if window > train_len - 1:
-        raise ValueError(f"window={window} must be <= train_len - 1 = {train_len - 1}")
-    g = max(1, math.ceil((max_len - 1 - window) / max(1, train_len - 1 - window)) - 2)
-    while (max_len - 1) // g + window - window // g > train_len - 1:  # ends by g = max_len
-        g += 1
-    return g
+    def params(self) -> MesaParams:
+        """The frozen MesaParams of a resolved config (``resolved``), which the workers, the
+        plan and the kernels read; ``stair_width: "auto"`` becomes None."""
+        assert self.train_len is not None and self.chunked_prefill is not None, "resolve first"
+        return MesaParams(
+            train_len=self.train_len,
+            first_chunk=self.first_chunk,
+            last_chunk=self.last_chunk,
+            max_remainder=self.max_remainder,
+            stair_width=None if self.stair_width == "auto" else self.stair_width,
+            log_n_scaling=bool(self.log_n_scaling),
+            pe=self.pe,
+            chunked_prefill=self.chunked_prefill,
+            window=self.window or 0,
+            leaky_factor=float(self.leaky_factor or 1.0),
+            group_size=self.group_size or 1,
+            sink_tokens=self.sink_tokens,
+        )
 
 
 _RANGES = {

@@ -26,16 +26,12 @@ from typing import Any, NamedTuple
 from mesa_vllm import envs
 from mesa_vllm.config import MesaConfig, MesaConfigError
 from mesa_vllm.plan import MesaParams, dynamic_split, stair_anchor, stair_position
+from mesa_vllm.support import ARCHITECTURES, ROPE_TYPES
 
 logger = logging.getLogger("vllm.mesa_vllm")
 
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Phi3ForCausalLM",
-)
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+SUPPORTED_ROPE_TYPES = ROPE_TYPES
 _UNSUPPORTED_HF_FIELDS = ("llama_4_scaling", "dual_chunk_attention_config")
 
 
@@ -138,7 +134,7 @@ def apply(vllm_config: Any, prefix_caching_explicit: bool) -> MesaConfig:
     # component reads rswa_window (the Mesa backend ignores the window value itself).
     vllm_config.model_config.model_arch_config.rswa_window = mesa.train_len
     max_len = vllm_config.model_config.max_model_len
-    params = to_params(mesa)
+    params = mesa.params()
     logger.info(
         "Mesa configuration: %s; max_model_len=%d (%.1fx the training length)",
         mesa.model_dump(),
@@ -372,23 +368,8 @@ def _min_stair_width(max_len: int, params: MesaParams, decode: bool = True) -> i
 
 
 def to_params(mesa: MesaConfig) -> MesaParams:
-    """MesaParams of a resolved MesaConfig (``stair_width: "auto"`` becomes None)."""
-    assert mesa.train_len is not None and mesa.chunked_prefill is not None, "resolve first"
-    return MesaParams(
-        train_len=mesa.train_len,
-        # unused without chunked prefill; clamped so MesaParams' own check holds
-        first_chunk=min(mesa.first_chunk, mesa.train_len - 2),
-        last_chunk=mesa.last_chunk,
-        max_remainder=mesa.max_remainder,
-        stair_width=None if mesa.stair_width == "auto" else mesa.stair_width,
-        log_n_scaling=bool(mesa.log_n_scaling),
-        pe=mesa.pe,
-        chunked_prefill=mesa.chunked_prefill,
-        window=mesa.window or 0,
-        leaky_factor=float(mesa.leaky_factor or 1.0),
-        group_size=mesa.group_size or 1,
-        sink_tokens=mesa.sink_tokens,
-    )
+    """MesaParams of a resolved MesaConfig (``MesaConfig.params``)."""
+    return mesa.params()
 
 
 def params_from_vllm_config(vllm_config: Any) -> MesaParams:
@@ -398,4 +379,4 @@ def params_from_vllm_config(vllm_config: Any) -> MesaParams:
         model_train_len(vllm_config.model_config.hf_text_config),
         vllm_config.model_config.max_model_len,
     )
-    return to_params(mesa)
+    return mesa.params()

@@ -13,7 +13,8 @@ MESA_VLLM_DECODE_KERNEL: launch options of the Triton decode kernel, for tuning 
     (``benchmarks/bench_kernels.py`` sweeps them), e.g. ``block_n=64,tile_rows=32``.  Keys:
     block_n, num_warps, num_stages, tile_rows, split_keys, split_programs, min_split_keys
     (positive ints) and the switch tail_first (0 or 1); the meaning of each is in
-    ``mesa_decode``.  Unset or empty: the defaults measured on the H200.
+    ``DecodeTuning`` (mesa_vllm/ops/triton/table.py).  Unset or empty: the defaults measured
+    on the H200.
 MESA_VLLM_MODEL_CACHE: where ``mesa-vllm models fetch`` keeps converted models (default
     ``~/.cache/mesa_vllm/models``).
 """
@@ -72,10 +73,10 @@ def decode_kernel_options() -> dict[str, int]:
         elif not number.isdigit() or int(number) < 1:
             raise ValueError(f"MESA_VLLM_DECODE_KERNEL: {key}={number!r} is not a positive int")
         options[key] = int(number)
-    from mesa_vllm.ops.triton_mesa import check_decode_launch
+    from mesa_vllm.ops.triton.table import DecodeTuning
 
     try:
-        check_decode_launch(**options)
+        DecodeTuning(**options)
     except ValueError as e:
         raise ValueError(f"MESA_VLLM_DECODE_KERNEL: {e}") from None
     return options

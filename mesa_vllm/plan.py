@@ -34,13 +34,18 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from mesa_vllm.support import PE_RULES, WINDOWED_PE
+
 SegmentKind = Literal["causal", "middle", "stair", "weave"]
-WINDOWED_PE = ("streaming", "lm_infinite")
+__all__ = ["WINDOWED_PE", "MesaParams", "Segment", "dynamic_split", "plan_request"]
 
 
 @dataclass(frozen=True)
 class MesaParams:
-    """Resolved parameters: L, F, Lc, Mmax, E and the log-n switch.
+    """Resolved parameters: L, F, Lc, Mmax, E, the log-n switch and the position rule; the
+    one frozen object the engine config resolves to (``MesaConfig.resolved`` ->
+    ``engine_config.to_params``) and every worker, plan and kernel reads.  Its field defaults
+    are the paper's, and MesaConfig's.
 
     ``stair_width`` is E, or None for ``stair_width: auto``: E then depends on the stair query
     set (its sequence length n and chunk width C), see ``stair_width_for``; every consumer
@@ -61,30 +66,54 @@ class MesaParams:
     sink_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.first_chunk <= self.train_len - 2:
-            raise ValueError(f"first_chunk must be in [1, {self.train_len - 2}]")
+        check_rules(self.train_len, self.first_chunk, self.pe, self.chunked_prefill)
         bad_width = self.stair_width is not None and self.stair_width < 1
-        if self.last_chunk < 1 or bad_width or self.max_remainder < 0:
-            raise ValueError("last_chunk >= 1, stair_width >= 1 or None (auto), max_remainder >= 0")
+        if self.first_chunk < 1 or self.last_chunk < 1 or bad_width or self.max_remainder < 0:
+            raise ValueError(
+                "first_chunk >= 1, last_chunk >= 1, stair_width >= 1 or None (auto), "
+                "max_remainder >= 0"
+            )
         if self.pe != "stair" and (self.window < 1 or self.leaky_factor < 1 or self.group_size < 1):
             raise ValueError("weave variants need window >= 1, leaky_factor >= 1, group_size >= 1")
-        if self.pe == "stair" and not self.chunked_prefill:
-            raise ValueError("pe='stair' needs chunked_prefill")
 
     @property
     def windowed(self) -> bool:
         """Sink + window masks (streaming, lm_infinite)."""
-        return self.pe in WINDOWED_PE
+        return PE_RULES[self.pe].windowed
 
     @property
     def long_rule(self) -> SegmentKind:
         """The rule of last-chunk tokens and long generated tokens."""
-        return "stair" if self.pe == "stair" else "weave"
+        return "weave" if PE_RULES[self.pe].weave else "stair"
 
     @property
     def default_width(self) -> int:
         """C for requests that grow past L while decoding (L - F)."""
         return self.train_len - self.first_chunk
+
+
+def check_rules(
+    train_len: int | None, first_chunk: int, pe: str, chunked_prefill: bool | None
+) -> None:
+    """The rules tying L, F, the position rule and chunked prefill together, for MesaConfig
+    (user input: train_len and chunked_prefill may still be None, the model's / the rule's
+    default) and MesaParams alike; ValueError naming the first one broken.
+
+    With chunked prefill F <= L - 2, which keeps every DynamicSplit chunk width >= 1
+    (without it no chunk is planned and F is not read); stair needs chunked prefill, the
+    windowed rules refuse it.
+    """
+    rule = PE_RULES[pe]
+    chunked = chunked_prefill if chunked_prefill is not None else bool(rule.chunked)
+    if chunked and train_len is not None and first_chunk > train_len - 2:
+        raise ValueError(
+            f"first_chunk={first_chunk} must be < train_len - 1 = {train_len - 1} "
+            f"(allowed range: 1 .. {train_len - 2})"
+        )
+    if rule.chunked is True and chunked_prefill is False:
+        raise ValueError(f"chunked_prefill=false is not allowed with pe={pe!r}")
+    if rule.chunked is False and chunked_prefill:
+        raise ValueError(f"chunked_prefill=true is not allowed with pe={pe!r}")
 
 
 @dataclass(frozen=True)
@@ -121,7 +150,7 @@ def dynamic_split(prompt_len: int, params: MesaParams) -> ChunkPlan:
     Lc large) there is no middle chunk and C = L - F: everything after F is the last chunk.
     """
     T, L, F = prompt_len, params.train_len, params.first_chunk
-    if T <= L:
+    if T <= L or not params.chunked_prefill:  # without chunked prefill no chunk is read
         return ChunkPlan(T, L, F, params.default_width, 0)
     X = T - params.last_chunk - F
     if X <= 0:

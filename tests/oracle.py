@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from mesa_vllm.ops.reference import causal_attention_reference, mesa_attention_reference
-from mesa_vllm.ops.reference_variants import VariantSpec, variant_attention_reference
+from mesa_vllm.testing.reference import causal_attention_reference, mesa_attention_reference
+from mesa_vllm.testing.reference_variants import VariantSpec, variant_attention_reference
 
 ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM")
 MESA_DEFAULTS = {

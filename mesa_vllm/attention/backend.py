@@ -18,10 +18,16 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 
-from mesa_vllm.attention.metadata import FreshPrefill, MesaMetadata, MesaMetadataBuilder
+from mesa_vllm.attention.metadata import (
+    FreshPrefill,
+    MesaMetadata,
+    MesaMetadataBuilder,
+    TritonMesaMetadata,
+)
 from mesa_vllm.envs import decode_kernel_options
 from mesa_vllm.ops.rope import RopeSpec
 from mesa_vllm.ops.torch_mesa import run_segments
+from mesa_vllm.ops.triton.table import DecodeTuning
 
 BACKEND_NAME = "CUSTOM"  # see mesa_vllm.patches: MESA is an alias of vLLM's CUSTOM slot
 
@@ -108,7 +114,8 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.rope = mesa_rope
-        self.decode_options = decode_kernel_options()  # a bad value stops the engine here
+        # a bad MESA_VLLM_DECODE_KERNEL stops the engine here
+        self.decode_tuning = DecodeTuning(**decode_kernel_options())
 
     def do_kv_cache_update(
         self,
@@ -168,7 +175,7 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
                 "Mesa backend needs the model's RoPE (mesa_rope); load the model through a "
                 "Mesa-registered architecture (mesa_vllm.models)"
             )
-        if attn_metadata.block_table is not None:
+        if isinstance(attn_metadata, TritonMesaMetadata):
             if attn_metadata.fresh is not None:
                 self._forward_fresh(query, key, value, attn_metadata.fresh, output)
             self._forward_triton(query, kv_cache, attn_metadata, output)
@@ -185,10 +192,15 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
         return output
 
     def _forward_triton(
-        self, query: torch.Tensor, kv_cache: torch.Tensor, md: MesaMetadata, output: torch.Tensor
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        md: TritonMesaMetadata,
+        output: torch.Tensor,
     ) -> None:
-        """Triton kernels (mesa_vllm/ops/triton_mesa.py) over the paged cache."""
-        from mesa_vllm.ops.triton_mesa import mesa_decode, mesa_prefill
+        """Triton kernels (mesa_vllm/ops/triton/) over the paged cache."""
+        from mesa_vllm.ops.triton.decode import mesa_decode
+        from mesa_vllm.ops.triton.prefill import mesa_prefill
 
         if not self.rope.is_neox_style:
             raise ValueError("Mesa Triton kernels support neox-style RoPE only")
@@ -207,7 +219,7 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
                 md.num_splits,
                 rotary_dim=rd,
                 max_seq_len=md.max_seq_len,
-                **self.decode_options,
+                tuning=self.decode_tuning,
             )
 
     def _forward_fresh(

@@ -24,6 +24,13 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from mesa_vllm.engine_config import params_from_vllm_config
 from mesa_vllm.envs import fresh_prefill_fa, resolve_kernel
+from mesa_vllm.ops.triton.table import (
+    SegmentTable,
+    build_segment_table,
+    decode_num_splits,
+    default_block_q,
+    split_prefill_decode,
+)
 from mesa_vllm.plan import ChunkPlan, MesaParams, Segment, dynamic_split, plan_request
 
 
@@ -64,17 +71,30 @@ class FreshPrefill:
 
 @dataclass
 class MesaMetadata:
-    """Torch path: ``segments``.  Triton path: ``prefill_table`` (segments of 2+ queries),
-    ``decode_table`` (single-query segments), ``num_splits`` and ``max_seq_len`` (the
-    decode grid's host ints), the ``block_table`` and ``fresh`` (prompts for
-    FlashAttention, or None)."""
+    """What both paths take: the step's token count and the cache slots of its keys.  The
+    builder returns one of the two subclasses, the backend runs the path of its type."""
 
     num_actual_tokens: int
     slot_mapping: torch.Tensor
+
+
+@dataclass
+class TorchMesaMetadata(MesaMetadata):
+    """The torch path (mesa_vllm/ops/torch_mesa.py): one dense problem per segment."""
+
     segments: list[SegmentWork] = field(default_factory=list)
-    block_table: torch.Tensor | None = None
-    prefill_table: object | None = None
-    decode_table: object | None = None
+
+
+@dataclass
+class TritonMesaMetadata(MesaMetadata):
+    """The Triton path (mesa_vllm/ops/triton/): ``prefill_table`` (segments of 2+ queries),
+    ``decode_table`` (single-query segments), ``num_splits`` and ``max_seq_len`` (the decode
+    grid's host ints), the ``block_table`` and ``fresh`` (prompts for FlashAttention, or
+    None)."""
+
+    block_table: torch.Tensor
+    prefill_table: SegmentTable | None = None
+    decode_table: SegmentTable | None = None
     num_splits: int = 1
     max_seq_len: int | None = None
     fresh: FreshPrefill | None = None
@@ -209,10 +229,6 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
         self.num_kv_heads = kv_cache_spec.num_kv_heads
         num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
         self.kernel = resolve_kernel(torch.device(device).type)
-        if self.kernel == "triton":
-            from mesa_vllm.ops.triton_mesa import default_block_q
-
-            self.block_q = default_block_q(num_heads // self.num_kv_heads)
         self.max_model_len = vllm_config.model_config.max_model_len
         # padded CUDA-graph batches can hold more requests than max_num_seqs
         self.max_num_reqs = max(
@@ -220,7 +236,8 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
             vllm_config.compilation_config.max_cudagraph_capture_size or 0,
         )
         self._decode_buffers: dict[str, torch.Tensor] = {}  # persistent decode-table rows
-        self.fa_version = None
+        self.block_q = default_block_q(num_heads // self.num_kv_heads)  # Triton prefill tiles
+        self.fa_version = None  # Triton path: FlashAttention for fresh prompts, when it has it
         if self.kernel == "triton":
             self.fa_version = flash_attn_version(
                 vllm_config.model_config.dtype, torch.device(device)
@@ -244,10 +261,7 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
         seq_lens = (
             cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens
         ).tolist()
-        block_table = cm.block_table_tensor
-        device = block_table.device
-        segments: list[SegmentWork] = []
-        entries: list[tuple[int, int, Segment]] = []
+        entries: list[tuple[int, int, Segment]] = []  # (request, row of q_start, segment)
         padded: list[int] = []  # requests with no query (CUDA-graph batch padding)
         for r in range(cm.num_reqs):
             q_len = qsl[r + 1] - qsl[r]
@@ -259,35 +273,35 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
             ctx = seq_len - q_len
             plan = _cached_split(T, self.params)
             for seg in plan_request(T, ctx, seq_len, self.params, plan):
-                if self.kernel == "triton":
-                    entries.append((r, qsl[r] + (seg.q_start - ctx), seg))
-                    continue
-                kidx, kpos, qpos, scale, mask = segment_tensors(seg, self.params, device)
-                slots = block_table[r, kidx // self.block_size].to(torch.int64) * self.block_size
-                slots = slots + kidx % self.block_size
-                lo = qsl[r] + (seg.q_start - ctx)
-                nq = seg.q_end - seg.q_start
-                causal = seg.kind != "weave" and 1 < nq == kidx.numel()
-                rule = self.params if seg.kind == "weave" else None
-                segments.append(
-                    SegmentWork(seg.kind, lo, lo + nq, slots, kpos, qpos, scale, mask, causal, rule)
-                )
+                entries.append((r, qsl[r] + (seg.q_start - ctx), seg))
         if self.kernel == "triton":
             return self._triton_metadata(cm, entries, max(seq_lens, default=1), padded, qsl)
-        return MesaMetadata(cm.num_actual_tokens, cm.slot_mapping, segments)
+        return self._torch_metadata(cm, entries)
+
+    def _torch_metadata(
+        self, cm: CommonAttentionMetadata, entries: list[tuple[int, int, Segment]]
+    ) -> TorchMesaMetadata:
+        block_table = cm.block_table_tensor
+        device = block_table.device
+        segments: list[SegmentWork] = []
+        for r, lo, seg in entries:
+            kidx, kpos, qpos, scale, mask = segment_tensors(seg, self.params, device)
+            slots = block_table[r, kidx // self.block_size].to(torch.int64) * self.block_size
+            slots = slots + kidx % self.block_size
+            nq = seg.q_end - seg.q_start
+            causal = seg.kind != "weave" and 1 < nq == kidx.numel()
+            rule = self.params if seg.kind == "weave" else None
+            segments.append(
+                SegmentWork(seg.kind, lo, lo + nq, slots, kpos, qpos, scale, mask, causal, rule)
+            )
+        return TorchMesaMetadata(cm.num_actual_tokens, cm.slot_mapping, segments)
 
     def _triton_metadata(
         self, cm: CommonAttentionMetadata, entries, max_seq_len: int, padded, qsl
-    ) -> MesaMetadata:
-        from mesa_vllm.ops.triton_mesa import (
-            build_segment_table,
-            decode_num_splits,
-            split_prefill_decode,
-        )
-
+    ) -> TritonMesaMetadata:
         device = cm.block_table_tensor.device
         pre, dec = split_prefill_decode(entries)
-        md = MesaMetadata(cm.num_actual_tokens, cm.slot_mapping, block_table=cm.block_table_tensor)
+        md = TritonMesaMetadata(cm.num_actual_tokens, cm.slot_mapping, cm.block_table_tensor)
         if pre:  # a step with prefill (never a CUDA graph): tables sized for this step
             spans = []
             if self.fa_version is not None:

@@ -1,1 +1,2 @@
-"""Attention operators: the dense reference of the Mesa contract and the fast paths."""
+"""Attention operators: the torch path (torch_mesa.py, weave.py, rope.py) and the Triton
+kernels (triton/).  The dense references they are checked against are in mesa_vllm/testing/."""

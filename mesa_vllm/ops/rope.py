@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+from mesa_vllm.support import ROPE_TYPES
+
+SUPPORTED_ROPE_TYPES = ROPE_TYPES
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 
 from mesa_vllm.ops.rope import RopeSpec, rotate
 from mesa_vllm.plan import MesaParams
+from mesa_vllm.support import PE_RULES
 
 # rows of the score matrix per block: bounds memory at ~4M scores per (kv head, group)
 _SCORES_PER_BLOCK = 1 << 22
@@ -20,7 +21,7 @@ _SCORES_PER_BLOCK = 1 << 22
 def far_query_positions(p: torch.Tensor, params: MesaParams) -> torch.Tensor:
     """fq(p), float32 [n] for query indices p (int64 [n])."""
     w, pe = params.window, params.pe
-    if pe in ("rerope", "lm_infinite"):
+    if PE_RULES[pe].far_keys_at_zero:
         return torch.full(p.shape, float(w), dtype=torch.float32, device=p.device)
     if pe == "leaky_rerope":
         k = params.leaky_factor
@@ -36,7 +37,7 @@ def far_query_positions(p: torch.Tensor, params: MesaParams) -> torch.Tensor:
 def far_key_positions(j: torch.Tensor, params: MesaParams) -> torch.Tensor:
     """fk(j), float32 [n] for key indices j (int64 [n])."""
     pe = params.pe
-    if pe in ("rerope", "lm_infinite"):
+    if PE_RULES[pe].far_keys_at_zero:
         return torch.zeros(j.shape, dtype=torch.float32, device=j.device)
     if pe == "leaky_rerope":
         return (j.to(torch.float64) / params.leaky_factor).to(torch.float32)

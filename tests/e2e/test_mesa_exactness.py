@@ -1,7 +1,7 @@
 """The Mesa contract inside vLLM's engine (CPU path) against the dense whole-model oracle.
 
 The oracle (tests/oracle.py) runs the checkpoint in plain torch with the independent dense
-reference attention (mesa_vllm/ops/reference.py) in every layer.  Prompts are fresh random
+reference attention (mesa_vllm/testing/reference.py) in every layer.  Prompts are fresh random
 token ids (the seed is in every failure message).  Tolerance: |logprob difference| <= 2e-3
 (fp32 engine vs fp32 oracle; the two sum in different orders).
 """

@@ -1,5 +1,5 @@
 """The weave-PE variants (docs/VARIANTS.md) inside vLLM's engine (CPU path) against the dense
-whole-model oracle, which runs the independent reference (mesa_vllm/ops/reference_variants.py)
+whole-model oracle, which runs the independent reference (mesa_vllm/testing/reference_variants.py)
 in every layer.  Same tolerance as the Stair PE exactness tests: |logprob difference| <= 2e-3
 (fp32 engine vs fp32 oracle), greedy continuations equal.  Prompts are fresh random ids.
 """

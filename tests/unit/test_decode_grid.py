@@ -1,4 +1,4 @@
-"""The decode grid's split count (mesa_vllm/ops/triton_mesa.py): ``decode_busy_splits``
+"""The decode grid's split count (mesa_vllm/ops/triton/table.py): ``decode_busy_splits``
 shrinks the grid sized for max_model_len to the splits a sequence can keep busy, and that
 must change no sequence's split length."""
 
@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from mesa_vllm.ops.triton_mesa import decode_busy_splits, split_len_host
+from mesa_vllm.ops.triton.table import decode_busy_splits, split_len_host
 
 pytestmark = pytest.mark.unit
 

@@ -74,7 +74,7 @@ def _decode_batch(seq_lens: list[int], prompt_lens: list[int], n_padded: int):
 
 
 def test_pure_decode_table_is_persistent_and_padded(builder):
-    from mesa_vllm.ops.triton_mesa import decode_num_splits
+    from mesa_vllm.ops.triton.table import decode_num_splits
 
     md1 = builder.build(0, _decode_batch([100, 3000], [90, 2990], n_padded=2))
     t1 = md1.decode_table

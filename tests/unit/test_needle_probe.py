@@ -13,7 +13,8 @@ from oracle import dense_model_logits
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import needle_probe as npb  # noqa: E402
 
-from mesa_vllm.ops.reference import (  # noqa: E402
+from mesa_vllm.testing.cases import MESA_SMALL  # noqa: E402
+from mesa_vllm.testing.reference import (  # noqa: E402
     apply_rope,
     query_scales,
     reference_positions,
@@ -21,7 +22,6 @@ from mesa_vllm.ops.reference import (  # noqa: E402
     rope_angles,
     rope_inv_freq,
 )
-from mesa_vllm.testing.cases import MESA_SMALL  # noqa: E402
 
 pytestmark = pytest.mark.unit
 

@@ -1,5 +1,5 @@
 """plan.py against the contract (docs/CONTRACT.md) and against the independent dense
-reference (mesa_vllm/ops/reference.py), with property tests over random parameters."""
+reference (mesa_vllm/testing/reference.py), with property tests over random parameters."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from strategies import mesa_params
 
 from mesa_vllm.attention.metadata import segment_tensors
-from mesa_vllm.ops.reference import query_scales, reference_positions, reference_split
 from mesa_vllm.plan import (
     MesaParams,
     dynamic_split,
@@ -20,6 +19,7 @@ from mesa_vllm.plan import (
     stair_position,
     stair_width_for,
 )
+from mesa_vllm.testing.reference import query_scales, reference_positions, reference_split
 
 pytestmark = pytest.mark.unit
 
@@ -206,7 +206,7 @@ def variant_st(draw):
 
 
 def _spec(params: MesaParams):
-    from mesa_vllm.ops.reference_variants import VariantSpec
+    from mesa_vllm.testing.reference_variants import VariantSpec
 
     return VariantSpec(
         pe=params.pe,
@@ -228,8 +228,8 @@ def _spec(params: MesaParams):
 def test_variant_segments_match_reference(params, T, gen, data):
     """Plan + torch-path geometry (ops.weave) of every query equal the independent reference
     of docs/VARIANTS.md: visible keys, relative position of every pair, query scale."""
-    from mesa_vllm.ops.reference_variants import variant_rel_positions
     from mesa_vllm.ops.weave import far_key_positions, far_query_positions, visible_and_near
+    from mesa_vllm.testing.reference_variants import variant_rel_positions
 
     S = T + gen
     q0 = data.draw(st.integers(0, S - 1))

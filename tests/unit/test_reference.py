@@ -11,7 +11,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
 
-from mesa_vllm.ops.reference import (
+from mesa_vllm.testing.cases import LLAMA3_ROPE
+from mesa_vllm.testing.reference import (
     mesa_attention_reference,
     query_scales,
     reference_positions,
@@ -19,7 +20,6 @@ from mesa_vllm.ops.reference import (
     rope_angles,
     rope_inv_freq,
 )
-from mesa_vllm.testing.cases import LLAMA3_ROPE
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from mesa_vllm.ops.reference import (
+from mesa_vllm.testing.cases import LLAMA3_ROPE
+from mesa_vllm.testing.reference import (
     apply_rope,
     causal_attention_reference,
     mesa_attention_reference,
@@ -17,13 +18,12 @@ from mesa_vllm.ops.reference import (
     rope_angles,
     rope_inv_freq,
 )
-from mesa_vllm.ops.reference_variants import (
+from mesa_vllm.testing.reference_variants import (
     PES,
     VariantSpec,
     variant_attention_reference,
     variant_rel_positions,
 )
-from mesa_vllm.testing.cases import LLAMA3_ROPE
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""Triton Mesa kernels (mesa_vllm.ops.triton_mesa) against the dense reference, on the CPU.
+"""Triton Mesa kernels (mesa_vllm.ops.triton) against the dense reference, on the CPU.
 
 The kernels run under the Triton interpreter (TRITON_INTERPRET=1), in one worker subprocess
 per CPU half of the cases: the variable must be set before triton is imported, and setting
@@ -169,7 +169,7 @@ def case_params(case: dict):
     params = MesaParams(m["L"], m["F"], m["Lc"], m["Mmax"], E, log_n, pe, chunked, w, k, G, sink)
     if pe == "stair":
         return params, None
-    from mesa_vllm.ops.reference_variants import VariantSpec
+    from mesa_vllm.testing.reference_variants import VariantSpec
 
     spec = VariantSpec(pe, chunked, w, k, G, sink, log_n, m["F"], m["Lc"], m["Mmax"], m["E"])
     return params, spec
@@ -191,10 +191,12 @@ def run_case(case: dict, seed: int) -> dict:
 
     import torch
 
-    from mesa_vllm.ops import triton_mesa as tm
-    from mesa_vllm.ops.reference import mesa_attention_reference, rope_inv_freq
-    from mesa_vllm.ops.reference_variants import variant_attention_reference
+    from mesa_vllm.ops.triton import table as tm
+    from mesa_vllm.ops.triton.decode import mesa_decode
+    from mesa_vllm.ops.triton.prefill import mesa_prefill
     from mesa_vllm.testing.paged import random_paged_batch
+    from mesa_vllm.testing.reference import mesa_attention_reference, rope_inv_freq
+    from mesa_vllm.testing.reference_variants import variant_attention_reference
 
     g = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, case["dtype"])
@@ -227,26 +229,26 @@ def run_case(case: dict, seed: int) -> dict:
     if pre:
         table = tm.build_segment_table(pre, params, case.get("block_q", max(1, 16 // G)))
         flip = case.get("flip_angle_add", False)  # prefill default on, decode default off
-        tm.mesa_prefill(*cache, table, inv, D**-0.5, out, angle_add=not flip)
+        mesa_prefill(*cache, table, inv, D**-0.5, out, tuning=tm.PrefillTuning(angle_add=not flip))
     if dec:
         table = tm.build_segment_table(dec, params, 1)
         flip = case.get("flip_angle_add", False)
-        tm.mesa_decode(
+        tuning = tm.DecodeTuning(
+            angle_add=flip,
+            min_split_keys=case.get("min_split"),
+            turn_query=case.get("turn_query", True),
+            tile_rows=case.get("tile_rows", 16),
+            **{k: case[k] for k in ("split_keys", "split_programs", "tail_first") if k in case},
+        )
+        mesa_decode(
             *cache,
             table,
             inv,
             D**-0.5,
             out,
             case.get("splits", 3),
-            angle_add=flip,
-            min_split_keys=case.get("min_split"),
-            turn_query=case.get("turn_query", True),
-            tile_rows=case.get("tile_rows", 16),
-            **{
-                k: case[k]
-                for k in ("split_keys", "split_programs", "max_seq_len", "tail_first")
-                if k in case
-            },
+            max_seq_len=case.get("max_seq_len"),
+            tuning=tuning,
         )
     err = (out.float() - ref).abs()
     return dict(
@@ -308,7 +310,7 @@ def test_segment_table_tiles() -> None:
     """Tiles cover every query of every segment once, longest key list first."""
     import torch  # noqa: F401
 
-    from mesa_vllm.ops import triton_mesa as tm
+    from mesa_vllm.ops.triton import table as tm
     from mesa_vllm.plan import MesaParams, plan_request
 
     m = MESA
@@ -329,7 +331,7 @@ def test_segment_table_tiles() -> None:
 def test_segment_table_weave() -> None:
     """Weave segments get kind 3; every table of a weave engine carries its PE code (a CUDA
     graph captured on causal decodes must replay weave ones), a stair engine's PE 0."""
-    from mesa_vllm.ops import triton_mesa as tm
+    from mesa_vllm.ops.triton import table as tm
     from mesa_vllm.plan import plan_request
 
     params, _ = case_params(dict(pe="streaming", window=20, sink=3))

@@ -1,7 +1,7 @@
 """Dense torch reference of the weave-PE variants (``pe``): slow and obvious.
 
 Written from the contract text in docs/VARIANTS.md alone.  It reuses the Mesa/Stair dense
-reference (``mesa_vllm.ops.reference``, docs/CONTRACT.md) for the Mesa rules and does not
+reference (``mesa_vllm.testing.reference``, docs/CONTRACT.md) for the Mesa rules and does not
 import ``mesa_vllm.plan`` or ``mesa_vllm.attention``, so it can check them.  Everything is a
 full ``S x S`` tensor for one sequence of ``S`` tokens: indices ``p < T`` are prompt tokens,
 ``p >= T`` generated tokens.  Notation: L training length, d = p - j.
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mesa_vllm.ops.reference import (
+from mesa_vllm.testing.reference import (
     _query_rule,
     query_scales,
     reference_positions,
