@@ -513,6 +513,12 @@ def main(argv: list[str] | None = None) -> int:
     print(serve_command(args.model, config_path, d.max_model_len))
     if args.server_args:
         print(f"(measured with --server-args {shlex.quote(args.server_args)})")
+    empty = [s.name for s in d.ranked if not s.error and None in s.cells.values()]
+    if empty:
+        _say(
+            f"warning: {', '.join(empty)}: a length with no answered sample counts 0 "
+            "(prompts longer than --max-model-len? see the eval table's notes)"
+        )
     failed = [s.name for s in d.ranked if s.error]
     if failed:
         _say(f"not evaluated: {', '.join(failed)}; the config is the best of the others")
