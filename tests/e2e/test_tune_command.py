@@ -1,4 +1,5 @@
-"""``mesa-vllm tune`` end to end on the bundled 256-token passkey model (CPU, about 3 min).
+"""``mesa-vllm tune`` end to end on the bundled 256-token passkey model (CPU: 3 to 5 min
+on 2 shared cores, three server starts).
 
 The real command measures two candidates (``mesa`` with the model's own settings, and
 ``mesa@stair_width=auto``) at 4x L on 4 passkey samples, one server each; then the written
