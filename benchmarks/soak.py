@@ -308,6 +308,7 @@ class Soak:
         self.greedy: dict[tuple, list[Answer]] = defaultdict(list)
         self.bodies: dict[tuple, tuple[str, dict]] = {}
         self.issued = 0
+        self.failures_at_sigterm = 0  # of the requests in flight when SIGTERM came
         self.epoch = 0  # bumped at SIGTERM
         self.down = False
         self.up = threading.Event()
@@ -400,8 +401,12 @@ class Soak:
                 cut = st["accepted"] and epoch != self.epoch  # in flight at SIGTERM
                 outcome = "cut_shutdown" if cut else "refused_restart"
         dt = time.monotonic() - t0
+        if outcome in FAILURES and epoch != self.epoch:
+            detail = f"in flight at SIGTERM: {detail}"
         with self.lock:
             self.outcomes[(kind, outcome)] += 1
+            if outcome in FAILURES and epoch != self.epoch:
+                self.failures_at_sigterm += 1
             if outcome == "ok":
                 self.latency[kind].append(dt)
             if outcome in FAILURES or outcome == "cut_shutdown":
@@ -665,7 +670,7 @@ class Soak:
         start_s = round(time.time() - t_start, 1)
         rss0, gpu1 = _rss_mb(self.server.proc.pid), gpu_memory_mib()
         print(f"server up in {start_s} s; soaking {c.clients} clients for {c.duration:.0f} s "
-              f"(prompts {self.lengths[0]}..{self.lengths[-1]} tokens)", flush=True)  # fmt: skip
+              f"(prompts {min(self.lengths)}..{max(self.lengths)} tokens)", flush=True)  # fmt: skip
         t0 = time.monotonic()
         # the load ends after `duration` loaded seconds (the restart's downtime added), or
         # early enough that the references and the shutdown fit before end_by
@@ -696,8 +701,12 @@ class Soak:
             if name == "sigterm":  # downtime does not count as loaded time
                 latest = time.monotonic() + end_by - reserve - time.time()
                 deadline[0] = min(deadline[0] + time.monotonic() - tp, latest)
+        # the clients' last requests finish; a client still waiting past that (or too close
+        # to end_by to check anything) counts as hung, its request as lost
+        last = min(deadline[0] + c.request_timeout + 30,
+                   time.monotonic() + end_by - time.time() - reserve / 2)  # fmt: skip
         for t in threads:
-            t.join(timeout=max(deadline[0] - time.monotonic(), 0) + c.request_timeout + 30)
+            t.join(timeout=max(last - time.monotonic(), 1))
         self.stop_load.set()
         lost_threads = sum(t.is_alive() for t in threads)
         load_s = time.monotonic() - t0
@@ -771,7 +780,8 @@ class Soak:
             "max_tokens": self.cfg.max_tokens,
             "requests": self.issued, "recorded": recorded, "lost": lost,
             "outcomes": dict(by_outcome), "by_kind": by_kind,
-            "failures": failures, "examples": dict(self.examples),
+            "failures": failures, "failures_in_flight_at_sigterm": self.failures_at_sigterm,
+            "examples": dict(self.examples),
             "latency_s": {"p50": _pct(lat_all, 50), "p99": _pct(lat_all, 99),
                           **{k: {"p50": _pct(sorted(v), 50), "p99": _pct(sorted(v), 99)}
                              for k, v in sorted(self.latency.items())}},

@@ -37,7 +37,7 @@
 #       KV heads x 64 dims x 2 (K, V) x 2 bytes = 23040 B per token, so 1 GiB (46603 tokens)
 #       could not hold one 65536-token request and vLLM would refuse to start; 1.5 GiB holds
 #       69905 tokens (4369 blocks), about three average soak requests: preemption is forced.
-#       Everything ends SOAK_END s (default 540) after this script began (the soak shortens
+#       Everything ends SOAK_END s (default 545) after this script began (the soak shortens
 #       its load to fit).  Results packed in $OUT/soak.tgz (soak/soak.json, table.md, logs).
 #
 # Real text for perplexity: .gpu/corpus/pydoc.txt.xz (carried; made here by
@@ -99,12 +99,12 @@ load() {
     echo "load rc=$? (budget $(( left - 30 )) s)"; grep -E "^\[|^\||skipped|Error" "$WORK/load.log" | tail -90
 }
 soak() {
-    end=$(( T_CALL + ${SOAK_END:-540} ))
+    end=$(( T_CALL + ${SOAK_END:-545} ))
     HF_HUB_OFFLINE=1 timeout -k 10 $(( end - $(date +%s) )) python3 benchmarks/soak.py \
         --model "$MODEL" --max-model-len 65536 --clients "${SOAK_CLIENTS:-64}" \
         --duration "${SOAK_SECONDS:-300}" --max-tokens 32 --drop-streams 200 --burst 192 \
         --server-args "--kv-cache-memory-bytes 1536M --max-num-seqs 64" \
-        --shutdown-timeout 20 --request-timeout 240 --end-by $(( end - 5 )) \
+        --shutdown-timeout 30 --request-timeout 240 --end-by $(( end - 5 )) \
         --out "$WORK/soak" > "$WORK/soak.log" 2>&1
     echo "soak rc=$?"; grep -E "^\||^phase|^SOAK|server up|Problems|Error" "$WORK/soak.log" | tail -40
 }
