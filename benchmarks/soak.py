@@ -727,9 +727,11 @@ class Soak:
         healthy = _health(self.server.base_url)
         print("load done; running every distinct greedy request alone", flush=True)
         corr = self.references(end_by - 15)
+        summary = self.summary(start_s, load_s, downtime, lost_threads, leftover, healthy,
+                               corr, rss0, rss1, gpu0, gpu1, gpu2)  # fmt: skip
+        write(summary, c.out)  # before the server's stop, which may take a while
         self.server.stop()
-        return self.summary(start_s, load_s, downtime, lost_threads, leftover, healthy, corr,
-                            rss0, rss1, gpu0, gpu1, gpu2)  # fmt: skip
+        return summary
 
     def _worker_loop(self, wid: int, deadline: list[float]) -> None:
         while True:  # the deadline moves once (the restart's downtime)
@@ -890,6 +892,12 @@ def table(s: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def write(summary: dict, out: Path) -> None:
+    """soak.json and table.md in ``out``."""
+    (out / "soak.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "table.md").write_text(table(summary))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -908,6 +916,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-blocks", type=int, default=64, help="toy: KV blocks of 16 tokens")
     ap.add_argument("--max-num-seqs", type=int, default=16, help="toy model only")
     ap.add_argument("--server-args", default="", help="extra server flags (a shell string)")
+    ap.add_argument("--mesa-config", type=json.loads, default={}, help="--model: Mesa JSON")
     ap.add_argument("--drop-streams", type=int, default=200)
     ap.add_argument("--burst", type=int, default=None, help="default: 3x --clients")
     ap.add_argument("--no-restart", action="store_true", help="skip the SIGTERM phase")
@@ -939,7 +948,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = M.read_model_config(str(model))
         train_len = M.trained_length(cfg) or 4096
         mml = args.max_model_len or 8 * train_len
-        launch = serve_load.server_launch("mesa", str(model), mml, {}, extra, M.is_cpu_install())
+        launch = serve_load.server_launch(
+            "mesa", str(model), mml, args.mesa_config, extra, M.is_cpu_install()
+        )
         vocab = (100, min(int(cfg.get("vocab_size", 32000)), 49000))
     cfg = Config(
         model=str(model), clients=args.clients, duration=args.duration,
@@ -950,10 +961,7 @@ def main(argv: list[str] | None = None) -> int:
         end_by=args.end_by, seed=args.seed, out=args.out, launch=launch,
     )  # fmt: skip
     summary = Soak(cfg).run()
-    (args.out / "soak.json").write_text(json.dumps(summary, indent=1, default=str))
-    md = table(summary)
-    (args.out / "table.md").write_text(md)
-    print(md)
+    print(table(summary))
     for kind, lines in summary["examples"].items():
         for line in lines[:5]:
             print(f"  {kind}: {line}")
