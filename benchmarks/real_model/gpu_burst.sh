@@ -28,6 +28,17 @@
 #       so the table of what finished is written inside a 560 s call.  LOAD_SERVER_ARGS
 #       (default --max-num-seqs 64: fewer CUDA graphs to capture) go to both servers.
 #       Results packed in $OUT/load.tgz (load/table.md, serve_load.png, raw/*.json, logs).
+#   bash benchmarks/real_model/gpu_burst.sh soak
+#       convert + benchmarks/soak.py (issue 19): `mesa-vllm serve` with Mesa, CUDA graphs
+#       on, max-model-len 65536 (8 L), SOAK_CLIENTS (default 64) clients for SOAK_SECONDS
+#       (default 300) loaded seconds, prompts 100 tokens .. 8 L, faults (200 dropped
+#       streams, a request at exactly max-model-len, a burst, SIGTERM + restart), then every
+#       completed greedy request run alone.  KV cache 1536 MiB: SmolLM2 keeps 30 layers x 3
+#       KV heads x 64 dims x 2 (K, V) x 2 bytes = 23040 B per token, so 1 GiB (46603 tokens)
+#       could not hold one 65536-token request and vLLM would refuse to start; 1.5 GiB holds
+#       69905 tokens (4369 blocks), about three average soak requests: preemption is forced.
+#       Everything ends SOAK_END s (default 545) after this script began (the soak shortens
+#       its load to fit).  Results packed in $OUT/soak.tgz (soak/soak.json, table.md, logs).
 #
 # Real text for perplexity: .gpu/corpus/pydoc.txt.xz (carried; made here by
 # `python -m mesa_vllm.eval corpus pydoc` and xz).  The OpenAI server needs jmespath, which
@@ -87,6 +98,16 @@ load() {
         --budget-seconds $(( left - 30 )) --out "$WORK/load" > "$WORK/load.log" 2>&1
     echo "load rc=$? (budget $(( left - 30 )) s)"; grep -E "^\[|^\||skipped|Error" "$WORK/load.log" | tail -90
 }
+soak() {
+    end=$(( T_CALL + ${SOAK_END:-545} ))
+    HF_HUB_OFFLINE=1 timeout -k 10 $(( end - $(date +%s) )) python3 benchmarks/soak.py \
+        --model "$MODEL" --max-model-len 65536 --clients "${SOAK_CLIENTS:-64}" \
+        --duration "${SOAK_SECONDS:-300}" --max-tokens 32 --drop-streams 200 --burst 192 \
+        --server-args="--kv-cache-memory-bytes 1536M --max-num-seqs 64" \
+        --shutdown-timeout 30 --request-timeout 240 --end-by $(( end - 5 )) \
+        --out "$WORK/soak" > "$WORK/soak.log" 2>&1
+    echo "soak rc=$?"; grep -E "^\||^phase|^SOAK|server up|Problems|Error" "$WORK/soak.log" | tail -40
+}
 toy() {
     name=$1
     methods=${TOY_METHODS:-mesa,mesa@stair_width=auto}
@@ -110,6 +131,7 @@ eval) shift; evaluate "$@"; pack "$1" ;;
 check-eval)
     shift; check > "$WORK/check.out" & evaluate "$@"; wait; cat "$WORK/check.out"; pack "$1" ;;
 load) load; pack load ;;
+soak) soak; pack soak ;;
 toy-eval)
     shift; toy "$1" > "$WORK/toy.out" & evaluate "$@"; wait; cat "$WORK/toy.out"; pack "$1" ;;
 *) echo "unknown part $1"; exit 2 ;;

@@ -1,5 +1,8 @@
-"""A short soak (issue 7) in the suite: concurrent clients against a real Mesa server with a
-KV cache small enough to force preemption; outputs equal the same requests run alone."""
+"""A short soak (issues 7, 19) in the suite: concurrent clients against a real `mesa-vllm serve`
+with a KV cache small enough to force preemption; every request kind, the fault phases
+(200 dropped streams, a request at exactly max-model-len, a burst, SIGTERM and a restart);
+no request without an outcome, no failure, and greedy outputs equal the same requests run
+alone."""
 
 from __future__ import annotations
 
@@ -13,32 +16,51 @@ pytestmark = pytest.mark.e2e
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 
-def test_short_soak_with_preemption(tiny_llama, tmp_path):
+def test_short_soak_with_faults_and_restart(tiny_llama, tmp_path):
     import soak
 
-    from mesa_vllm.eval.server import LocalServer
+    # 48 blocks x 16 tokens, one kept aside by vLLM: max-model-len 752.  Two ~330-token
+    # prompts fill 42 blocks and their 24-token decodes need more: with 4 clients, mostly
+    # long prompts, decodes preempt.
+    blocks, mml = 48, 47 * 16
+    # drain long enough to finish: a stream still waiting when the drain times out ends with
+    # [DONE] and no finish reason (vLLM 0.26 drops the token-less abort chunk), which the soak
+    # counts as truncated
+    extra = ["--shutdown-timeout", "30"]
+    cfg = soak.Config(
+        model=str(tiny_llama), clients=4, duration=24, max_tokens=24, train_len=soak.TRAIN_LEN,
+        max_model_len=mml, lengths=[340, 330, 320, 310, 12, 63, 100], drop_streams=200,
+        burst=12, shutdown_timeout=30, request_timeout=120, start_timeout=300, out=tmp_path,
+        launch=([*soak.server_args(blocks, max_num_seqs=8, max_model_len=mml), *extra], {}),
+    )  # fmt: skip
+    s = soak.Soak(cfg).run()
+    print(soak.table(s))
+    assert s["lost"] == 0, s
+    assert s["failures"] == 0, s["examples"]
+    assert s["problems"] == [], s["problems"]
+    served = {"plain": "ok", "stream": "ok", "abort": "aborted", "n2": "ok", "stop": "ok",
+              "chat": "ok", "bad": "rejected_4xx", "burst": "ok"}  # fmt: skip
+    for kind, outcome in served.items():
+        assert s["by_kind"].get(kind, {}).get(outcome, 0) > 0, (kind, s["by_kind"])
+    ph = s["phases"]
+    assert ph["drop"]["opened"] == 200, ph["drop"]
+    assert ph["max_len"]["max_len_exact"]["outcome"] == "ok", ph["max_len"]
+    assert ph["max_len"]["max_len_over"]["outcome"] == "rejected_4xx", ph["max_len"]
+    assert ph["burst"]["outcomes"] == {"ok": 12}, ph["burst"]
+    assert ph["sigterm"]["clean"] and ph["sigterm"]["healthy_after_restart"], ph["sigterm"]
+    c = s["correctness"]
+    assert c["real"] == 0 and c["near_tie"] == 0 and c["not_rerun"] == 0, c  # fp32 CPU
+    assert c["identical"] >= 10, c
+    assert s["preemptions"] > 0, "the KV cache did not force a preemption"
+    assert s["rss_mb_after"] < s["rss_mb_before"] * 1.5 + 200, s
 
-    # 48 blocks x 16 = 768 tokens = max_model_len.  Two ~330-token prompts fill 42 blocks and
-    # their 48-token decodes need 6 more each: with 6 clients, mostly long, decodes preempt.
-    args = soak.server_args(kv_blocks=48, max_num_seqs=8, max_model_len=768)
-    with LocalServer(
-        str(tiny_llama), args, log_path=tmp_path / "soak.log", served_name="soak", timeout=400
-    ) as srv:
-        rss0 = soak._rss_mb(srv.proc.pid)
-        summary = soak.run_soak(
-            srv.base_url,
-            "soak",
-            duration=40,
-            clients=6,
-            max_requests=150,
-            max_tokens=48,
-            lengths=[340, 330, 320, 310, 12, 63],
-        )
-        preemptions = soak._preemptions(srv.base_url)
-        rss1 = soak._rss_mb(srv.proc.pid)
-    assert summary["errors"] == [], summary["errors"]
-    assert summary["mismatches"] == [], summary["mismatches"]
-    assert summary["completed"] >= 10
-    assert summary["healthy_after"]
-    assert preemptions > 0, "the KV cache did not force a preemption"
-    assert rss1 < rss0 * 1.5 + 200, f"server RSS grew from {rss0:.0f} to {rss1:.0f} MB"
+
+def test_criterion_tells_near_ties_from_real_divergences():
+    import soak
+
+    ref = soak.Answer(tokens=[1, 2, 3], tops=[[-0.1, -3.0], [-0.5, -0.52], [-0.1, -2.0]])
+    assert soak.compare(soak.Answer(tokens=[1, 2, 3]), ref)[0] == "identical"
+    tie = soak.compare(soak.Answer(tokens=[1, 7, 8]), ref)
+    assert tie == ("near_tie", {"first_difference": 1, "top2_gap": pytest.approx(0.02)})
+    assert soak.compare(soak.Answer(tokens=[9, 2, 3]), ref)[0] == "real"
+    assert soak.TIE_TOL == 0.05  # benchmarks/real_model/gpu_check.py's, imported
