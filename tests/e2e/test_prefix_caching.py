@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -114,6 +115,16 @@ def _metric(server, name: str) -> float:
     return total
 
 
+def _counted(server, queries_before: float, n_tokens: int) -> float:
+    """vllm:prefix_cache_hits once the request of ``n_tokens`` is in vllm:prefix_cache_queries
+    (the counters are recorded as the engine's outputs are handled, next to the response)."""
+    deadline = time.monotonic() + 10
+    while _metric(server, "vllm:prefix_cache_queries") < queries_before + n_tokens:
+        assert time.monotonic() < deadline, "prefix cache queries were not counted"
+        time.sleep(0.05)
+    return _metric(server, "vllm:prefix_cache_hits")
+
+
 def _same(servers, prompt: list[int], what: str) -> list[int]:
     """The request on both servers: equal greedy tokens, logprobs within ATOL."""
     on, off = servers
@@ -134,11 +145,10 @@ def test_repeated_prompt_hits_the_cache(servers):
     on, _ = servers
     prompt = _prompt(300, 1)  # stable prefix 232: 14 cacheable blocks
     _same(servers, prompt, "first")
-    hits = _metric(on, "vllm:prefix_cache_hits")
     queries = _metric(on, "vllm:prefix_cache_queries")
+    hits = _counted(on, 0, 0)
     _same(servers, prompt, "repeat")
-    assert _metric(on, "vllm:prefix_cache_queries") > queries
-    assert _metric(on, "vllm:prefix_cache_hits") - hits >= 14 * 16
+    assert _counted(on, queries, len(prompt)) - hits == 14 * 16
 
 
 def test_shared_long_prefix_different_questions(servers):
@@ -159,10 +169,14 @@ def test_shorter_prompt_after_longer_one(servers):
     """The long prompt caches middle-chunk tokens that a shorter prompt over L computes as
     last-chunk (stair) tokens: T = 70 and T = 79 may hit only their first chunk (nothing, in
     16-token blocks), T = 100 [0, 64), T = 60 (< L) [0, 48)."""
+    on, _ = servers
     long = _prompt(400, 4)
-    _same(servers, long, "long")
-    for n in (70, 79, 100, 60):
+    _same(servers, long, "long")  # caches [0, 336): its stable prefix 344, block-aligned
+    for n, hit in ((70, 0), (79, 0), (100, 64), (60, 48)):
+        queries = _metric(on, "vllm:prefix_cache_queries")
+        hits = _counted(on, 0, 0)
         _same(servers, long[:n], f"prefix of {n}")
+        assert _counted(on, queries, n) - hits == hit, f"prefix of {n}: cache hits"
 
 
 def test_prompt_logprobs_on_equal_off_and_oracle(servers, tiny_llama):

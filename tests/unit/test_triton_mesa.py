@@ -144,7 +144,7 @@ _CASES = [
     ("fixed-fp32-d32-g2-p16", "float32", 32, 2, 2, 16,
      [(256, 256, 0), (50, 50, 0), (180, 180, 172), (150, 160, 159), (40, 70, 69)],
      dict(split="fixed", splits=3)),
-    ("fixed-auto-bf16-d64-g1-p16-chunked", "bfloat16", 64, 2, 1, 16,
+    ("fixed-auto-fp16-d64-g1-p16-chunked", "float16", 64, 2, 1, 16,
      [(230, 230, 200), (200, 240, 239), (100, 100, 88)], dict(split="fixed", E="auto")),
     ("leaky-fp32-d32-g3-p16-blockq3-no-angle-add", "float32", 32, 1, 3, 16,
      [(120, 120, 0), (90, 100, 99)],
