@@ -89,6 +89,11 @@ class MesaConfig(BaseModel):
         default=None, ge=1, description="[G] self_extend group size; default: auto"
     )
     sink_tokens: int = Field(default=4, ge=0, description="[S] streaming/lm_infinite sinks")
+    split: Literal["dynamic", "fixed"] = Field(
+        default="dynamic",
+        description="chunk plan of long prompts: the paper's DynamicSplit, or fixed "
+        "(middle chunks of L - F, boundaries independent of T: allows exact prefix caching)",
+    )
 
     @field_validator("stair_width", mode="plain")
     @classmethod
@@ -182,6 +187,7 @@ class MesaConfig(BaseModel):
             leaky_factor=float(self.leaky_factor or 1.0),
             group_size=self.group_size or 1,
             sink_tokens=self.sink_tokens,
+            split=self.split,
         )
 
 
@@ -198,6 +204,7 @@ _RANGES = {
     "leaky_factor": "a number >= 1",
     "group_size": "an integer >= 1",
     "sink_tokens": "an integer >= 0",
+    "split": 'one of "dynamic", "fixed"',
 }
 
 

@@ -7,9 +7,11 @@ sent to the engine core and the workers, so every process sees the same resolved
 * validate the ``MESA_VLLM_*`` environment variables (``mesa_vllm.envs``), so a bad value
   stops start-up here, named, before a worker reads it;
 * refuse architectures and rope types Mesa does not support, naming them;
-* prefix caching off: a cached block's KV depends on the prompt length that chose its chunk
-  plan, so blocks cannot be shared between prompts (an explicit ``--enable-prefix-caching`` is
-  refused);
+* prefix caching: with ``split: dynamic`` off (a cached block's KV depends on the prompt
+  length that chose its chunk plan, so blocks cannot be shared between prompts; an explicit
+  ``--enable-prefix-caching`` is refused, naming ``split: fixed``); with ``split: fixed``
+  left as vLLM has it (on by default), bounded per request by ``plan.stable_prefix``
+  (``patches.patch_scheduler_prefix_cache``);
 * ask vLLM for per-request prompt lengths in the attention metadata (``rswa_window``);
 * warn when the stair positions of some prompt or decode length up to ``max_model_len``
   reach beyond the trained length (``worst_stair_span``), naming the smallest stair width
@@ -25,7 +27,7 @@ from typing import Any, NamedTuple
 
 from mesa_vllm import envs
 from mesa_vllm.config import MesaConfig, MesaConfigError
-from mesa_vllm.plan import MesaParams, dynamic_split, stair_anchor, stair_position
+from mesa_vllm.plan import MesaParams, chunk_split, stair_anchor, stair_position
 from mesa_vllm.support import ARCHITECTURES, ROPE_TYPES
 
 logger = logging.getLogger("vllm.mesa_vllm")
@@ -117,15 +119,28 @@ def apply(vllm_config: Any, prefix_caching_explicit: bool) -> MesaConfig:
     check_environment()
     mesa = resolve(vllm_config)
     cache_config = vllm_config.cache_config
-    if cache_config.enable_prefix_caching:
-        if prefix_caching_explicit:
-            raise MesaConfigError(
-                "--enable-prefix-caching is not supported with --attention-backend mesa: a "
-                "cached block's keys depend on the prompt length that chose its chunk plan. "
-                "Remove the flag (Mesa turns prefix caching off)."
-            )
-        cache_config.enable_prefix_caching = False
-    logger.info("Mesa: prefix caching disabled (chunk plans depend on the prompt length)")
+    if mesa.split == "fixed":
+        # chunk boundaries do not depend on T: a token before its request's last chunk has the
+        # same KV in every request sharing its prefix; vLLM's prefix caching stays as the user
+        # set it (on by default), capped at each request's stable prefix by
+        # patches.patch_scheduler_prefix_cache
+        logger.info(
+            "Mesa: split=fixed, prefix caching %s (blocks cached and hit only inside a "
+            "request's stable prefix)",
+            "on" if cache_config.enable_prefix_caching else "off",
+        )
+    else:
+        if cache_config.enable_prefix_caching:
+            if prefix_caching_explicit:
+                raise MesaConfigError(
+                    "--enable-prefix-caching is not supported with --attention-backend mesa "
+                    "and mesa.split=dynamic: a cached block's keys depend on the prompt length "
+                    'that chose its chunk plan. Set mesa.split to "fixed" '
+                    '(--additional-config \'{"mesa": {"split": "fixed"}}\') to cache '
+                    "prefixes exactly, or remove the flag (Mesa turns prefix caching off)."
+                )
+            cache_config.enable_prefix_caching = False
+        logger.info("Mesa: prefix caching disabled (chunk plans depend on the prompt length)")
     additional = dict(vllm_config.additional_config or {})
     additional["mesa"] = mesa.model_dump()
     vllm_config.additional_config = additional
@@ -214,8 +229,9 @@ def stair_query_span(p: int, width: int, stair_width: int) -> int:
 
 
 def width_runs(max_len: int, params: MesaParams) -> Iterator[tuple[int, int, int]]:
-    """(C, T_lo, T_hi): the chunk width C of ``dynamic_split`` is C for every long prompt
-    length T in [T_lo, T_hi]; the runs cover (L, max_len] in order.
+    """(C, T_lo, T_hi): the chunk width C of ``chunk_split`` is C for every long prompt
+    length T in [T_lo, T_hi]; the runs cover (L, max_len] in order.  ``split: fixed``: one
+    run, C = L - F.
 
     With X = T - Lc - F and D = L - F: X <= 0 and X mod D < Mmax give C = D; otherwise, in
     block Nq = X // D, C = X // (Nq + 1) is constant on X in [C (Nq + 1), C (Nq + 1) + Nq].
@@ -224,6 +240,10 @@ def width_runs(max_len: int, params: MesaParams) -> Iterator[tuple[int, int, int
     L, F, Lc, m = params.train_len, params.first_chunk, params.last_chunk, params.max_remainder
     d = L - F
     t = L + 1
+    if params.split == "fixed":
+        if t <= max_len:
+            yield d, t, max_len
+        return
     while t <= max_len:
         x = t - Lc - F
         if x <= 0:
@@ -327,7 +347,7 @@ def worst_stair_span(max_len: int, params: MesaParams, decode: bool = True) -> S
         p = _first_reaching(lo, hi, c, e, span)
         if p is None:
             continue
-        if t == 0 or dynamic_split(p + 1, params).width == c:
+        if t == 0 or chunk_split(p + 1, params).width == c:
             t = p + 1  # the query is (also) the last token of a (p + 1)-token prompt
         key = (p, t != p + 1, t)
         if best is None or key < best:

@@ -13,6 +13,27 @@
    (``VLLM_USE_V2_MODEL_RUNNER=0``, inherited by the engine processes) for Mesa: the CPU
    platform only has V1, and one runner keeps one tested path.  Goes when: vLLM offers a
    backend config hook and Mesa is validated on Model Runner V2.
+   With ``split: fixed`` (mesa in ``--additional-config``) it leaves prefix caching as the
+   user set it (vLLM's default: on); ``engine_config.apply`` decides the rest.
+3. Prefix caching bounded by the stable prefix (``split: fixed`` only).  Why: with the fixed
+   chunk plan a token's KV is shared by every request with the same prefix only before that
+   request's last chunk (``plan.stable_prefix``: the last chunk's start, or L for a request
+   whose prompt is at most L); last-chunk and stair-decoded tokens depend on T or p, so their
+   blocks must never be cached, and a new request must recompute every token it computes as
+   a stair token even when an earlier request cached that prefix as middle-chunk tokens.
+   vLLM 0.26 has no per-request hook for either bound.  What: ``Scheduler.__init__`` is
+   wrapped (the scheduler runs in the engine-core process, which loads the plugin, and so
+   this patch, before it builds the scheduler); for a Mesa engine with ``split: fixed`` and
+   prefix caching on it wraps, on that scheduler's own ``KVCacheManager`` instance, the
+   coordinator's ``cache_blocks`` (the one call both ``allocate_slots``' ``num_tokens_to_cache``
+   and ``KVCacheManager.cache_blocks`` go through: the token count is capped at the request's
+   stable prefix, vLLM then caches only the full blocks below it, i.e. block-aligned down)
+   and ``get_computed_blocks`` (during that call the coordinator's
+   ``find_longest_cache_hit`` gets ``max_cache_hit_length`` capped at the new request's own
+   stable prefix, so hits are full blocks inside it and vLLM's hit statistics count only
+   those).  Every other engine, and every stock backend, is untouched.  Goes when: vLLM
+   offers a per-request cacheable-length hook (or Mesa's plan is expressed as a KV cache
+   spec).
 """
 
 from __future__ import annotations
@@ -70,7 +91,7 @@ def patch_create_engine_config() -> None:
             return original(self, *args, **kwargs)
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         explicit_prefix_caching = self.enable_prefix_caching is True
-        if not explicit_prefix_caching:
+        if not explicit_prefix_caching and _split_of(self.additional_config) != "fixed":
             self.enable_prefix_caching = False
         with _allow_long_max_model_len():
             vllm_config = original(self, *args, **kwargs)
@@ -85,6 +106,77 @@ def patch_create_engine_config() -> None:
     EngineArgs.create_engine_config = create_engine_config
 
 
+def _split_of(additional_config) -> str:
+    """The ``split`` the user asked for; "dynamic" when the config does not parse
+    (``engine_config.apply`` then reports the error, naming the field)."""
+    from mesa_vllm.config import MesaConfig, MesaConfigError
+
+    try:
+        return MesaConfig.from_additional_config(additional_config).split
+    except MesaConfigError:
+        return "dynamic"
+
+
+def bound_prefix_cache(kv_cache_manager, params) -> None:
+    """Patch 3 on one ``KVCacheManager`` instance: cache and hit only inside each request's
+    ``plan.stable_prefix`` (``params.split == "fixed"``)."""
+    from mesa_vllm.plan import stable_prefix
+
+    coordinator = kv_cache_manager.coordinator
+    if getattr(coordinator, "_mesa_bounded", False):
+        return
+    cache_blocks = coordinator.cache_blocks
+    find_longest_cache_hit = coordinator.find_longest_cache_hit
+    get_computed_blocks = kv_cache_manager.get_computed_blocks
+    lookup_cap: list[int] = []  # the stable prefix of the request being looked up
+
+    def capped_cache_blocks(request, num_computed_tokens):
+        cap = stable_prefix(request.num_prompt_tokens, params)
+        return cache_blocks(request, min(num_computed_tokens, cap))
+
+    def capped_find_longest_cache_hit(block_hashes, max_cache_hit_length, *args, **kwargs):
+        if lookup_cap:
+            max_cache_hit_length = min(max_cache_hit_length, lookup_cap[-1])
+        return find_longest_cache_hit(block_hashes, max_cache_hit_length, *args, **kwargs)
+
+    def capped_get_computed_blocks(request):
+        lookup_cap.append(stable_prefix(request.num_prompt_tokens, params))
+        try:
+            return get_computed_blocks(request)
+        finally:
+            lookup_cap.pop()
+
+    coordinator.cache_blocks = capped_cache_blocks
+    coordinator.find_longest_cache_hit = capped_find_longest_cache_hit
+    kv_cache_manager.get_computed_blocks = capped_get_computed_blocks
+    coordinator._mesa_bounded = True
+
+
+def patch_scheduler_prefix_cache() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    original = Scheduler.__init__
+    if getattr(original, "_mesa_patched", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        from mesa_vllm.engine_config import mesa_enabled, params_from_vllm_config
+
+        vllm_config = self.vllm_config
+        if not (mesa_enabled(vllm_config) and vllm_config.cache_config.enable_prefix_caching):
+            return
+        params = params_from_vllm_config(vllm_config)
+        if params.split == "fixed":
+            bound_prefix_cache(self.kv_cache_manager, params)
+            logger.info("Mesa: prefix cache bounded by each request's stable prefix")
+
+    __init__._mesa_patched = True  # type: ignore[attr-defined]
+    Scheduler.__init__ = __init__
+
+
 def apply_all() -> None:
     register_backend_alias()
     patch_create_engine_config()
+    patch_scheduler_prefix_cache()

@@ -37,7 +37,18 @@ from typing import Literal
 from mesa_vllm.support import PE_RULES, WINDOWED_PE
 
 SegmentKind = Literal["causal", "middle", "stair", "weave"]
-__all__ = ["WINDOWED_PE", "MesaParams", "Segment", "dynamic_split", "plan_request"]
+SPLITS = ("dynamic", "fixed")
+__all__ = [
+    "SPLITS",
+    "WINDOWED_PE",
+    "MesaParams",
+    "Segment",
+    "chunk_split",
+    "dynamic_split",
+    "fixed_split",
+    "plan_request",
+    "stable_prefix",
+]
 
 
 @dataclass(frozen=True)
@@ -64,8 +75,11 @@ class MesaParams:
     leaky_factor: float = 1.0
     group_size: int = 1
     sink_tokens: int = 0
+    split: str = "dynamic"
 
     def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"split={self.split!r} must be one of {', '.join(SPLITS)}")
         check_rules(self.train_len, self.first_chunk, self.pe, self.chunked_prefill)
         bad_width = self.stair_width is not None and self.stair_width < 1
         if self.first_chunk < 1 or self.last_chunk < 1 or bad_width or self.max_remainder < 0:
@@ -161,6 +175,45 @@ def dynamic_split(prompt_len: int, params: MesaParams) -> ChunkPlan:
             return ChunkPlan(T, L, F, params.default_width, 0)
         return ChunkPlan(T, L, F, L - F, nq)
     return ChunkPlan(T, L, F, X // (nq + 1), nq + 1)
+
+
+def fixed_split(prompt_len: int, params: MesaParams) -> ChunkPlan:
+    """The length-independent chunk plan (``split: fixed``, docs/CONTRACT.md section 2b).
+
+    T <= L (or no chunked prefill): one causal chunk.  Else C = L - F, and
+    n_mid = max(0, (T - F - Lc) // C): the last chunk [F + n_mid*C, T) holds
+    Lc + ((T - F - Lc) mod C) tokens, in [Lc, Lc + C), or all T - F tokens after the first
+    chunk when T - F < Lc.  Every boundary F + k*C is the same for every prompt length, so a
+    token before the last chunk computes the same KV in every prompt sharing its prefix.
+    """
+    T, L, F = prompt_len, params.train_len, params.first_chunk
+    d = params.default_width
+    if T <= L or not params.chunked_prefill:
+        return ChunkPlan(T, L, F, d, 0)
+    return ChunkPlan(T, L, F, d, max(0, (T - F - params.last_chunk) // d))
+
+
+def chunk_split(prompt_len: int, params: MesaParams) -> ChunkPlan:
+    """The chunk plan of ``params.split``: ``dynamic_split`` or ``fixed_split``."""
+    if params.split == "fixed":
+        return fixed_split(prompt_len, params)
+    return dynamic_split(prompt_len, params)
+
+
+def stable_prefix(prompt_len: int, params: MesaParams) -> int:
+    """Number of leading tokens of a request whose KV is reusable by another request that
+    shares them (``split: fixed``; docs/CONTRACT.md section 7): T > L: the start of the last
+    chunk (every earlier token is a first- or middle-chunk token); T <= L: L (the prompt and
+    every generated token at p < L are plain causal tokens, as the first chunk and middle
+    chunk 0 of a longer prompt compute them; tokens from L on are stair tokens).  Callers cap
+    it by the tokens actually computed.  With ``split: dynamic`` the boundaries move with T:
+    0 (nothing is shared)."""
+    if params.split != "fixed":
+        return 0
+    if prompt_len <= params.train_len:
+        return params.train_len
+    plan = fixed_split(prompt_len, params)
+    return plan.last_start if plan.is_long and params.chunked_prefill else 0
 
 
 def stair_anchor(n: int, width: int) -> int:
@@ -260,7 +313,7 @@ def plan_request(
     Runs in O(number of segments + decode tokens): middle chunks are jumped over whole.
     """
     if plan is None:
-        plan = dynamic_split(prompt_len, params)
+        plan = chunk_split(prompt_len, params)
     segs: list[Segment] = []
     p = q_start
     while p < q_end:
@@ -319,7 +372,7 @@ def _segment_end(
 
 def max_stair_distance(seq_len: int, params: MesaParams) -> int:
     """Largest relative position a stair query at index seq_len - 1 can see (for warnings)."""
-    plan = dynamic_split(seq_len, params)
+    plan = chunk_split(seq_len, params)
     a = stair_anchor(seq_len, plan.width)
     e = stair_width_for(seq_len, plan.width, params)
     return (seq_len - 1) - stair_position(0, a, e)

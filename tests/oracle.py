@@ -26,6 +26,7 @@ MESA_DEFAULTS = {
     "max_remainder": 200,
     "stair_width": 50,
     "log_n_scaling": True,
+    "split": "dynamic",
 }
 
 
@@ -107,7 +108,8 @@ def dense_model_logits(
     """Logits, float32 [S, vocab], of every position of ``token_ids`` (S tokens).
 
     ``mesa``: None for plain causal RoPE attention; else a dict with keys train_len,
-    first_chunk, last_chunk, max_remainder, stair_width (an int or "auto"), log_n_scaling
+    first_chunk, last_chunk, max_remainder, stair_width (an int or "auto"), log_n_scaling,
+    split ("dynamic" or "fixed")
     (missing keys take the paper's defaults, docs/CONFIGURATION.md; train_len defaults to
     the config's trained length), and for a weave variant (docs/VARIANTS.md) pe,
     chunked_prefill, window and the variant's own keys.
@@ -140,7 +142,7 @@ def dense_model_logits(
         return mesa_attention_reference(
             q, k, v, T_prompt=T, L=m["train_len"], F=m["first_chunk"], Lc=m["last_chunk"],
             Mmax=m["max_remainder"], E=m["stair_width"], log_n=m["log_n_scaling"],
-            rope_parameters=rp,
+            rope_parameters=rp, split=m["split"],
         )  # fmt: skip
 
     x = W["model.embed_tokens.weight"][torch.tensor(token_ids, dtype=torch.long)]

@@ -31,7 +31,7 @@ from mesa_vllm.ops.triton.table import (
     default_block_q,
     split_prefill_decode,
 )
-from mesa_vllm.plan import ChunkPlan, MesaParams, Segment, dynamic_split, plan_request
+from mesa_vllm.plan import ChunkPlan, MesaParams, Segment, chunk_split, plan_request
 
 
 @dataclass
@@ -161,7 +161,7 @@ def flash_attn_version(model_dtype: torch.dtype, device: torch.device) -> int | 
 
 @lru_cache(maxsize=4096)
 def _cached_split(prompt_len: int, params: MesaParams) -> ChunkPlan:
-    return dynamic_split(prompt_len, params)
+    return chunk_split(prompt_len, params)
 
 
 def segment_tensors(

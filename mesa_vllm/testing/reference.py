@@ -33,16 +33,31 @@ DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 # ---------------------------------------------------------------- DynamicSplit and rules
 
 
-def reference_split(T: int, L: int, F: int, Lc: int, Mmax: int) -> tuple[int, int]:
-    """DynamicSplit (paper Algorithm 2) of a prompt of T tokens: returns (C, n_mid).
+def reference_split(
+    T: int, L: int, F: int, Lc: int, Mmax: int, *, split: str = "dynamic"
+) -> tuple[int, int]:
+    """The chunk plan of a prompt of T tokens: returns (C, n_mid).
 
-    T <= L, or X = T - Lc - F <= 0: no middle chunk, C = L - F.  Else Nq = X // (L - F),
-    M = X mod (L - F); M < Mmax: C = L - F with Nq middle chunks, otherwise
-    C = X // (Nq + 1) with Nq + 1 middle chunks.  Middle chunk k is [F + kC, F + (k+1)C);
-    the last chunk is [F + n_mid * C, T).
+    ``split="dynamic"``, DynamicSplit (paper Algorithm 2): T <= L, or X = T - Lc - F <= 0:
+    no middle chunk, C = L - F.  Else Nq = X // (L - F), M = X mod (L - F); M < Mmax:
+    C = L - F with Nq middle chunks, otherwise C = X // (Nq + 1) with Nq + 1 middle chunks.
+
+    ``split="fixed"``: C = L - F always; a long prompt (T > L) takes middle chunks one after
+    the other for as long as a whole further chunk still leaves at least Lc tokens after it
+    (none when fewer than C + Lc tokens follow the first chunk).
+
+    Middle chunk k is [F + kC, F + (k+1)C); the last chunk is [F + n_mid * C, T).
     """
     if not (0 < F < L and Lc >= 1 and Mmax >= 0):
         raise ValueError(f"need 0 < F < L, Lc >= 1, Mmax >= 0 (got F={F}, L={L}, Lc={Lc})")
+    if split == "fixed":
+        C, n_mid = L - F, 0
+        if T > L:
+            while F + (n_mid + 1) * C + Lc <= T:
+                n_mid += 1
+        return C, n_mid
+    if split != "dynamic":
+        raise ValueError(f"split must be 'dynamic' or 'fixed', got {split!r}")
     X = T - Lc - F
     if T <= L or X <= 0:
         return L - F, 0
@@ -52,9 +67,23 @@ def reference_split(T: int, L: int, F: int, Lc: int, Mmax: int) -> tuple[int, in
     return X // (nq + 1), nq + 1
 
 
-def _query_rule(p: int, T: int, L: int, F: int, Lc: int, Mmax: int) -> tuple[str, int, int]:
+def reference_stable_prefix(T: int, L: int, F: int, Lc: int, Mmax: int, *, split: str) -> int:
+    """Leading tokens whose KV another request sharing them may reuse: with ``fixed``, the
+    tokens before the first stair query, counted over the prompt and, for T <= L, the
+    generated tokens up to L (all causal there); with ``dynamic`` none (0)."""
+    if split != "fixed":
+        return 0
+    p = 0
+    while p < max(T, L) and _query_rule(p, T, L, F, Lc, Mmax, split)[0] != "stair":
+        p += 1
+    return p
+
+
+def _query_rule(
+    p: int, T: int, L: int, F: int, Lc: int, Mmax: int, split: str = "dynamic"
+) -> tuple[str, int, int]:
     """Rule of query index p: ("causal", 0, 0), ("middle", s_k, 0) or ("stair", n, C)."""
-    C, n_mid = reference_split(T, L, F, Lc, Mmax)
+    C, n_mid = reference_split(T, L, F, Lc, Mmax, split=split)
     if p >= T:  # generated token
         if p + 1 <= L:
             return "causal", 0, 0
@@ -89,13 +118,22 @@ def auto_stair_width(n: int, C: int, L: int) -> int:
 
 
 def reference_positions(
-    T_prompt: int, seq_len: int, L: int, F: int, Lc: int, Mmax: int, E: int | str
+    T_prompt: int,
+    seq_len: int,
+    L: int,
+    F: int,
+    Lc: int,
+    Mmax: int,
+    E: int | str,
+    *,
+    split: str = "dynamic",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Allowed keys and positions of every query of one sequence.
 
     Args: prompt length T_prompt, total tokens seq_len (prompt + generated), training length
     L, first chunk F, last-chunk target Lc, max remainder Mmax, stair width E (an int, or
-    "auto": ``auto_stair_width`` per stair query set).
+    "auto": ``auto_stair_width`` per stair query set), chunk plan ``split`` ("dynamic" or
+    "fixed", ``reference_split``).
 
     Returns ``(mask, qpos, kpos)``: mask bool [seq_len, seq_len], mask[p, j] true when query p
     attends to key j; qpos int64 [seq_len], the query's position; kpos int64
@@ -107,7 +145,7 @@ def reference_positions(
     kpos = torch.zeros(S, S, dtype=torch.int64)
     qpos = torch.zeros(S, dtype=torch.int64)
     for p in range(S):
-        kind, a, b = _query_rule(p, T_prompt, L, F, Lc, Mmax)
+        kind, a, b = _query_rule(p, T_prompt, L, F, Lc, Mmax, split)
         if kind == "causal":
             row_mask, row_pos, q = j <= p, j.clone(), p
         elif kind == "middle":
@@ -137,6 +175,7 @@ def query_scales(
     F: int = 100,
     Lc: int = 512,
     Mmax: int = 200,
+    split: str = "dynamic",
 ) -> torch.Tensor:
     """log-n query scales, float32 [seq_len]: max(1, ln(p+1)/ln(L)) for stair queries.
 
@@ -148,7 +187,7 @@ def query_scales(
     if not log_n:
         return out
     for p in range(seq_len):
-        if _query_rule(p, T_prompt, L, F, Lc, Mmax)[0] == "stair":
+        if _query_rule(p, T_prompt, L, F, Lc, Mmax, split)[0] == "stair":
             out[p] = max(1.0, math.log(p + 1) / math.log(L))
     return out
 
@@ -233,8 +272,9 @@ def mesa_attention_reference(
     scale: float | None = None,
     pos_offset: int = 0,
     block: int = 128,
+    split: str = "dynamic",
 ) -> torch.Tensor:
-    """Mesa attention of one sequence, dense.
+    """Mesa attention of one sequence, dense (chunk plan ``split``, ``reference_split``).
 
     q: [S, Hq, D]; k, v: [S, Hkv, D] (Hq a multiple of Hkv; query head h reads KV head
     h // (Hq // Hkv)), any float dtype, NOT rotated.  S = prompt + generated tokens; the
@@ -254,8 +294,8 @@ def mesa_attention_reference(
     G = Hq // Hkv
     assert Hq == G * Hkv and k.shape == (S, Hkv, D) and v.shape == k.shape
     scale = D**-0.5 if scale is None else scale
-    mask, qpos, kpos = reference_positions(T_prompt, S, L, F, Lc, Mmax, E)
-    qs = query_scales(T_prompt, S, L, log_n, F=F, Lc=Lc, Mmax=Mmax)
+    mask, qpos, kpos = reference_positions(T_prompt, S, L, F, Lc, Mmax, E, split=split)
+    qs = query_scales(T_prompt, S, L, log_n, F=F, Lc=Lc, Mmax=Mmax, split=split)
     inv_freq = rope_inv_freq(D, rope_parameters)
     qf = q.float() * qs[:, None, None]
     kf, vf = k.float(), v.float()

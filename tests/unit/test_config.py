@@ -41,6 +41,8 @@ def test_resolved_takes_train_len_from_model_unless_set():
         ("group_size", 0, ">= 1"),
         ("group_size", 2.0, ">= 1"),
         ("sink_tokens", -1, ">= 0"),
+        ("split", "static", 'one of "dynamic", "fixed"'),
+        ("split", 1, 'one of "dynamic", "fixed"'),
     ],
 )
 def test_bad_values_name_field_and_range(field, value, allowed):

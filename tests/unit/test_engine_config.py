@@ -98,7 +98,7 @@ def test_bad_environment_fails_at_engine_config(tiny64, monkeypatch, var, value,
 def test_explicit_prefix_caching_is_refused(tiny64):
     from mesa_vllm.config import MesaConfigError
 
-    with pytest.raises(MesaConfigError, match="--enable-prefix-caching is not supported"):
+    with pytest.raises(MesaConfigError, match="--enable-prefix-caching is not supported") as e:
         _config(
             tiny64,
             attention_backend="mesa",
@@ -106,6 +106,20 @@ def test_explicit_prefix_caching_is_refused(tiny64):
             enable_prefix_caching=True,
             additional_config={"mesa": {"first_chunk": 8}},
         )
+    assert 'mesa.split to "fixed"' in str(e.value)
+
+
+@pytest.mark.parametrize("explicit", [None, True, False])
+def test_fixed_split_keeps_prefix_caching(tiny64, explicit):
+    cfg = _config(
+        tiny64,
+        attention_backend="mesa",
+        max_model_len=256,
+        enable_prefix_caching=explicit,
+        additional_config={"mesa": {"first_chunk": 8, "split": "fixed"}},
+    )
+    assert cfg.cache_config.enable_prefix_caching is (explicit is not False)
+    assert cfg.additional_config["mesa"]["split"] == "fixed"
 
 
 def test_unsupported_rope_type_is_refused(tmp_path):

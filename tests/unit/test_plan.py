@@ -12,14 +12,22 @@ from strategies import mesa_params
 from mesa_vllm.attention.metadata import segment_tensors
 from mesa_vllm.plan import (
     MesaParams,
+    chunk_split,
     dynamic_split,
+    fixed_split,
     log_n_scale,
     plan_request,
+    stable_prefix,
     stair_anchor,
     stair_position,
     stair_width_for,
 )
-from mesa_vllm.testing.reference import query_scales, reference_positions, reference_split
+from mesa_vllm.testing.reference import (
+    query_scales,
+    reference_positions,
+    reference_split,
+    reference_stable_prefix,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -74,11 +82,12 @@ def _check_segments_match_reference(params, T, gen, cut, data):
         params.max_remainder,
         params.stair_width,
     )
-    mask, qpos, kpos = reference_positions(T, S, L, F, Lc, Mm, "auto" if E is None else E)
+    sp = params.split
+    mask, qpos, kpos = reference_positions(T, S, L, F, Lc, Mm, "auto" if E is None else E, split=sp)
     if T > L:
-        plan = dynamic_split(T, params)
-        assert (plan.width, plan.n_mid) == reference_split(T, L, F, Lc, Mm)
-    want_scale = query_scales(T, S, L, True, F=F, Lc=Lc, Mmax=Mm)
+        plan = chunk_split(T, params)
+        assert (plan.width, plan.n_mid) == reference_split(T, L, F, Lc, Mm, split=sp)
+    want_scale = query_scales(T, S, L, True, F=F, Lc=Lc, Mmax=Mm, split=sp)
     covered = []
     for seg in plan_request(T, q0, q1, params):
         kidx, kp, qp, scale, m = segment_tensors(seg, params)
@@ -271,3 +280,88 @@ def test_windowed_variants_read_sinks_and_window_only():
         for s in plan_request(T, q, q + 256, p):
             reads += sum(b - a for a, b in s.key_ranges)
     assert reads <= (T // 256) * (4 + 60 + 256)
+
+
+# ------------------------------------------------------------------ split: fixed
+
+fixed_params_st = mesa_params(
+    L=(8, 48), F=(1, 20), Lc=(1, 40), Mmax=(0, 30), E=(1, 9), split="fixed"
+)
+fixed_auto_params_st = mesa_params(L=(8, 48), F=(1, 20), Lc=(1, 40), Mmax=(0, 30), split="fixed")
+
+
+def test_fixed_split_worked_examples():
+    p = MesaParams(train_len=64, first_chunk=4, last_chunk=16, max_remainder=8, split="fixed")
+    # C = 60; T = 230: (230 - 4 - 16) // 60 = 3 middle chunks, last chunk [184, 230): 46 tokens
+    plan = fixed_split(230, p)
+    assert (plan.width, plan.n_mid, plan.last_start) == (60, 3, 184)
+    # T = 70: 70 - 4 < 16 + 60, no middle chunk; everything after F is the last chunk
+    assert (fixed_split(70, p).n_mid, fixed_split(70, p).last_start) == (0, 4)
+    # T = 80 = F + C + Lc: exactly one middle chunk, last chunk [64, 80) of Lc tokens
+    assert (fixed_split(80, p).n_mid, fixed_split(80, p).last_start) == (1, 64)
+    assert not fixed_split(64, p).is_long
+    assert [stable_prefix(t, p) for t in (1, 64, 65, 79, 80, 230)] == [64, 64, 4, 4, 64, 184]
+    assert stable_prefix(230, MesaParams(64, 4, 16, 8)) == 0  # dynamic: nothing shared
+    with pytest.raises(ValueError, match="split"):
+        MesaParams(64, 4, 16, 8, split="static")
+
+
+@settings(max_examples=300, deadline=None)
+@given(params=fixed_params_st, T1=st.integers(1, 400), T2=st.integers(1, 400))
+def test_fixed_split_boundaries_do_not_depend_on_T(params, T1, T2):
+    """For T1 < T2, every chunk boundary of T1's plan before T1's last chunk is a boundary of
+    T2's plan, the last chunk holds [Lc, Lc + C) tokens (all T - F when T - F < Lc), middle
+    chunks stay inside L, and the plan is the reference's."""
+    T1, T2 = sorted((T1, T2))
+    L, F, Lc = params.train_len, params.first_chunk, params.last_chunk
+
+    def boundaries(T):
+        plan = fixed_split(T, params)
+        if not plan.is_long:
+            return [0, T], plan
+        return [0] + [plan.middle_start(k) for k in range(plan.n_mid + 1)] + [T], plan
+
+    b1, plan1 = boundaries(T1)
+    b2, _ = boundaries(T2)
+    assert set(b1[:-1]) <= set(b2)  # the boundaries up to T1's last chunk's start
+    for T, plan in ((T1, plan1), (T2, fixed_split(T2, params))):
+        assert (plan.width, plan.n_mid) == reference_split(
+            T, L, F, Lc, params.max_remainder, split="fixed"
+        )
+        assert plan.width == L - F  # F + C - 1 <= L - 1: middle positions stay < L
+        if plan.is_long:
+            last = T - plan.last_start
+            if T - F < Lc + plan.width:
+                assert plan.n_mid == 0 and last == T - F
+            else:
+                assert Lc <= last < Lc + plan.width
+
+
+@settings(max_examples=300, deadline=None)
+@given(params=fixed_params_st, T=st.integers(1, 400), T2=st.integers(1, 400))
+def test_stable_prefix_matches_reference(params, T, T2):
+    """stable_prefix = the reference's count of leading non-stair tokens; and every token
+    below both requests' stable prefixes has the same rule (keys and positions) in both."""
+    L, F, Lc, Mm = params.train_len, params.first_chunk, params.last_chunk, params.max_remainder
+    sp = stable_prefix(T, params)
+    assert sp == reference_stable_prefix(T, L, F, Lc, Mm, split="fixed")
+    shared = min(sp, stable_prefix(T2, params), T, T2)
+    if shared:
+        a = reference_positions(T, max(T, shared), L, F, Lc, Mm, 3, split="fixed")
+        b = reference_positions(T2, max(T2, shared), L, F, Lc, Mm, 3, split="fixed")
+        for x, y in zip(a, b, strict=True):  # mask, qpos, kpos of the shared tokens
+            cut = (slice(0, shared),) * x.dim()
+            assert torch.equal(x[cut], y[cut])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    params=st.one_of(fixed_params_st, fixed_auto_params_st),
+    T=st.integers(1, 300),
+    gen=st.integers(0, 40),
+    cut=st.integers(0, 400),
+    data=st.data(),
+)
+def test_fixed_segments_match_reference(params, T, gen, cut, data):
+    """split: fixed, plan + torch-path tensors = the dense reference, any scheduler window."""
+    _check_segments_match_reference(params, T, gen, cut, data)

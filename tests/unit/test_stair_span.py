@@ -18,7 +18,7 @@ from mesa_vllm.engine_config import (
 )
 from mesa_vllm.plan import (
     MesaParams,
-    dynamic_split,
+    chunk_split,
     max_stair_distance,
     plan_request,
     stair_anchor,
@@ -64,17 +64,20 @@ def brute_min_width(queries: dict, train_len: int) -> int:
     return e
 
 
-params_st = mesa_params(L=(3, 64), F=(1, 40), Lc=(1, 90), Mmax=(0, 70), E=(1, 12))
+params_st = st.one_of(
+    mesa_params(L=(3, 64), F=(1, 40), Lc=(1, 90), Mmax=(0, 70), E=(1, 12)),
+    mesa_params(L=(3, 64), F=(1, 40), Lc=(1, 90), Mmax=(0, 70), E=(1, 12), split="fixed"),
+)
 
 
 @settings(max_examples=200, deadline=None)
 @given(params=params_st, max_len=st.integers(1, 700))
-def test_width_runs_are_dynamic_split(params, max_len):
+def test_width_runs_are_the_chunk_split(params, max_len):
     runs = list(width_runs(max_len, params))
     covered = [t for _, lo, hi in runs for t in range(lo, hi + 1)]
     assert covered == list(range(params.train_len + 1, max_len + 1))
     for c, lo, hi in runs:
-        assert {dynamic_split(t, params).width for t in range(lo, hi + 1)} == {c}
+        assert {chunk_split(t, params).width for t in range(lo, hi + 1)} == {c}
 
 
 @settings(max_examples=200, deadline=None)

@@ -138,6 +138,14 @@ _CASES = [
     # so the generated queries split into several stair segments
     ("auto-fp32-d64-g1-p16-prompt+gen-partial", "float32", 64, 1, 1, 16,
      [(240, 250, 200), (60, 62, 61)], dict(E="auto", rotary=0.5, splits=3)),
+    # split: fixed (C = L - F = 28 for every prompt): long prompts, a last chunk of fewer
+    # than Lc tokens (T - F < Lc + C), a step resumed after a cached prefix (ctx = the stable
+    # prefix, as a prefix-cache hit leaves it), decode rows
+    ("fixed-fp32-d32-g2-p16", "float32", 32, 2, 2, 16,
+     [(256, 256, 0), (50, 50, 0), (180, 180, 172), (150, 160, 159), (40, 70, 69)],
+     dict(split="fixed", splits=3)),
+    ("fixed-auto-fp16-d64-g1-p16-chunked", "float16", 64, 2, 1, 16,
+     [(230, 230, 200), (200, 240, 239), (100, 100, 88)], dict(split="fixed", E="auto")),
     ("leaky-fp32-d32-g3-p16-blockq3-no-angle-add", "float32", 32, 1, 3, 16,
      [(120, 120, 0), (90, 100, 99)],
      dict(pe="leaky_rerope", window=9, k=1.75, block_q=3, flip_angle_add=True, splits=7)),
@@ -166,7 +174,10 @@ def case_params(case: dict):
     w, k, G = case.get("window", 0), case.get("k", 1.0), case.get("group", 1)
     sink = case.get("sink", 0)
     E = None if m["E"] == "auto" else m["E"]  # MesaParams: None = stair_width auto
-    params = MesaParams(m["L"], m["F"], m["Lc"], m["Mmax"], E, log_n, pe, chunked, w, k, G, sink)
+    params = MesaParams(
+        m["L"], m["F"], m["Lc"], m["Mmax"], E, log_n, pe, chunked, w, k, G, sink,
+        split=case.get("split", "dynamic"),
+    )  # fmt: skip
     if pe == "stair":
         return params, None
     from mesa_vllm.testing.reference_variants import VariantSpec
@@ -216,8 +227,9 @@ def run_case(case: dict, seed: int) -> dict:
     for (T, _, ctx), (q, k, v) in zip(reqs, batch.qkv, strict=True):
         if spec is None:
             ref = mesa_attention_reference(
-                q, k, v, T, m["L"], m["F"], m["Lc"], m["Mmax"], m["E"], log_n, rope, D**-0.5
-            )
+                q, k, v, T, m["L"], m["F"], m["Lc"], m["Mmax"], m["E"], log_n, rope, D**-0.5,
+                split=case.get("split", "dynamic"),
+            )  # fmt: skip
         else:
             ref = variant_attention_reference(q, k, v, T, m["L"], spec, rope, D**-0.5)
         refs.append(ref[ctx:])
