@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from mesa_vllm.plan import MesaParams, check_rules
+from mesa_vllm.plan import SPLITS, MesaParams, check_rules
 from mesa_vllm.support import (
     PE_NAMES,
     PE_RULES,
@@ -89,7 +89,7 @@ class MesaConfig(BaseModel):
         default=None, ge=1, description="[G] self_extend group size; default: auto"
     )
     sink_tokens: int = Field(default=4, ge=0, description="[S] streaming/lm_infinite sinks")
-    split: Literal["dynamic", "fixed"] = Field(
+    split: Literal[SPLITS] = Field(
         default="dynamic",
         description="chunk plan of long prompts: the paper's DynamicSplit, or fixed "
         "(middle chunks of L - F, boundaries independent of T: allows exact prefix caching)",
@@ -204,7 +204,7 @@ _RANGES = {
     "leaky_factor": "a number >= 1",
     "group_size": "an integer >= 1",
     "sink_tokens": "an integer >= 0",
-    "split": 'one of "dynamic", "fixed"',
+    "split": "one of " + ", ".join(f'"{s}"' for s in SPLITS),
 }
 
 

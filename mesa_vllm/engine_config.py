@@ -32,8 +32,6 @@ from mesa_vllm.support import ARCHITECTURES, ROPE_TYPES
 
 logger = logging.getLogger("vllm.mesa_vllm")
 
-SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
-SUPPORTED_ROPE_TYPES = ROPE_TYPES
 _UNSUPPORTED_HF_FIELDS = ("llama_4_scaling", "dual_chunk_attention_config")
 
 
@@ -80,17 +78,17 @@ def resolve(vllm_config: Any) -> MesaConfig:
     """Validate and complete the Mesa settings of a VllmConfig; raise MesaConfigError."""
     model_config = vllm_config.model_config
     arch = model_config.architecture
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch not in ARCHITECTURES:
         raise MesaConfigError(
             f"--attention-backend mesa does not support architecture {arch!r}; supported: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{', '.join(ARCHITECTURES)}"
         )
     hf = model_config.hf_text_config
     rope = rope_type_of(hf)
-    if rope not in SUPPORTED_ROPE_TYPES:
+    if rope not in ROPE_TYPES:
         raise MesaConfigError(
             f"--attention-backend mesa does not support rope type {rope!r} of this model; "
-            f"supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            f"supported rope types: {', '.join(ROPE_TYPES)}"
         )
     for field in _UNSUPPORTED_HF_FIELDS:
         if getattr(hf, field, None):
@@ -385,11 +383,6 @@ def _min_stair_width(max_len: int, params: MesaParams, decode: bool = True) -> i
         else:
             lo = mid + 1
     return lo
-
-
-def to_params(mesa: MesaConfig) -> MesaParams:
-    """MesaParams of a resolved MesaConfig (``MesaConfig.params``)."""
-    return mesa.params()
 
 
 def params_from_vllm_config(vllm_config: Any) -> MesaParams:

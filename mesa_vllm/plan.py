@@ -55,7 +55,7 @@ __all__ = [
 class MesaParams:
     """Resolved parameters: L, F, Lc, Mmax, E, the log-n switch and the position rule; the
     one frozen object the engine config resolves to (``MesaConfig.resolved`` ->
-    ``engine_config.to_params``) and every worker, plan and kernel reads.  Its field defaults
+    ``MesaConfig.params``) and every worker, plan and kernel reads.  Its field defaults
     are the paper's, and MesaConfig's.
 
     ``stair_width`` is E, or None for ``stair_width: auto``: E then depends on the stair query

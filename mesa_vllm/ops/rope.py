@@ -13,8 +13,6 @@ import torch
 
 from mesa_vllm.support import ROPE_TYPES
 
-SUPPORTED_ROPE_TYPES = ROPE_TYPES
-
 
 @dataclass
 class RopeSpec:
@@ -39,7 +37,7 @@ def rope_spec_from_vllm(rotary_emb: torch.nn.Module) -> RopeSpec:
     if kind not in (RotaryEmbedding, LinearScalingRotaryEmbedding, Llama3RotaryEmbedding):
         raise ValueError(
             f"Mesa backend: unsupported rotary embedding {kind.__name__}; supported rope types: "
-            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+            f"{', '.join(ROPE_TYPES)}"
         )
     inv_freq = rotary_emb._compute_inv_freq(rotary_emb.base).to(torch.float32).cpu()
     if kind is LinearScalingRotaryEmbedding:

@@ -31,7 +31,7 @@ import yaml
 
 import mesa_vllm
 from mesa_vllm.config import MesaConfig
-from mesa_vllm.engine_config import to_params, worst_stair_span
+from mesa_vllm.engine_config import worst_stair_span
 
 pytestmark = pytest.mark.unit
 
@@ -194,7 +194,7 @@ def test_config_parses_as_vllm_serve_does(config: Path, serve_parser):
     # was chosen by measured passkey accuracy (README, benchmarks/passkey.md), which was best
     # at a width whose reach slightly exceeds 256.
     if args.model in CHECKPOINTS:
-        params = to_params(mesa.resolved(mesa.train_len, args.max_model_len))
+        params = mesa.resolved(mesa.train_len, args.max_model_len).params()
         worst = worst_stair_span(args.max_model_len, params, decode=False)
         assert worst is None or worst.span < mesa.train_len, (
             f"stair positions of a {worst.seq_len}-token prompt span {worst.span}; "

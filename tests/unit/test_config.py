@@ -79,15 +79,14 @@ def test_from_additional_config():
 def test_stair_width_auto():
     """stair_width takes "auto" (kept through resolve, None in MesaParams); any other string,
     a bool or a float is refused naming the field and both allowed forms."""
-    from mesa_vllm.engine_config import to_params
 
     c = MesaConfig.from_dict({"stair_width": "auto"})
     assert c.stair_width == "auto"
     r = c.resolved(4096, 65536)
     assert r.stair_width == "auto" and r.resolved(4096, 65536) == r
     assert MesaConfig.from_dict(r.model_dump()) == r  # the dict the workers receive
-    assert to_params(r).stair_width is None
-    assert to_params(MesaConfig().resolved(4096)).stair_width == 50
+    assert r.params().stair_width is None
+    assert MesaConfig().resolved(4096).params().stair_width == 50
     for bad in ("Auto", "wide", "", True, 2.0, None, [50]):
         with pytest.raises(MesaConfigError) as e:
             MesaConfig.from_dict({"stair_width": bad})
