@@ -15,6 +15,11 @@
 #   bash benchmarks/gpu_session.sh defaults     kernel checks + speed vs FA3 at the launcher's
 #                                               defaults (no sweep)
 #   bash benchmarks/gpu_session.sh check        smoke eager-vs-graphs + correctness vs FLASH_ATTN
+#   bash benchmarks/gpu_session.sh recheck      after a kernel change: the kernel variants a
+#                                               serving engine compiles (jit_variants.py),
+#                                               the kernel checks of Mesa and of the weave
+#                                               variants vs the dense reference, and decode
+#                                               at batch 1..64 vs FA3 (bench_decode_batch.py)
 #   (speed takes a comma list of backends: each runs in its own process, same call)
 #
 # If .gpu/snap exists (a `git archive` of the committed mesa_vllm/), it replaces the working
@@ -74,5 +79,16 @@ check)
     timeout 280 python3 benchmarks/bench_gpu_e2e.py --parts correctness --out "$OUT" \
         > "$OUT/correctness.log" 2>&1
     echo "correctness rc=$?"; short "$OUT/correctness.log" 20 ;;
+recheck)
+    timeout 110 python3 benchmarks/jit_variants.py > "$OUT/jit.log" 2>&1
+    echo "jit rc=$?"; grep -E "^\||seed|Error" "$OUT/jit.log" | tail -6
+    timeout 170 python3 benchmarks/bench_kernels.py --skip-speed ${SEED:+--seed $SEED} \
+        > "$OUT/kernels.log" 2>&1
+    echo "kernels rc=$?"; grep -E "^\| |checks done|seed|Error" "$OUT/kernels.log" | tail -14
+    timeout 140 python3 benchmarks/bench_kernels.py --variants --skip-speed \
+        ${SEED:+--seed $SEED} > "$OUT/variants.log" 2>&1
+    echo "variants rc=$?"; grep -E "^\| |checks done|seed|Error" "$OUT/variants.log" | tail -24
+    timeout 130 python3 benchmarks/bench_decode_batch.py > "$OUT/decode_batch.log" 2>&1
+    echo "decode batch rc=$?"; grep -E "^\||Error" "$OUT/decode_batch.log" | tail -20 ;;
 *) echo "unknown part $1"; exit 2 ;;
 esac

@@ -66,6 +66,8 @@ METRICS = [  # (column, key in vLLM's result JSON, format)
     ("TPOT p50 ms", "median_tpot_ms", "{:.2f}"),
     ("TPOT p99 ms", "p99_tpot_ms", "{:.2f}"),
 ]
+# vLLM's warning for a Triton (or other) kernel compiled after start-up (vllm/utils/jit_monitor.py)
+JIT_WARNING = "JIT compilation during inference"
 RATIOS = [("req/s", "request_throughput"), ("out tok/s", "output_throughput"),
           ("TPOT p50", "median_tpot_ms")]  # fmt: skip
 
@@ -144,6 +146,15 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def jit_compiles(log_path: Path) -> int:
+    """Kernel compilations the server logged after start-up (vLLM's JIT monitor warnings)."""
+    try:
+        with open(log_path, errors="replace") as f:
+            return sum(JIT_WARNING in line for line in f)
+    except OSError:
+        return 0
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
@@ -172,7 +183,7 @@ def markdown_table(points: list[Point], backends: list[str], header: str = "") -
     rat = ratios(points, ref=backends[0] if REF not in backends else REF)
     order = {b: k for k, b in enumerate(backends)}
     cols = ["backend", "input", "conc", "prompts", *[c for c, _, _ in METRICS]]
-    cols += [f"{MESA}/{REF} {c}" for c, _ in RATIOS] + ["status"]
+    cols += [f"{MESA}/{REF} {c}" for c, _ in RATIOS] + ["JIT compiles", "status"]
     lines = [header] if header else []
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for p in sorted(points, key=lambda p: (p.input_len, p.concurrency, order.get(p.backend, 9))):
@@ -180,6 +191,7 @@ def markdown_table(points: list[Point], backends: list[str], header: str = "") -
         vals += [_fmt(p.result.get(key), f) for _, key, f in METRICS]
         r = rat.get((p.input_len, p.concurrency)) if p.backend == MESA else None
         vals += [_fmt(r.get(key) if r else None, "{:.3f}x") for _, key in RATIOS]
+        vals.append(_fmt(p.result.get("jit_compiles"), "{:d}"))
         status = p.status if not p.reason else f"{p.status}: {p.reason}"
         if p.status == "ok" and p.result.get("failed"):
             status = f"ok ({p.result['failed']} requests failed)"
@@ -439,8 +451,11 @@ def run_backend(backend, points, args, model, tokenizer, server_extra, cpu, dead
                                 out / "raw")  # fmt: skip
             # a point may run past its backend's share by OVERRUN_S, never past the deadline
             limit = min(deadline, share_end + OVERRUN_S) - now
+            compiled = jit_compiles(srv.log_path)
             run_point(p, worker, cmd, out / "bench" / f"{p.name}.log",
                       out / "raw" / f"{p.name}.json", timeout=limit)  # fmt: skip
+            if p.result:
+                p.result["jit_compiles"] = jit_compiles(srv.log_path) - compiled
             done.append(p)
             nums = progress_numbers(p)
             log(f"[{time.monotonic() - t_start:6.0f} s] {p.name} ({p.num_prompts} prompts): "

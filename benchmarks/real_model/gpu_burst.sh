@@ -26,7 +26,9 @@
 #       LOAD_CONC (default 1,8,32,64), inputs LOAD_INPUTS in priority order (default
 #       1024,32768,8192); its budget ends LOAD_END s (default 530) after this script began,
 #       so the table of what finished is written inside a 560 s call.  LOAD_SERVER_ARGS
-#       (default --max-num-seqs 64: fewer CUDA graphs to capture) go to both servers.
+#       (default --max-num-seqs 64: fewer CUDA graphs to capture; --jit-monitor-verbose: vLLM
+#       logs every kernel compiled after start-up, which the table counts per point) go to
+#       both servers.
 #       Results packed in $OUT/load.tgz (load/table.md, serve_load.png, raw/*.json, logs).
 #   bash benchmarks/real_model/gpu_burst.sh soak
 #       convert + benchmarks/soak.py (issue 19): `mesa-vllm serve` with Mesa, CUDA graphs
@@ -94,7 +96,7 @@ load() {
     HF_HUB_OFFLINE=1 timeout -k 15 "$left" python3 benchmarks/serve_load.py --model "$MODEL" \
         --max-model-len 65536 --input-lens "${LOAD_INPUTS:-1024,32768,8192}" --output-len 256 \
         --concurrency "${LOAD_CONC:-1,8,32,64}" \
-        --server-args "${LOAD_SERVER_ARGS:---max-num-seqs 64}" \
+        --server-args "${LOAD_SERVER_ARGS:---max-num-seqs 64 --jit-monitor-verbose}" \
         --budget-seconds $(( left - 30 )) --out "$WORK/load" > "$WORK/load.log" 2>&1
     echo "load rc=$? (budget $(( left - 30 )) s)"; grep -E "^\[|^\||skipped|Error" "$WORK/load.log" | tail -90
 }

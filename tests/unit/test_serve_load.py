@@ -98,7 +98,7 @@ def test_table_has_every_point_its_status_and_the_ratios():
     assert lines[0] == "header line"
     head = [c.strip() for c in lines[2].strip("|").split("|")]
     assert head[:4] == ["backend", "input", "conc", "prompts"]
-    assert "mesa/FLASH_ATTN TPOT p50" in head and head[-1] == "status"
+    assert "mesa/FLASH_ATTN TPOT p50" in head and head[-2:] == ["JIT compiles", "status"]
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[4:]]
     assert len(rows) == 12  # 2 backends x 3 lengths x 2 concurrencies
     by = {(r[0], int(r[1]), int(r[2])): dict(zip(head, r, strict=True)) for r in rows}
@@ -176,3 +176,17 @@ def test_bench_worker_runs_several_points_in_one_process(tmp_path):
     assert vllm.__version__.split("+")[0] in (tmp_path / "c.log").read_text()
     assert "--no-such-flag" in (tmp_path / "b.log").read_text()
     assert (tmp_path / "a.log").read_text().startswith("$ vllm --version")
+
+
+def test_jit_compiles_counts_the_warnings_vllms_monitor_logs(tmp_path):
+    # the message as vllm/utils/jit_monitor.py formats it, once per compile in verbose mode
+    from vllm.utils import jit_monitor
+
+    src = Path(jit_monitor.__file__).read_text()
+    fmt = re.search(r'"(%s %s during inference: %s%s\. )"', src).group(1)
+    line = "(EngineCore pid=7) WARNING 12-01 23:10:01 [jit_monitor.py:131] " + fmt % (
+        "Triton", "JIT compilation", "_decode_kernel", "")
+    log = tmp_path / "server.log"
+    log.write_text("INFO ready\n" + (line + "\n") * 3 + "INFO 200 OK\n")
+    assert sl.jit_compiles(log) == 3
+    assert sl.jit_compiles(tmp_path / "missing.log") == 0

@@ -23,6 +23,8 @@ from mesa_vllm.ops.triton.jit import (
     MODE_NEAR,
     NEG_BIG,
     PE_STAIR,
+    SPLIT_ARGS,
+    TABLE_POINTERS,
     angle_table,
     attend_block,
     cache_strides,
@@ -41,6 +43,7 @@ from mesa_vllm.ops.triton.jit import (
 )
 from mesa_vllm.ops.triton.table import (
     DECODE_MIN_SPLIT_KEYS,
+    DECODE_REDUCE_SPLITS,
     DECODE_STAIR_ROWS,
     DecodeTuning,
     SegmentTable,
@@ -147,7 +150,7 @@ def _merge_rows(m_i, l_i, acc, NV: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: t
     return m, l_h, acc_h
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SPLIT_ARGS, do_not_specialize_on_alignment=TABLE_POINTERS)
 def _decode_kernel(
     Q, K, V, BT, M_WS, L_WS, ACC_WS,
     SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_WIDTH, SEG_REQ, INV_FREQ,
@@ -288,7 +291,7 @@ def _decode_kernel(
         _store_split(M_WS, L_WS, ACC_WS, idx, m_i, l_i, acc, row_ok, BLOCK_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SPLIT_ARGS, do_not_specialize_on_alignment=TABLE_POINTERS)
 def _decode_reduce_kernel(
     Out, M_WS, L_WS, ACC_WS, SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, F, num_splits, min_split,
     split_div, split_keys,
@@ -296,26 +299,36 @@ def _decode_reduce_kernel(
     HEAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
     BUSY_ONLY: tl.constexpr,
 ):
-    """Merge the splits of one (segment, head); BUSY_ONLY (Mesa segments): only the splits
+    """Merge the splits of one (segment, head), BLOCK_S at a time (a fixed block, so that no
+    split count compiles a variant of its own); BUSY_ONLY (Mesa segments): only the splits
     ``_decode_kernel`` ran, the others' workspace is stale."""
     seg = tl.program_id(0)
     head = tl.program_id(1)
-    sp = tl.arange(0, BLOCK_S)
     n_busy = num_splits
     if BUSY_ONLY:
         n_keys = _mesa_n_keys(tl.load(SEG_KIND + seg), tl.load(SEG_QABS + seg), F,
                               tl.load(SEG_CHUNK + seg))
         per_split = _split_len(n_keys, num_splits, min_split, split_div, split_keys, BLOCK_N)
         n_busy = tl.minimum(tl.cdiv(n_keys, per_split), num_splits)
-    ok = sp < n_busy
     base = (seg * tl.num_programs(1) + head) * num_splits
-    m = tl.load(M_WS + base + sp, mask=ok, other=NEG_BIG)
-    l_s = tl.load(L_WS + base + sp, mask=ok, other=0.0)
-    w = tl.where(ok, tl.exp2(m - tl.max(m, 0)), 0.0)
     dd = tl.arange(0, BLOCK_D)
-    acc = tl.load(ACC_WS + (base + sp).to(tl.int64)[:, None] * BLOCK_D + dd[None, :],
-                  mask=ok[:, None], other=0.0)
-    out = tl.sum(acc * w[:, None], 0) / tl.sum(l_s * w, 0)
+    m_run = tl.full([1], NEG_BIG, tl.float32)
+    l_run = tl.zeros([1], tl.float32)
+    acc_run = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, n_busy, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        ok = sp < n_busy
+        m = tl.load(M_WS + base + sp, mask=ok, other=NEG_BIG)
+        l_s = tl.load(L_WS + base + sp, mask=ok, other=0.0)
+        acc = tl.load(ACC_WS + (base + sp).to(tl.int64)[:, None] * BLOCK_D + dd[None, :],
+                      mask=ok[:, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        alpha = tl.exp2(m_run - m_new)
+        w = tl.where(ok, tl.exp2(m - m_new), 0.0)
+        l_run = l_run * alpha + tl.sum(l_s * w, 0)
+        acc_run = acc_run * alpha + tl.sum(acc * w[:, None], 0)
+        m_run = m_new
+    out = acc_run / l_run
     q_lo = tl.load(SEG_QLO + seg)
     tl.store(Out + q_lo.to(tl.int64) * s_on + head * s_oh + dd, out.to(Out.dtype.element_ty),
              mask=dd < HEAD)
@@ -406,7 +419,7 @@ def mesa_decode(
         SEG_QABS=table.q_abs, SEG_KIND=table.kind, SEG_CHUNK=table.chunk_start,
         F=table.first_chunk, **splits, s_on=output.stride(0), s_oh=output.stride(1),
         HEAD=meta["HEAD"], BLOCK_D=meta["BLOCK_D"],
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_N=block_n,
+        BLOCK_S=DECODE_REDUCE_SPLITS, BLOCK_N=block_n,
         BUSY_ONLY=table.pe == PE_STAIR, num_warps=4,
     )  # fmt: skip
     return output

@@ -43,6 +43,15 @@ _TWO_PI_C = tl.constexpr(2 * math.pi - _C1 - _C2)
 _INV_TWO_PI = tl.constexpr(1.0 / (2 * math.pi))
 NEG_BIG = tl.constexpr(-1.0e30)
 
+# Kernel arguments that follow the batch, which Triton must not specialise on (it compiles a
+# variant per value class: an int equal to 1 or divisible by 16, a pointer 16-byte aligned).
+# A serving step's batch is any size, so each new class would compile while requests wait.
+# The segment table's columns are views into one packed buffer at offsets that follow the
+# number of segments; the decode split sizes follow the batch and its longest sequence.
+TABLE_POINTERS = ("TILE_SEG", "TILE_Q0", "SEG_QLO", "SEG_QLEN", "SEG_QABS", "SEG_KIND",
+                  "SEG_CHUNK", "SEG_ANCHOR", "SEG_WIDTH", "SEG_REQ")  # fmt: skip
+SPLIT_ARGS = ("num_splits", "min_split", "split_div", "split_keys")
+
 
 _RULE_OF_CODE = {rule.code: rule for rule in PE_RULES.values()}
 

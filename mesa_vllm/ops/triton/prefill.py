@@ -38,6 +38,7 @@ from mesa_vllm.ops.triton.jit import (
     MODE_NEAR,
     NEG_BIG,
     PE_STAIR,
+    TABLE_POINTERS,
     angle_table,
     attend_block,
     cache_strides,
@@ -140,7 +141,7 @@ def _weave_tile(
 # ---------------------------------------------------------------- kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=TABLE_POINTERS)
 def _prefill_kernel(
     Q, K, V, Out, BT, TILE_SEG, TILE_Q0,
     SEG_QLO, SEG_QLEN, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_WIDTH, SEG_REQ,

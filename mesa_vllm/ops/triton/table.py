@@ -46,6 +46,9 @@ DECODE_MIN_SPLIT_KEYS = 512
 # Stair positions per decode tile at least (a 128-key block spans <= 4 positions for E >= 43;
 # where a block spans more than the tile's rows, its keys are turned instead)
 DECODE_STAIR_ROWS = 4
+# Splits the decode reduction merges per step: a fixed block, so a step's split count (it
+# follows the batch and its longest sequence) never compiles a kernel variant of its own.
+DECODE_REDUCE_SPLITS = 16
 _LOG2E = 1.4426950408889634
 
 

@@ -1,0 +1,129 @@
+"""Mesa decode per layer at batch 1..64 against FA3, on a CUDA GPU.
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench_decode_batch.py [--batches 1,8,32,64]
+        [--lengths 4096,32768] [--shapes 7b,smollm2]
+
+One decode step of B sequences, each S tokens long (its query at index S - 1), timed as
+CUDA-graph replays (``bench_kernels.bench_ms``): ``mesa_decode`` launched as the engine
+launches a pure-decode step (the grid from ``decode_num_splits(max_model_len, B, Hkv)``,
+max_seq_len = max_model_len, the default ``DecodeTuning``), and FA3's paged decode
+(``vllm.vllm_flash_attn.flash_attn_varlen_func``, fa_version 3, one query per sequence, the
+same paged cache of 16-token blocks: keys as stored; for speed only).  Shapes: ``7b`` =
+Llama-2-7B (32 heads x 128, MHA, L = 4096), ``smollm2`` = SmolLM2-135M (9 query / 3 KV
+heads x 64, L = 8192); bf16.  Prints one Markdown table; writes $OUT/decode_batch.json and
+.md when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+from bench_kernels import ENGINE_MAX_LEN, ROPE, baselines, bench_ms, log  # noqa: E402
+
+from mesa_vllm.ops.triton import table as tm  # noqa: E402
+from mesa_vllm.ops.triton.decode import mesa_decode  # noqa: E402
+from mesa_vllm.plan import MesaParams, plan_request  # noqa: E402
+from mesa_vllm.testing.reference import rope_inv_freq  # noqa: E402
+
+SHAPES = {  # name: (head size, query heads, KV heads, trained length)
+    "7b": (128, 32, 32, 4096),
+    "smollm2": (64, 9, 3, 8192),
+}
+PAGE = 16
+
+
+def problem(B: int, S: int, shape: str) -> dict:
+    """B sequences of S tokens in one shuffled paged cache; one query each (index S - 1)."""
+    D, Hq, Hkv, L = SHAPES[shape]
+    params = MesaParams(train_len=L)
+    nblk = -(-S // PAGE)
+    kw = dict(device="cuda", dtype=torch.bfloat16)
+    kc = torch.randn(B * nblk, PAGE, Hkv, D, **kw)
+    bt = torch.randperm(B * nblk, device="cuda").to(torch.int32).view(B, nblk)
+    entries = [(r, r, seg) for r in range(B) for seg in plan_request(S - 1, S - 1, S, params)]
+    _, dec = tm.split_prefill_decode(entries)
+    return dict(
+        q=torch.randn(B, Hq, D, **kw),
+        kc=kc,
+        vc=torch.randn_like(kc),
+        bt=bt,
+        table=tm.build_segment_table(dec, params, 1, "cuda"),
+        inv=rope_inv_freq(D, ROPE).cuda(),
+        scale=D**-0.5,
+        Hkv=Hkv,
+    )
+
+
+def mesa_ms(pb: dict, B: int) -> float:
+    out = torch.empty_like(pb["q"])
+    grid = tm.decode_num_splits(ENGINE_MAX_LEN, B, pb["Hkv"])
+    args = (pb["q"], pb["kc"], pb["vc"], pb["bt"], pb["table"], pb["inv"], pb["scale"], out)
+    return bench_ms(lambda: mesa_decode(*args, grid, max_seq_len=ENGINE_MAX_LEN), graph=True)
+
+
+def fa3_ms(fa_varlen, pb: dict, B: int, S: int) -> float | None:
+    if fa_varlen is None:
+        return None
+    cu = torch.arange(B + 1, dtype=torch.int32, device="cuda")
+    used = torch.full((B,), S, dtype=torch.int32, device="cuda")
+    fn = lambda: fa_varlen(  # noqa: E731
+        pb["q"], pb["kc"], pb["vc"], max_seqlen_q=1, cu_seqlens_q=cu, max_seqlen_k=S,
+        seqused_k=used, causal=True, block_table=pb["bt"], fa_version=3,
+    )  # fmt: skip
+    return bench_ms(fn, graph=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--lengths", default="4096,32768")
+    ap.add_argument("--shapes", default="7b,smollm2")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_decode_batch.py needs a CUDA GPU")
+    base_name, fa_varlen = baselines()
+    log(f"{torch.cuda.get_device_name()}, baseline {base_name}")
+    rows = []
+    for shape in args.shapes.split(","):
+        for S in map(int, args.lengths.split(",")):
+            for B in map(int, args.batches.split(",")):
+                try:
+                    pb = problem(B, S, shape)
+                    row = dict(shape=shape, S=S, B=B, mesa_ms=mesa_ms(pb, B),
+                               base_ms=fa3_ms(fa_varlen, pb, B, S))  # fmt: skip
+                except Exception as e:  # noqa: BLE001 - report and go on (e.g. memory)
+                    row = dict(shape=shape, S=S, B=B, error=f"{type(e).__name__}: {e}"[:200])
+                pb = None
+                torch.cuda.empty_cache()
+                rows.append(row)
+                log(f"decode batch {row}")
+    lines = [f"One decode step per layer, bf16, CUDA-graph replay; baseline {base_name}.", "",
+             "| shape | context | batch | Mesa ms | baseline ms | Mesa / baseline |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['S']} | {r['B']} | {r['error']} | | |")
+            continue
+        base = r["base_ms"]
+        ratio = f"{r['mesa_ms'] / base:.2f}x" if base else "-"
+        lines.append(f"| {r['shape']} | {r['S']} | {r['B']} | {r['mesa_ms']:.4f} | "
+                     f"{base if base is None else f'{base:.4f}'} | {ratio} |")  # fmt: skip
+    table = "\n".join(lines)
+    log("\n" + table)
+    if os.environ.get("OUT"):
+        out = Path(os.environ["OUT"])
+        (out / "decode_batch.json").write_text(json.dumps(rows, indent=1))
+        (out / "decode_batch.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
