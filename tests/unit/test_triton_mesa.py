@@ -64,8 +64,8 @@ _CASES = [
     ("fp32-d32-g4-p16-decode-idle-splits", "float32", 32, 2, 4, 16,
      [(20, 50, 49), (200, 230, 229), (150, 71, 70), (5, 6, 5)],
      dict(splits=16, min_split=32, split_keys=48, split_programs=8, max_seq_len=230)),
-    # up to 40 splits of 16 keys (25 busy at 400 keys): more splits than the reduction merges per step
-    # (DECODE_REDUCE_SPLITS), so it merges them over several steps
+    # up to 40 splits of 16 keys (25 busy at 400 keys): more splits than the reduction
+    # merges per step (DECODE_REDUCE_SPLITS), so it merges them over several steps
     ("fp32-d32-g2-p16-decode-many-splits", "float32", 32, 1, 2, 16,
      [(400, 400, 399), (200, 230, 229), (20, 21, 20)],
      dict(splits=40, min_split=16, split_programs=1 << 16)),
