@@ -185,7 +185,11 @@ def test_jit_compiles_counts_the_warnings_vllms_monitor_logs(tmp_path):
     src = Path(jit_monitor.__file__).read_text()
     fmt = re.search(r'"(%s %s during inference: %s%s\. )"', src).group(1)
     line = "(EngineCore pid=7) WARNING 12-01 23:10:01 [jit_monitor.py:131] " + fmt % (
-        "Triton", "JIT compilation", "_decode_kernel", "")
+        "Triton",
+        "JIT compilation",
+        "_decode_kernel",
+        "",
+    )
     log = tmp_path / "server.log"
     log.write_text("INFO ready\n" + (line + "\n") * 3 + "INFO 200 OK\n")
     assert sl.jit_compiles(log) == 3
