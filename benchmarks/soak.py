@@ -22,8 +22,13 @@ with ignore_eos, no [DONE]) is *truncated*: an accepted request lost silently.
 
 Correctness: after the load every distinct greedy request that completed is run alone on the
 idle server; every completed occurrence must give the same greedy tokens, or first differ at
-a step where the alone run's top-2 logprob gap is <= TIE_TOL (benchmarks/real_model/
-gpu_check.py's bf16 near-tie tolerance).  Counts: identical / near-tie / real divergence.
+a step where the alone run's top-2 logprob gap is <= ``--tie-tol`` (default TIE_TOL,
+benchmarks/real_model/gpu_check.py's near-tie tolerance).  Counts: identical / near-tie /
+real divergence, and per distinct request the gaps at its first differences.  A bf16 engine
+computes bf16 logits, so its logprob gaps come in bf16 steps of the logit: 1/16 for logits
+in [8, 16), 1/8 in [16, 32), 1/4 in [32, 64) (SmolLM2-135M's top logits lie between 7.5 and
+36); two logits one step apart are a tie that summation order decides, so a bf16 run
+states its tolerance in those steps (``--tie-tol 0.125``: one step of a logit below 32).
 
 Also recorded: preemptions (vLLM's ``vllm:num_preemptions`` counter, summed over the two server
 lives), requests left running or waiting after the load (must be 0), GPU memory (nvidia-smi)
@@ -287,6 +292,7 @@ class Config:
     start_timeout: float = 600.0
     end_by: float | None = None  # wall-clock (time.time) end of the whole run
     seed: int = 0
+    tie_tol: float = TIE_TOL
     out: Path = Path("out/soak")
     launch: tuple[list[str], dict] = field(default_factory=lambda: ([], {}))
 
@@ -629,6 +635,7 @@ class Soak:
         """Run every distinct completed greedy request alone; compare every occurrence."""
         counts = Counter()
         details = []
+        by_request: dict[str, dict] = {}  # key -> verdict counts and first-difference gaps
         for key in sorted(self.greedy, key=str):
             path, body = self.bodies[key]
             occ = self.greedy[key]
@@ -647,14 +654,20 @@ class Soak:
                 details.append({"key": str(key), "reference": str(status)})
                 continue
             for a in occ:
-                verdict, info = compare(a, ref)
+                verdict, info = compare(a, ref, self.cfg.tie_tol)
                 counts[verdict] += 1
-                if verdict != "identical" and len(details) < 50:
+                if verdict == "identical":
+                    continue
+                if len(details) < 50:
                     details.append({"key": str(key), "verdict": verdict, **info})
-        return {"tie_tol": TIE_TOL, "requests": sum(len(v) for v in self.greedy.values()),
+                row = by_request.setdefault(str(key), {"occurrences": len(occ), "gaps": {}})
+                row[verdict] = row.get(verdict, 0) + 1
+                gap = str(info["top2_gap"])
+                row["gaps"][gap] = row["gaps"].get(gap, 0) + 1
+        return {"tie_tol": self.cfg.tie_tol, "requests": sum(len(v) for v in self.greedy.values()),
                 "distinct": len(self.greedy), **{k: counts[k] for k in
                 ("identical", "near_tie", "real", "not_rerun", "reference_failed")},
-                "details": details}  # fmt: skip
+                "diverging_requests": by_request, "details": details}  # fmt: skip
 
     # -- the whole run ----------------------------------------------------------------------
 
@@ -834,8 +847,8 @@ def _server(model: str, args: list[str], env: dict, log: Path, timeout: float):
     return srv
 
 
-def compare(a: Answer, ref: Answer) -> tuple[str, dict]:
-    """identical / near_tie (first difference where the alone run's top-2 gap <= TIE_TOL)
+def compare(a: Answer, ref: Answer, tie_tol: float = TIE_TOL) -> tuple[str, dict]:
+    """identical / near_tie (first difference where the alone run's top-2 gap <= tie_tol)
     / real."""
     if a.tokens == ref.tokens:
         return "identical", {}
@@ -843,8 +856,23 @@ def compare(a: Answer, ref: Answer) -> tuple[str, dict]:
              min(len(a.tokens), len(ref.tokens)))  # fmt: skip
     tops = ref.tops[k] if k < len(ref.tops) else (a.tops[k] if k < len(a.tops) else [])
     gap = tops[0] - tops[1] if len(tops) >= 2 else None
-    verdict = "near_tie" if gap is not None and gap <= TIE_TOL else "real"
+    verdict = "near_tie" if gap is not None and gap <= tie_tol else "real"
     return verdict, {"first_difference": k, "top2_gap": gap}
+
+
+def diverging_lines(c: dict) -> list[str]:
+    """The distinct requests whose re-runs differed: verdict counts and the top-2 gaps at the
+    first differences ({gap: occurrences})."""
+    rows = c.get("diverging_requests") or {}
+    if not rows:
+        return []
+    out = ["| diverging request | occurrences | near-tie | real | top-2 gap at the first "
+           "difference: occurrences |", "|---|---|---|---|---|"]  # fmt: skip
+    for key, r in sorted(rows.items()):
+        gaps = ", ".join(f"{g}: {n}" for g, n in sorted(r["gaps"].items()))
+        out.append(f"| {key} | {r['occurrences']} | {r.get('near_tie', 0)} | "
+                   f"{r.get('real', 0)} | {gaps} |")  # fmt: skip
+    return [*out, ""]
 
 
 def table(s: dict) -> str:
@@ -878,6 +906,7 @@ def table(s: dict) -> str:
         f"| {c['requests']} ({c['distinct']} distinct) | {c['identical']} | {c['near_tie']} | "
         f"**{c['real']}** | {c['not_rerun']} |",
         "",
+        *diverging_lines(c),
         f"GPU memory before → after: {gpu}; server RSS {s['rss_mb_before']} → "
         f"{s['rss_mb_after']} MB; SIGTERM: {restart}; left in the scheduler after the load: "
         f"{s['left_in_scheduler']}; /health after: {s['healthy_after']}.",
@@ -924,6 +953,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--request-timeout", type=float, default=300)
     ap.add_argument("--end-by", type=float, default=None, help="epoch seconds: all done by then")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--tie-tol",
+        type=float,
+        default=TIE_TOL,
+        help="near-tie: top-2 logprob gap at the first difference (bf16: 0.125)",
+    )
     ap.add_argument("--out", type=Path, default=Path("out/soak"))
     args = ap.parse_args(argv)
 
@@ -958,7 +993,7 @@ def main(argv: list[str] | None = None) -> int:
         max_model_len=mml, vocab=vocab, drop_streams=args.drop_streams,
         burst=args.burst or 3 * args.clients, restart=not args.no_restart,
         shutdown_timeout=args.shutdown_timeout, request_timeout=args.request_timeout,
-        end_by=args.end_by, seed=args.seed, out=args.out, launch=launch,
+        end_by=args.end_by, seed=args.seed, tie_tol=args.tie_tol, out=args.out, launch=launch,
     )  # fmt: skip
     summary = Soak(cfg).run()
     print(table(summary))

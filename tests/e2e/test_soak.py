@@ -64,3 +64,18 @@ def test_criterion_tells_near_ties_from_real_divergences():
     assert tie == ("near_tie", {"first_difference": 1, "top2_gap": pytest.approx(0.02)})
     assert soak.compare(soak.Answer(tokens=[9, 2, 3]), ref)[0] == "real"
     assert soak.TIE_TOL == 0.05  # benchmarks/real_model/gpu_check.py's, imported
+    # a bf16 engine's gaps come in bf16 steps of the logit (1/8 for logits in [16, 32))
+    step = soak.Answer(tokens=[1, 2, 3], tops=[[-0.1, -3.0], [-0.5, -0.625], [-0.1, -2.0]])
+    assert soak.compare(soak.Answer(tokens=[1, 7]), step)[0] == "real"
+    assert soak.compare(soak.Answer(tokens=[1, 7]), step, tie_tol=0.125)[0] == "near_tie"
+
+
+def test_diverging_requests_are_listed_with_their_gaps():
+    import soak
+
+    c = {"diverging_requests": {"('chat', 1)": {"occurrences": 40, "real": 36, "near_tie": 2,
+                                                "gaps": {"0.125": 36, "0.0": 2}}}}  # fmt: skip
+    lines = soak.diverging_lines(c)
+    row = [x.strip() for x in lines[2].strip("|").split("|")]
+    assert row == ["('chat', 1)", "40", "2", "36", "0.0: 2, 0.125: 36"]
+    assert soak.diverging_lines({}) == []

@@ -32,6 +32,7 @@ from mesa_vllm.ops.triton.jit import (
     far_qpos,
     launch_meta,
     load_query,
+    load_segment,
     mask2,
     online_softmax,
     scaled_query,
@@ -170,13 +171,8 @@ def _decode_kernel(
     seg = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
-    q_lo = tl.load(SEG_QLO + seg)
-    p_abs = tl.load(SEG_QABS + seg)
-    kind = tl.load(SEG_KIND + seg)
-    s = tl.load(SEG_CHUNK + seg)
-    A = tl.load(SEG_ANCHOR + seg)
-    E = tl.load(SEG_WIDTH + seg)
-    req = tl.load(SEG_REQ + seg)
+    q_lo, p_abs, kind, s, A, E, req = load_segment(SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK,
+                                                   SEG_ANCHOR, SEG_WIDTH, SEG_REQ, seg)
 
     rows = tl.arange(0, BLOCK_G)
     p = tl.zeros([BLOCK_G], dtype=tl.int32) + p_abs

@@ -133,6 +133,15 @@ def segment_columns(table: tb.SegmentTable) -> dict[str, torch.Tensor]:
 
 
 @triton.jit
+def load_segment(SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_WIDTH, SEG_REQ, seg):
+    """Segment seg's columns: (q_lo, q_abs, kind, chunk start s, anchor A, stair width E,
+    block-table row req)."""
+    return (tl.load(SEG_QLO + seg), tl.load(SEG_QABS + seg), tl.load(SEG_KIND + seg),
+            tl.load(SEG_CHUNK + seg), tl.load(SEG_ANCHOR + seg), tl.load(SEG_WIDTH + seg),
+            tl.load(SEG_REQ + seg))
+
+
+@triton.jit
 def cos_sin(pos, inv_freq, FAST_TRIG: tl.constexpr):
     """pos int32 [R] (rebased), inv_freq fp32 [H] -> cos, sin fp32 [R, H] of pos * inv_freq."""
     x = pos.to(tl.float32)[:, None] + tl.zeros_like(inv_freq)[None, :]

@@ -45,6 +45,7 @@ from mesa_vllm.ops.triton.jit import (
     far_qpos,
     launch_meta,
     load_query,
+    load_segment,
     mask2,
     segment_columns,
     stair_pos,
@@ -157,14 +158,9 @@ def _prefill_kernel(
     hkv = tl.program_id(1)
     seg = tl.load(TILE_SEG + tile)
     q0 = tl.load(TILE_Q0 + tile)
-    q_lo = tl.load(SEG_QLO + seg)
     q_len = tl.load(SEG_QLEN + seg)
-    q_abs = tl.load(SEG_QABS + seg)
-    kind = tl.load(SEG_KIND + seg)
-    s = tl.load(SEG_CHUNK + seg)
-    A = tl.load(SEG_ANCHOR + seg)
-    E = tl.load(SEG_WIDTH + seg)
-    req = tl.load(SEG_REQ + seg)
+    q_lo, q_abs, kind, s, A, E, req = load_segment(SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK,
+                                                   SEG_ANCHOR, SEG_WIDTH, SEG_REQ, seg)
 
     rows = tl.arange(0, BLOCK_M)
     qi = q0 + rows // G
