@@ -30,6 +30,17 @@
 #       logs every kernel compiled after start-up, which the table counts per point) go to
 #       both servers.
 #       Results packed in $OUT/load.tgz (load/table.md, serve_load.png, raw/*.json, logs).
+#   bash benchmarks/real_model/gpu_burst.sh prefix
+#       convert + benchmarks/prefix_cache_ttft.py (issue 17): TTFT of 8 questions sent one at
+#       a time on one long document (the pydoc corpus as --text when present, else random
+#       token ids), documents PREFIX_DOCS (default 32768,131072) tokens, max-model-len 139264
+#       (17 L), one server after the other for PREFIX_CONFIGS (default FLASH_ATTN+cache,mesa
+#       fixed+cache,mesa fixed,mesa dynamic; the budget is shared among them): cold and warm
+#       TTFT, prefix-cache hits from /metrics, greedy tokens of mesa fixed+cache against mesa
+#       fixed.  Its budget ends PREFIX_END s (default 540) after this script began;
+#       PREFIX_SERVER_ARGS (default --max-num-seqs 8: the questions come one at a time, fewer
+#       CUDA graphs to capture) go to every server.
+#       Results packed in $OUT/prefix.tgz (prefix/table.md, points.json, servers/*.log).
 #   bash benchmarks/real_model/gpu_burst.sh soak
 #       convert + benchmarks/soak.py (issue 19): `mesa-vllm serve` with Mesa, CUDA graphs
 #       on, max-model-len 65536 (8 L), SOAK_CLIENTS (default 64) clients for SOAK_SECONDS
@@ -100,6 +111,18 @@ load() {
         --budget-seconds $(( left - 30 )) --out "$WORK/load" > "$WORK/load.log" 2>&1
     echo "load rc=$? (budget $(( left - 30 )) s)"; grep -E "^\[|^\||skipped|Error" "$WORK/load.log" | tail -90
 }
+prefix() {
+    left=$(( ${PREFIX_END:-540} - ($(date +%s) - T_CALL) ))
+    text=(); [ -f "$CORPUS" ] && text=(--text "$CORPUS")
+    DEFAULT_CONFIGS="FLASH_ATTN+cache,mesa fixed+cache,mesa fixed,mesa dynamic"
+    HF_HUB_OFFLINE=1 timeout -k 15 "$left" python3 benchmarks/prefix_cache_ttft.py \
+        --model "$MODEL" --max-model-len 139264 --doc-lens "${PREFIX_DOCS:-32768,131072}" \
+        --questions 8 "${text[@]}" --configs "${PREFIX_CONFIGS:-$DEFAULT_CONFIGS}" \
+        --server-args="${PREFIX_SERVER_ARGS:---max-num-seqs 8}" \
+        --budget-seconds $(( left - 30 )) --out "$WORK/prefix" > "$WORK/prefix.log" 2>&1
+    echo "prefix rc=$? (budget $(( left - 30 )) s)"
+    grep -E "^\[|^\||^ERROR|Error" "$WORK/prefix.log" | tail -60
+}
 soak() {
     end=$(( T_CALL + ${SOAK_END:-545} ))
     HF_HUB_OFFLINE=1 timeout -k 10 $(( end - $(date +%s) )) python3 benchmarks/soak.py \
@@ -133,6 +156,7 @@ eval) shift; evaluate "$@"; pack "$1" ;;
 check-eval)
     shift; check > "$WORK/check.out" & evaluate "$@"; wait; cat "$WORK/check.out"; pack "$1" ;;
 load) load; pack load ;;
+prefix) prefix; pack prefix ;;
 soak) soak; pack soak ;;
 toy-eval)
     shift; toy "$1" > "$WORK/toy.out" & evaluate "$@"; wait; cat "$WORK/toy.out"; pack "$1" ;;
