@@ -34,6 +34,17 @@
    those).  Every other engine, and every stock backend, is untouched.  Goes when: vLLM
    offers a per-request cacheable-length hook (or Mesa's plan is expressed as a KV cache
    spec).
+4. Mesa kernels compiled at start-up.  Why: vLLM's warm-up runs attention with no metadata
+   and captures only pure decode batches, so the Mesa Triton prefill kernel (and the decode
+   kernel in eager mode) would compile on the first request that needs it, while the batch
+   waits; vLLM 0.26 has no warm-up hook for an attention backend.  What: the GPU worker
+   module's ``kernel_warmup`` (called once by ``Worker.compile_or_warm_up_model``, after the
+   KV cache is bound and before CUDA-graph capture and vLLM's JIT monitor) is wrapped to
+   call ``mesa_vllm.attention.warmup.warm_up_runner`` after it.  The wrap is made from the
+   Mesa impl's constructor: by then the worker process has imported the GPU worker module,
+   which the plugin's ``register`` must not import (it runs in every process, CPU ones
+   too).  Other backends' engines never build a Mesa impl.  Goes when: vLLM offers a
+   backend warm-up hook.
 """
 
 from __future__ import annotations
@@ -174,6 +185,29 @@ def patch_scheduler_prefix_cache() -> None:
 
     __init__._mesa_patched = True  # type: ignore[attr-defined]
     Scheduler.__init__ = __init__
+
+
+def patch_kernel_warmup() -> None:
+    """Patch 4, when the GPU worker module is loaded (else a no-op: CPU workers)."""
+    import sys
+
+    worker = sys.modules.get("vllm.v1.worker.gpu_worker")
+    original = getattr(worker, "kernel_warmup", None)
+    if original is None or getattr(original, "_mesa_patched", False):
+        return
+
+    @functools.wraps(original)
+    def kernel_warmup(gpu_worker):
+        original(gpu_worker)
+        from mesa_vllm.attention.warmup import warm_up_runner
+
+        warmed = warm_up_runner(gpu_worker.model_runner)
+        if warmed:
+            logger.info("Mesa: Triton kernels compiled at start-up (%d attention group(s))",
+                        warmed)  # fmt: skip
+
+    kernel_warmup._mesa_patched = True  # type: ignore[attr-defined]
+    worker.kernel_warmup = kernel_warmup
 
 
 def apply_all() -> None:

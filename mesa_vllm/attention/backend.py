@@ -28,6 +28,7 @@ from mesa_vllm.envs import decode_kernel_options
 from mesa_vllm.ops.rope import RopeSpec
 from mesa_vllm.ops.torch_mesa import run_segments
 from mesa_vllm.ops.triton.table import DecodeTuning
+from mesa_vllm.patches import patch_kernel_warmup
 
 BACKEND_NAME = "CUSTOM"  # see mesa_vllm.patches: MESA is an alias of vLLM's CUSTOM slot
 
@@ -114,6 +115,7 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.rope = mesa_rope
+        patch_kernel_warmup()  # the worker's start-up compiles the Triton kernels
         # a bad MESA_VLLM_DECODE_KERNEL stops the engine here
         self.decode_tuning = DecodeTuning(**decode_kernel_options())
 
@@ -189,6 +191,16 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
             self.rope,
             self.scale,
         )
+        return output
+
+    def warm_up(self, kv_cache: torch.Tensor, md: TritonMesaMetadata) -> torch.Tensor:
+        """Run the Triton kernels once on ``md`` (``MesaMetadataBuilder.warmup_metadata``)
+        over this layer's cache, with zero queries, so that Triton compiles them before the
+        server takes requests.  Returns the output rows [3, Hq, D]."""
+        query = torch.zeros(md.num_actual_tokens, self.num_heads, self.head_size,
+                            dtype=kv_cache.dtype, device=kv_cache.device)  # fmt: skip
+        output = torch.empty_like(query)
+        self._forward_triton(query, kv_cache, md, output)
         return output
 
     def _forward_triton(

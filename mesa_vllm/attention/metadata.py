@@ -330,6 +330,30 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
         md.num_splits = decode_num_splits(self.max_model_len, len(dec), self.num_kv_heads)
         return md
 
+    def warmup_metadata(self) -> TritonMesaMetadata | None:
+        """A step that launches both Triton kernels as serving does (same tables, tile sizes
+        and decode grid), for start-up (``mesa_vllm.attention.warmup``): rows 0-1 are the
+        last two prompt tokens of a prompt of T = min(2 L, max_model_len - 1) tokens, row 2
+        decodes token T.  The block table points every block at block 0, so the launch reads
+        only the cache and writes only its output.  None on the torch path."""
+        if self.kernel != "triton":
+            return None
+        device = self.device
+        T = max(2, min(2 * self.params.train_len, self.max_model_len - 1))
+        pre = [(0, seg.q_start - (T - 2), seg) for seg in plan_request(T, T - 2, T, self.params)]
+        dec = [(0, 2, seg) for seg in plan_request(T, T, T + 1, self.params)]
+        blocks = -(-(T + 1) // self.block_size)
+        md = TritonMesaMetadata(
+            3,
+            torch.full((3,), -1, dtype=torch.int64, device=device),
+            torch.zeros(1, blocks, dtype=torch.int32, device=device),
+        )
+        md.prefill_table = build_segment_table(pre, self.params, self.block_q, device)
+        md.decode_table = build_segment_table(dec, self.params, 1, device)
+        md.max_seq_len = self.max_model_len
+        md.num_splits = decode_num_splits(self.max_model_len, 1, self.num_kv_heads)
+        return md
+
     def _persistent(self, table, n: int):
         """The table with every per-segment tensor [n] moved into a persistent buffer (same
         address every step for a given n, so a captured graph reads this step's values)."""

@@ -54,3 +54,44 @@ def test_triton_kernels_match_oracle(triton_llm, tiny_llama):
         assert err < 2e-3, f"T={len(p)}: max |dlogprob| {err:.2e} (seed {SEED})"
         want_tokens = dense_greedy(tiny_llama, p, 8, mesa=MESA_SMALL)
         assert list(o.outputs[0].token_ids) == want_tokens, f"T={len(p)} (seed {SEED})"
+
+
+def test_start_up_warm_up_launches_both_kernels_over_the_engine_cache(triton_llm):
+    """``warm_up_runner`` (patch 4 calls it at start-up on the GPU) on the live engine: with
+    zero queries every visible key scores the same, so each output row is the mean of the
+    values it can see; every block of the warm-up's table is block 0, filled here with
+    fresh random values (and restored)."""
+
+    def warm(worker):
+        import torch
+
+        from mesa_vllm.attention.warmup import warm_up_runner
+
+        runner = worker.model_runner
+        group = runner.attn_groups[0][0]
+        builder = group.get_metadata_builder()
+        layer = runner.compilation_config.static_forward_context[group.layer_names[0]]
+        kv = layer.kv_cache[0] if isinstance(layer.kv_cache, list) else layer.kv_cache
+        saved = kv[:, 0].clone()
+        kv[:, 0] = torch.randn_like(saved)
+        try:
+            md = builder.warmup_metadata()
+            out = layer.impl.warm_up(kv, md)
+            warmed = warm_up_runner(runner)
+            T = min(2 * builder.params.train_len, builder.max_model_len - 1)
+            values = kv[1, 0].float()  # [block, Hkv, D]: key j reads slot j % block
+            G = layer.impl.num_heads // layer.impl.num_kv_heads
+            err = 0.0
+            for row, p in enumerate((T - 2, T - 1, T)):
+                slots = torch.arange(p + 1) % values.shape[0]
+                want = values[slots].mean(0).repeat_interleave(G, dim=0)  # [Hq, D]
+                err = max(err, float((out[row].float() - want).abs().max()))
+            kinds = sorted({int(k) for t in (md.prefill_table, md.decode_table) for k in t.kind})
+            return warmed, err, T, kinds
+        finally:
+            kv[:, 0] = saved
+
+    ((warmed, err, T, kinds),) = triton_llm.collective_rpc(warm)
+    assert warmed == 1
+    assert T > 64 and len(kinds) == 1, (T, kinds)  # past L: stair segments only
+    assert err < 1e-4, err

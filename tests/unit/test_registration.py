@@ -81,3 +81,21 @@ def test_import_does_no_torch_work():
         .split()
     )
     assert out == ["False", "False"]
+
+
+def test_kernel_warmup_is_wrapped_once_and_only_once_the_worker_module_is_loaded():
+    code = (
+        "import sys, mesa_vllm; mesa_vllm.register(); from mesa_vllm import patches; "
+        "patches.patch_kernel_warmup(); loaded = 'vllm.v1.worker.gpu_worker' in sys.modules; "
+        "import vllm.v1.worker.gpu_worker as w; first = w.kernel_warmup; "
+        "before = getattr(first, '_mesa_patched', False); patches.patch_kernel_warmup(); "
+        "patches.patch_kernel_warmup(); print('RESULT', loaded, before, "
+        "w.kernel_warmup._mesa_patched, w.kernel_warmup.__wrapped__ is first, "
+        "first.__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120,
+                         check=True).stdout.decode()  # fmt: skip
+    result = [ln.split()[1:] for ln in out.splitlines() if ln.startswith("RESULT")][0]
+    # register() never loads the worker module; once loaded, one wrap around vLLM's own
+    assert result == ["False", "False", "True", "True",
+                      "vllm.model_executor.warmup.kernel_warmup"]  # fmt: skip
