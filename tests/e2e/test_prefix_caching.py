@@ -215,3 +215,31 @@ def test_prompt_logprobs_on_equal_off_and_oracle(servers, tiny_llama):
     assert float((got_on - want).abs().max()) <= ORACLE_ATOL
     # and the cache-reading greedy continuation equals the oracle's
     assert _generate(on, prompt)[0] == dense_greedy(tiny_llama, tuple(prompt), N_NEW, MESA_FIXED)
+
+
+def test_preemption_with_prefix_caching_equals_the_oracle(tiny_llama):
+    """An in-process engine with prefix caching on (``split: fixed``), prefill in 100-token
+    steps and 80 KV blocks of 16 tokens: three long questions on one 100-token document at
+    once share its blocks and force a preemption (the preempted request's blocks are freed
+    and it is recomputed, reading what the cache still holds).  Every continuation must
+    equal the dense greedy one."""
+    from conftest import mesa_engine_kwargs
+    from vllm import LLM, SamplingParams
+
+    kw = mesa_engine_kwargs(tiny_llama, MAX_LEN, MESA_FIXED, max_num_seqs=8,
+                            max_num_batched_tokens=100, num_gpu_blocks_override=80,
+                            enable_prefix_caching=True, disable_log_stats=False)  # fmt: skip
+    llm = LLM(**kw)
+    try:
+        sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        doc = _prompt(100, 11)
+        prompts = [doc + _prompt(n, 60 + i)[1:] for i, n in enumerate((550, 560, 540))]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        metrics = {m.name: getattr(m, "value", 0) for m in llm.get_metrics()}
+    finally:
+        del llm
+    assert metrics.get("vllm:num_preemptions", 0) > 0, "the KV cache forced no preemption"
+    assert metrics.get("vllm:prefix_cache_hits", 0) > 0, "no prefix-cache hit"
+    for p, o in zip(prompts, outs, strict=True):
+        want = dense_greedy(tiny_llama, tuple(p), 40, MESA_FIXED)
+        assert list(o.outputs[0].token_ids) == want, f"T={len(p)}"
