@@ -11,10 +11,6 @@ attention group compiles every variant serving will use.
 
 from __future__ import annotations
 
-import logging
-
-logger = logging.getLogger("vllm.mesa_vllm")
-
 
 def warm_up_runner(model_runner) -> int:
     """Launch both Triton kernels once for every Mesa attention group of ``model_runner``
