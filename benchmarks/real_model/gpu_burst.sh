@@ -30,6 +30,12 @@
 #       logs every kernel compiled after start-up, which the table counts per point) go to
 #       both servers.
 #       Results packed in $OUT/load.tgz (load/table.md, serve_load.png, raw/*.json, logs).
+#   bash benchmarks/real_model/gpu_burst.sh profile-load
+#       convert + benchmarks/profile_decode.py on the real model (PROFILE_BATCH, default 8,
+#       sequences of PROFILE_LENGTH, default 1024, tokens; Mesa then FLASH_ATTN, in-process,
+#       CUDA graphs on: ms per decode step against the kernels' GPU time per step, top ops
+#       by GPU and CPU time), then the load part in the time left (LOAD_INPUTS default
+#       1024 here).  Results packed in $OUT/profile-load.tgz (profile/, load/).
 #   bash benchmarks/real_model/gpu_burst.sh prefix
 #       convert + benchmarks/prefix_cache_ttft.py (issue 17): TTFT of 8 questions sent one at
 #       a time on one long document (the pydoc corpus as --text when present, else random
@@ -111,6 +117,13 @@ load() {
         --budget-seconds $(( left - 30 )) --out "$WORK/load" > "$WORK/load.log" 2>&1
     echo "load rc=$? (budget $(( left - 30 )) s)"; grep -E "^\[|^\||skipped|Error" "$WORK/load.log" | tail -90
 }
+profile() {
+    HF_HUB_OFFLINE=1 timeout -k 10 "${PROFILE_SECONDS:-300}" python3 benchmarks/profile_decode.py \
+        --model "$MODEL" --length "${PROFILE_LENGTH:-1024}" --batch "${PROFILE_BATCH:-8}" \
+        --timeout $(( ${PROFILE_SECONDS:-300} / 2 - 5 )) --out "$WORK/profile" \
+        > "$WORK/profile.log" 2>&1
+    echo "profile rc=$?"; grep -E "^## " "$WORK/profile.log"
+}
 prefix() {
     left=$(( ${PREFIX_END:-540} - ($(date +%s) - T_CALL) ))
     text=(); [ -f "$CORPUS" ] && text=(--text "$CORPUS")
@@ -157,6 +170,7 @@ check-eval)
     shift; check > "$WORK/check.out" & evaluate "$@"; wait; cat "$WORK/check.out"; pack "$1" ;;
 load) load; pack load ;;
 prefix) prefix; pack prefix ;;
+profile-load) profile; LOAD_INPUTS=${LOAD_INPUTS:-1024} load; pack profile-load ;;
 soak) soak; pack soak ;;
 toy-eval)
     shift; toy "$1" > "$WORK/toy.out" & evaluate "$@"; wait; cat "$WORK/toy.out"; pack "$1" ;;
