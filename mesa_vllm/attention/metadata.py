@@ -230,6 +230,10 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
         num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
         self.kernel = resolve_kernel(torch.device(device).type)
         self.max_model_len = vllm_config.model_config.max_model_len
+        # columns of the runner's block table (vLLM's InputBatch sizes it this way)
+        self.block_table_width = kv_cache_spec.max_num_blocks_per_req(
+            vllm_config, self.max_model_len
+        )
         # padded CUDA-graph batches can hold more requests than max_num_seqs
         self.max_num_reqs = max(
             vllm_config.scheduler_config.max_num_seqs,
@@ -331,22 +335,22 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
         return md
 
     def warmup_metadata(self) -> TritonMesaMetadata | None:
-        """A step that launches both Triton kernels as serving does (same tables, tile sizes
-        and decode grid), for start-up (``mesa_vllm.attention.warmup``): rows 0-1 are the
-        last two prompt tokens of a prompt of T = min(2 L, max_model_len - 1) tokens, row 2
-        decodes token T.  The block table points every block at block 0, so the launch reads
-        only the cache and writes only its output.  None on the torch path."""
+        """A step that launches both Triton kernels as serving does (same tables, tile sizes,
+        decode grid and block-table row stride: Triton specialises integer arguments such as
+        that stride on divisibility by 16), for start-up (``mesa_vllm.attention.warmup``):
+        rows 0-1 are the last two prompt tokens of a prompt of T = min(2 L, max_model_len - 1)
+        tokens, row 2 decodes token T.  The block table points every block at block 0, so the
+        launch reads only the cache and writes only its output.  None on the torch path."""
         if self.kernel != "triton":
             return None
         device = self.device
         T = max(2, min(2 * self.params.train_len, self.max_model_len - 1))
         pre = [(0, seg.q_start - (T - 2), seg) for seg in plan_request(T, T - 2, T, self.params)]
         dec = [(0, 2, seg) for seg in plan_request(T, T, T + 1, self.params)]
-        blocks = -(-(T + 1) // self.block_size)
         md = TritonMesaMetadata(
             3,
             torch.full((3,), -1, dtype=torch.int64, device=device),
-            torch.zeros(1, blocks, dtype=torch.int32, device=device),
+            torch.zeros(1, self.block_table_width, dtype=torch.int32, device=device),
         )
         md.prefill_table = build_segment_table(pre, self.params, self.block_q, device)
         md.decode_table = build_segment_table(dec, self.params, 1, device)

@@ -87,11 +87,15 @@ def test_start_up_warm_up_launches_both_kernels_over_the_engine_cache(triton_llm
                 want = values[slots].mean(0).repeat_interleave(G, dim=0)  # [Hq, D]
                 err = max(err, float((out[row].float() - want).abs().max()))
             kinds = sorted({int(k) for t in (md.prefill_table, md.decode_table) for k in t.kind})
-            return warmed, err, T, kinds
+            # the kernels see the runner's block-table row stride (Triton specialises on it)
+            served = runner.input_batch.block_table.block_tables[0].get_device_tensor(1)
+            strides = (md.block_table.stride(0), served.stride(0))
+            return warmed, err, T, kinds, strides
         finally:
             kv[:, 0] = saved
 
-    ((warmed, err, T, kinds),) = triton_llm.collective_rpc(warm)
+    ((warmed, err, T, kinds, strides),) = triton_llm.collective_rpc(warm)
     assert warmed == 1
+    assert strides[0] == strides[1], strides
     assert T > 64 and len(kinds) == 1, (T, kinds)  # past L: stair segments only
     assert err < 1e-4, err
