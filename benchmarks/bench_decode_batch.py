@@ -1,14 +1,16 @@
 """Mesa decode per layer at batch 1..64 against FA3, on a CUDA GPU.
 
     PYTHONUNBUFFERED=1 python3 benchmarks/bench_decode_batch.py [--batches 1,8,32,64]
-        [--lengths 4096,32768] [--shapes 7b,smollm2]
+        [--lengths 4096,32768] [--shapes 7b,smollm2] [--tunings "min_split_keys=128;..."]
 
 One decode step of B sequences, each S tokens long (its query at index S - 1), timed as
 CUDA-graph replays (``bench_kernels.bench_ms``): ``mesa_decode`` launched as the engine
 launches a pure-decode step (the grid from ``decode_num_splits(max_model_len, B, Hkv)``,
 max_seq_len = max_model_len, the default ``DecodeTuning``), and FA3's paged decode
 (``vllm.vllm_flash_attn.flash_attn_varlen_func``, fa_version 3, one query per sequence, the
-same paged cache of 16-token blocks: keys as stored; for speed only).  Shapes: ``7b`` =
+same paged cache of 16-token blocks: keys as stored; for speed only).  ``--tunings``: launch
+options to time next to the default, ';'-separated, each in MESA_VLLM_DECODE_KERNEL's syntax
+(mesa_vllm/envs.py); one more column each.  Shapes: ``7b`` =
 Llama-2-7B (32 heads x 128, MHA, L = 4096), ``smollm2`` = SmolLM2-135M (9 query / 3 KV
 heads x 64, L = 8192); bf16.  Prints one Markdown table; writes $OUT/decode_batch.json and
 .md when OUT is set.
@@ -29,6 +31,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from bench_kernels import ENGINE_MAX_LEN, ROPE, baselines, bench_ms, log  # noqa: E402
 
+from mesa_vllm.envs import decode_kernel_options  # noqa: E402
 from mesa_vllm.ops.triton import table as tm  # noqa: E402
 from mesa_vllm.ops.triton.decode import mesa_decode  # noqa: E402
 from mesa_vllm.plan import MesaParams, plan_request  # noqa: E402
@@ -63,11 +66,12 @@ def problem(B: int, S: int, shape: str) -> dict:
     )
 
 
-def mesa_ms(pb: dict, B: int) -> float:
+def mesa_ms(pb: dict, B: int, tuning: tm.DecodeTuning | None = None) -> float:
     out = torch.empty_like(pb["q"])
     grid = tm.decode_num_splits(ENGINE_MAX_LEN, B, pb["Hkv"])
     args = (pb["q"], pb["kc"], pb["vc"], pb["bt"], pb["table"], pb["inv"], pb["scale"], out)
-    return bench_ms(lambda: mesa_decode(*args, grid, max_seq_len=ENGINE_MAX_LEN), graph=True)
+    fn = lambda: mesa_decode(*args, grid, max_seq_len=ENGINE_MAX_LEN, tuning=tuning)  # noqa: E731
+    return bench_ms(fn, graph=True)
 
 
 def fa3_ms(fa_varlen, pb: dict, B: int, S: int) -> float | None:
@@ -87,7 +91,10 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--lengths", default="4096,32768")
     ap.add_argument("--shapes", default="7b,smollm2")
+    ap.add_argument("--tunings", default="", help="';'-separated MESA_VLLM_DECODE_KERNEL values")
     args = ap.parse_args()
+    tunings = {t.strip(): tm.DecodeTuning(**decode_kernel_options(t))
+               for t in args.tunings.split(";") if t.strip()}  # fmt: skip
     if not torch.cuda.is_available():
         sys.exit("bench_decode_batch.py needs a CUDA GPU")
     base_name, fa_varlen = baselines()
@@ -100,6 +107,7 @@ def main() -> None:
                     pb = problem(B, S, shape)
                     row = dict(shape=shape, S=S, B=B, mesa_ms=mesa_ms(pb, B),
                                base_ms=fa3_ms(fa_varlen, pb, B, S))  # fmt: skip
+                    row["tunings"] = {k: mesa_ms(pb, B, t) for k, t in tunings.items()}
                 except Exception as e:  # noqa: BLE001 - report and go on (e.g. memory)
                     row = dict(shape=shape, S=S, B=B, error=f"{type(e).__name__}: {e}"[:200])
                 pb = None
@@ -107,16 +115,19 @@ def main() -> None:
                 rows.append(row)
                 log(f"decode batch {row}")
     lines = [f"One decode step per layer, bf16, CUDA-graph replay; baseline {base_name}.", "",
-             "| shape | context | batch | Mesa ms | baseline ms | Mesa / baseline |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "| shape | context | batch | Mesa ms | baseline ms | Mesa / baseline |"
+             + "".join(f" {k} / baseline |" for k in tunings),
+             "|---|---|---|---|---|---|" + "---|" * len(tunings)]  # fmt: skip
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['shape']} | {r['S']} | {r['B']} | {r['error']} | | |")
             continue
         base = r["base_ms"]
         ratio = f"{r['mesa_ms'] / base:.2f}x" if base else "-"
+        extra = "".join(f" {v / base:.2f}x |" if base else f" {v:.4f} ms |"
+                        for v in r["tunings"].values())  # fmt: skip
         lines.append(f"| {r['shape']} | {r['S']} | {r['B']} | {r['mesa_ms']:.4f} | "
-                     f"{base if base is None else f'{base:.4f}'} | {ratio} |")  # fmt: skip
+                     f"{base if base is None else f'{base:.4f}'} | {ratio} |{extra}")  # fmt: skip
     table = "\n".join(lines)
     log("\n" + table)
     if os.environ.get("OUT"):

@@ -56,9 +56,12 @@ DECODE_KERNEL_KEYS = (
 DECODE_KERNEL_SWITCHES = ("tail_first",)  # 0 or 1
 
 
-def decode_kernel_options() -> dict[str, int]:
-    """MESA_VLLM_DECODE_KERNEL parsed into ``mesa_decode`` keywords."""
-    value = os.environ.get("MESA_VLLM_DECODE_KERNEL", "").strip()
+def decode_kernel_options(value: str | None = None) -> dict[str, int]:
+    """MESA_VLLM_DECODE_KERNEL (or ``value``, in its syntax) parsed into ``mesa_decode``
+    keywords."""
+    if value is None:
+        value = os.environ.get("MESA_VLLM_DECODE_KERNEL", "")
+    value = value.strip()
     options: dict[str, int] = {}
     for item in filter(None, (part.strip() for part in value.split(","))):
         key, sep, number = (x.strip() for x in item.partition("="))

@@ -142,7 +142,7 @@ soak() {
         --model "$MODEL" --max-model-len 65536 --clients "${SOAK_CLIENTS:-64}" \
         --duration "${SOAK_SECONDS:-300}" --max-tokens 32 --drop-streams 200 --burst 192 \
         --server-args="--kv-cache-memory-bytes 1536M --max-num-seqs 64" \
-        --shutdown-timeout 30 --request-timeout 240 --end-by $(( end - 5 )) --tie-tol 0.125 \
+        --shutdown-timeout 30 --request-timeout 240 --end-by $(( end - 5 )) --tie-tol 0.25 \
         --out "$WORK/soak" > "$WORK/soak.log" 2>&1
     echo "soak rc=$?"; grep -E "^\||^phase|^SOAK|server up|Problems|Error" "$WORK/soak.log" | tail -40
 }
