@@ -38,11 +38,12 @@ PE_LM_INFINITE = PE_RULES["lm_infinite"].code
 PE_CODES = {name: rule.code for name, rule in PE_RULES.items() if rule.weave}
 
 # Decode split sizing per sequence, in-kernel (``DecodeTuning``'s split_programs / split_keys
-# / min_split_keys): ~512 programs, 512 to 8192 keys per split (H200,
-# benchmarks/kernels_h200.md)
+# / min_split_keys): ~512 programs, 128 to 8192 keys per split (H200,
+# benchmarks/kernels_h200.md; the 128-key floor from benchmarks/decode_batch_h200.md: short
+# sequences at small batches fill more of the GPU)
 DECODE_SPLIT_PROGRAMS = 512
 DECODE_SPLIT_KEYS = 8192
-DECODE_MIN_SPLIT_KEYS = 512
+DECODE_MIN_SPLIT_KEYS = 128
 # Stair positions per decode tile at least (a 128-key block spans <= 4 positions for E >= 43;
 # where a block spans more than the tile's rows, its keys are turned instead)
 DECODE_STAIR_ROWS = 4
@@ -238,7 +239,7 @@ class DecodeTuning:
       the keys turned as loaded (the slowest) does not start last.
     * Split sizing (``decode_split_sizing``): each sequence gets enough splits for
       ~split_programs programs, of at most split_keys keys (whole key blocks, rounded down;
-      0: no per-sequence split, the grid's count alone), at least min_split_keys keys (512 on
+      0: no per-sequence split, the grid's count alone), at least min_split_keys keys (128 on
       the GPU, one key block under the interpreter), within the grid.
     * Not launched by the engine (bench_kernels.py's sweep): fast_trig (on except under the
       interpreter), angle_add (off), turn_query (on: stair keys below the anchor are scored
