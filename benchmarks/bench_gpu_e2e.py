@@ -9,7 +9,9 @@
 3. Speed, Llama-2-7B shape with dummy weights: prefill seconds (best of 2) and decode
    ms/token for FLASH_ATTN and MESA, each engine in its own process, in vLLM's default mode
    (torch.compile + CUDA graphs: FULL_AND_PIECEWISE for FLASH_ATTN; Mesa's attention runs
-   between the piecewise graphs).  BENCH_EAGER=1 runs both eager instead.
+   between the piecewise graphs).  BENCH_EAGER=1 runs both eager instead;
+   BENCH_KV_DTYPE (e.g. fp8) sets --kv-cache-dtype for every engine (recorded with the KV
+   block count in speed-<backend>.json).
 Prints Markdown tables and writes results JSON to --out (or $OUT).
 """
 
@@ -200,10 +202,12 @@ def speed_one(backend: str, workdir: Path, lengths: list[int], decode_tokens: in
 
     kw = llama7b_engine_kwargs(backend, max(lengths) + decode_tokens + 8, workdir)
     kw["enforce_eager"] = os.environ.get("BENCH_EAGER") == "1"
+    kw["kv_cache_dtype"] = os.environ.get("BENCH_KV_DTYPE", "auto")
     t0 = time.time()
     llm = LLM(**kw)
     res: dict = {"startup_s": time.time() - t0}
     res["MESA_VLLM_DECODE_KERNEL"] = os.environ.get("MESA_VLLM_DECODE_KERNEL", "")
+    res["kv_cache_dtype"] = kw["kv_cache_dtype"]
     cc = llm.llm_engine.vllm_config.cache_config
     res["num_gpu_blocks"], res["block_size"] = cc.num_gpu_blocks, cc.block_size
     log(f"[{backend}] engine up in {res['startup_s']:.0f} s, {cc.num_gpu_blocks} KV blocks")

@@ -75,18 +75,40 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------- problem builder
 
 
-def build(reqs, D, Hkv, G, page, dtype, params, seed, rope=ROPE, with_ref=True, block_q=None):
+def quantize_kv(batch, kv_dtype):
+    """An fp8 copy of ``batch``'s caches (stored = x / scale, per-tensor scales from the
+    amax) and its dense k / v as read back (scale * stored): (key_cache, value_cache, qkv,
+    (k_scale, v_scale) fp32 [1])."""
+    scales = [float(c.abs().max()) / 200 for c in (batch.key_cache, batch.value_cache)]
+    caches = [(c.float() / sc).to(kv_dtype) for c, sc in
+              zip((batch.key_cache, batch.value_cache), scales, strict=True)]  # fmt: skip
+
+    def back(x, sc):
+        return (x.float() / sc).to(kv_dtype).float() * sc
+
+    qkv = [(q, back(k, scales[0]), back(v, scales[1])) for q, k, v in batch.qkv]
+    return (*caches, qkv, tuple(torch.tensor([sc], dtype=torch.float32) for sc in scales))
+
+
+def build(reqs, D, Hkv, G, page, dtype, params, seed, rope=ROPE, with_ref=True, block_q=None,
+          kv_dtype=None):  # fmt: skip
     """Paged cache + packed queries for requests (T_prompt, seq_len, ctx) on the GPU.
 
     Returns dict: query [n, Hq, D], key_cache/value_cache [blocks, page, Hkv, D], block_table
-    int32 [reqs, max_blocks], prefill/decode SegmentTables, ref [n, Hq, D] fp32 (CPU) or None.
+    int32 [reqs, max_blocks], prefill/decode SegmentTables, ref [n, Hq, D] fp32 (CPU) or None,
+    kv_scales (None, or with kv_dtype an fp8 cache's scales: ``quantize_kv``; the reference
+    then reads the keys and values back as the kernels do).
     """
     dev = DEV
     batch = random_paged_batch(
         reqs, params, Hkv, G, D, page, dtype, torch.Generator().manual_seed(seed), 7
     )
+    key_cache, value_cache, qkv, kv_scales = batch.key_cache, batch.value_cache, batch.qkv, None
+    if kv_dtype is not None:
+        key_cache, value_cache, qkv, kv_scales = quantize_kv(batch, kv_dtype)
+        kv_scales = tuple(t.to(dev) for t in kv_scales)
     refs = []
-    for (T, _, ctx), (q, k, v) in zip(reqs, batch.qkv, strict=True):
+    for (T, _, ctx), (q, k, v) in zip(reqs, qkv, strict=True):
         if with_ref and params.pe != "stair":
             refs.append(variant_ref(q, k, v, T, params, rope, D**-0.5)[ctx:].float().cpu())
         elif with_ref:
@@ -110,8 +132,9 @@ def build(reqs, D, Hkv, G, page, dtype, params, seed, rope=ROPE, with_ref=True, 
     bq = block_q or tm.default_block_q(G)
     return dict(
         query=batch.query.to(dev),
-        key_cache=batch.key_cache.to(dev),
-        value_cache=batch.value_cache.to(dev),
+        key_cache=key_cache.to(dev),
+        value_cache=value_cache.to(dev),
+        kv_scales=kv_scales,
         block_table=batch.block_table.to(dev),
         pre=tm.build_segment_table(pre, params, bq, dev) if pre else None,
         dec=tm.build_segment_table(dec, params, 1, dev) if dec else None,
@@ -128,12 +151,14 @@ def run(pb, num_splits=4, out=None, pre_kw=None, dec_kw=None):
     args = (pb["query"], pb["key_cache"], pb["value_cache"], pb["block_table"])
     if pb["pre"] is not None:
         tuning = tm.PrefillTuning(**(pre_kw or {}))
-        mesa_prefill(*args, pb["pre"], pb["inv"], pb["scale"], out, tuning=tuning)
+        mesa_prefill(*args, pb["pre"], pb["inv"], pb["scale"], out, tuning=tuning,
+                     kv_scales=pb.get("kv_scales"))  # fmt: skip
     if pb["dec"] is not None:
         kw = dict(dec_kw or {})
         max_seq_len = kw.pop("max_seq_len", None)
         mesa_decode(*args, pb["dec"], pb["inv"], pb["scale"], out, num_splits,
-                    max_seq_len=max_seq_len, tuning=tm.DecodeTuning(**kw))  # fmt: skip
+                    max_seq_len=max_seq_len, tuning=tm.DecodeTuning(**kw),
+                    kv_scales=pb.get("kv_scales"))  # fmt: skip
     return out
 
 
@@ -242,10 +267,17 @@ TOL = {torch.bfloat16: (6e-2, 1.5e-2), torch.float16: (1e-2, 3e-3), torch.float3
 
 def checks(seed: int) -> list[dict]:
     rows = []
-    for i, (name, dtype, D, Hkv, G, page, mp, reqs, splits) in enumerate(CHECKS):
+    # every check, then its half-precision ones again over an fp8 (e4m3) cache
+    fp8 = [(i, c, torch.float8_e4m3fn) for i, c in enumerate(CHECKS) if c[1] != torch.float32]
+    for i, (name, dtype, D, Hkv, G, page, mp, reqs, splits), kv_dtype in [
+        *((i, c, None) for i, c in enumerate(CHECKS)),
+        *fp8,
+    ]:
         atol, rtol = TOL[dtype]
+        name = name if kv_dtype is None else f"{name} fp8-e4m3 KV"
         try:
-            r = one_check(name, dtype, D, Hkv, G, page, MesaParams(*mp), reqs, splits, seed + i)
+            r = one_check(name, dtype, D, Hkv, G, page, MesaParams(*mp), reqs, splits, seed + i,
+                          kv_dtype)  # fmt: skip
         except Exception as e:  # noqa: BLE001 - report, keep going (device time is scarce)
             r = dict(
                 name=name,
@@ -281,9 +313,9 @@ def checks(seed: int) -> list[dict]:
     return rows
 
 
-def one_check(name, dtype, D, Hkv, G, page, params, reqs, splits, seed) -> dict:
+def one_check(name, dtype, D, Hkv, G, page, params, reqs, splits, seed, kv_dtype=None) -> dict:
     t0 = time.time()
-    pb = build(reqs, D, Hkv, G, page, dtype, params, seed)
+    pb = build(reqs, D, Hkv, G, page, dtype, params, seed, kv_dtype=kv_dtype)
     t_ref = time.time() - t0
     out = run(pb, splits)
     torch.cuda.synchronize()

@@ -20,6 +20,9 @@
 #                                               the kernel checks of Mesa and of the weave
 #                                               variants vs the dense reference, and decode
 #                                               at batch 1..64 vs FA3 (bench_decode_batch.py)
+#   bash benchmarks/gpu_session.sh fp8 [backends] [lengths]   the speed part with an fp8 KV
+#                                               cache (FLASH_ATTN,mesa; 32k and 128k): decode
+#                                               ms/token and KV blocks, next to `speed mesa`
 #   (speed takes a comma list of backends: each runs in its own process, same call)
 #
 # If .gpu/snap exists (a `git archive` of the committed mesa_vllm/), it replaces the working
@@ -48,6 +51,12 @@ speed)
         --lengths "${3:-4096,32768,131072}" --speed-timeout 560 --out "$OUT" \
         > "$OUT/speed-$2.log" 2>&1
     echo "speed rc=$?"; short "$OUT/speed-$2.log" 25 ;;
+fp8)  # fp8 KV cache: FLASH_ATTN and Mesa, 7B shape, 32k and 128k (Mesa bf16: the speed part)
+    mkdir -p "$OUT/fp8"
+    BENCH_KV_DTYPE=fp8 timeout 570 python3 benchmarks/bench_gpu_e2e.py --parts speed \
+        --backends "${2:-FLASH_ATTN,mesa}" --lengths "${3:-32768,131072}" --speed-timeout 280 \
+        --out "$OUT/fp8" > "$OUT/fp8/speed.log" 2>&1
+    echo "fp8 speed rc=$?"; short "$OUT/fp8/speed.log" 25 ;;
 graphs)  # CUDA-graph decode: smoke eager vs graphs, Mesa speed, correctness vs FLASH_ATTN
     timeout 170 python3 benchmarks/gpu_smoke.py > "$OUT/smoke.log" 2>&1
     echo "smoke rc=$?"; grep -E "^SMOKE|Error" "$OUT/smoke.log" | tail -8

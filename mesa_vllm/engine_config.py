@@ -112,11 +112,27 @@ def check_environment() -> None:
             raise MesaConfigError(str(exc)) from None
 
 
+def check_kv_cache_dtype(cache_dtype: str) -> None:
+    """An fp8 KV cache needs the Triton kernels (the torch path reads the model dtype):
+    MesaConfigError naming the option where this device would run the torch path."""
+    if not str(cache_dtype).startswith("fp8"):
+        return
+    from vllm.platforms import current_platform
+
+    if envs.resolve_kernel(current_platform.device_type) != "triton":
+        raise MesaConfigError(
+            f"--kv-cache-dtype {cache_dtype} needs the Mesa Triton kernels (a CUDA GPU); "
+            f"on {current_platform.device_type} the Mesa backend runs its torch path, which "
+            "keeps the cache in the model dtype: use --kv-cache-dtype auto"
+        )
+
+
 def apply(vllm_config: Any, prefix_caching_explicit: bool) -> MesaConfig:
     """Resolve the Mesa config and adjust the engine for it (see module docstring)."""
     check_environment()
     mesa = resolve(vllm_config)
     cache_config = vllm_config.cache_config
+    check_kv_cache_dtype(cache_config.cache_dtype)
     if mesa.split == "fixed":
         # chunk boundaries do not depend on T: a token before its request's last chunk has the
         # same KV in every request sharing its prefix; vLLM's prefix caching stays as the user

@@ -104,6 +104,7 @@ def dense_model_logits(
     token_ids: list[int],
     mesa: dict | None = None,
     prompt_len: int | None = None,
+    kv_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Logits, float32 [S, vocab], of every position of ``token_ids`` (S tokens).
 
@@ -114,7 +115,9 @@ def dense_model_logits(
     the config's trained length), and for a weave variant (docs/VARIANTS.md) pe,
     chunked_prefill, window and the variant's own keys.
     ``prompt_len``: how many of ``token_ids`` are the prompt (default all); the rest are
-    treated as generated tokens by the Mesa rules.
+    treated as generated tokens by the Mesa rules.  ``kv_dtype``: the dtype of a quantized
+    KV cache (fp8): every layer's keys (unrotated) and values are rounded to it, as the
+    cache stores them at vLLM's default scale of 1.
     """
     cfg, W = load_checkpoint(model_dir)
     S = len(token_ids)
@@ -156,6 +159,8 @@ def dense_model_logits(
             q = _linear(h, W, f"{pre}.self_attn.q_proj")
             k = _linear(h, W, f"{pre}.self_attn.k_proj")
             v = _linear(h, W, f"{pre}.self_attn.v_proj")
+        if kv_dtype is not None:
+            k, v = (t.to(kv_dtype).to(t.dtype) for t in (k, v))
         a = attention(q.reshape(S, Hq, D), k.reshape(S, Hkv, D), v.reshape(S, Hkv, D))
         x = x + _linear(a.reshape(S, Hq * D), W, f"{pre}.self_attn.o_proj")
         h = _rms_norm(x, W[f"{pre}.post_attention_layernorm.weight"], eps)
@@ -176,6 +181,7 @@ def dense_greedy(
     n_new: int,
     mesa: dict | None = None,
     eos_token_id: int | None = None,
+    kv_dtype: torch.dtype | None = None,
 ) -> list[int]:
     """Greedy continuation (the new tokens only) of ``prompt_ids``, one full forward per token.
 
@@ -185,7 +191,7 @@ def dense_greedy(
     seq = list(prompt_ids)
     out: list[int] = []
     for _ in range(n_new):
-        logits = dense_model_logits(model_dir, seq, mesa, prompt_len=len(prompt_ids))
+        logits = dense_model_logits(model_dir, seq, mesa, len(prompt_ids), kv_dtype)
         tok = int(torch.argmax(logits[-1]))
         seq.append(tok)
         out.append(tok)

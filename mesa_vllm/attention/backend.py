@@ -24,20 +24,29 @@ from mesa_vllm.attention.metadata import (
     MesaMetadataBuilder,
     TritonMesaMetadata,
 )
-from mesa_vllm.envs import decode_kernel_options
+from mesa_vllm.envs import decode_kernel_options, resolve_kernel
 from mesa_vllm.ops.rope import RopeSpec
 from mesa_vllm.ops.torch_mesa import run_segments
 from mesa_vllm.ops.triton.table import DecodeTuning
 from mesa_vllm.patches import patch_kernel_warmup
 
 BACKEND_NAME = "CUSTOM"  # see mesa_vllm.patches: MESA is an alias of vLLM's CUSTOM slot
+# --kv-cache-dtype values stored in fp8 (vLLM allocates uint8; "fp8" is e4m3 on CUDA), with
+# the torch dtype the kernels read them as
+FP8_KV_DTYPES = {
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
 
 
 class MesaAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update: bool = False
     accept_output_buffer: bool = True
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = [
+        "auto", "float16", "bfloat16", *FP8_KV_DTYPES,
+    ]  # fmt: skip
 
     @staticmethod
     def get_name() -> str:
@@ -108,6 +117,17 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
                 raise ValueError(f"Mesa backend does not support {name}={value!r}")
         if kv_cache_dtype not in MesaAttentionBackend.supported_kv_cache_dtypes:
             raise ValueError(f"Mesa backend does not support kv_cache_dtype={kv_cache_dtype!r}")
+        self.model_dtype = torch.get_default_dtype()  # vLLM builds the model under its dtype
+        self.fp8_dtype = FP8_KV_DTYPES.get(kv_cache_dtype)
+        if self.fp8_dtype is not None:
+            from vllm.platforms import current_platform
+
+            if resolve_kernel(current_platform.device_type) != "triton":
+                raise ValueError(
+                    f"Mesa backend: --kv-cache-dtype {kv_cache_dtype} needs the Triton "
+                    "kernels (a CUDA GPU); the torch path of this device keeps the cache in "
+                    "the model dtype: use --kv-cache-dtype auto"
+                )
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
@@ -145,6 +165,11 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
         n = slot_mapping.shape[0]
         slots = slot_mapping.to(torch.int64)
         valid = slots >= 0
+        if self.fp8_dtype is not None:  # as vLLM's cache op stores fp8: x / scale, rounded
+            # (copied as the uint8 the cache is allocated as: torch's CPU copies lack fp8)
+            key = (key.float() / layer._k_scale.float()).to(self.fp8_dtype).view(kv_cache.dtype)
+            value = (value.float() / layer._v_scale.float()).to(self.fp8_dtype)
+            value = value.view(kv_cache.dtype)
         k_flat = kv_cache[0].view(-1, self.num_kv_heads, self.head_size)
         v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_size)
         if bool(valid.all()):
@@ -180,7 +205,8 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
         if isinstance(attn_metadata, TritonMesaMetadata):
             if attn_metadata.fresh is not None:
                 self._forward_fresh(query, key, value, attn_metadata.fresh, output)
-            self._forward_triton(query, kv_cache, attn_metadata, output)
+            scales = None if self.fp8_dtype is None else (layer._k_scale, layer._v_scale)
+            self._forward_triton(query, kv_cache, attn_metadata, output, scales)
             return output
         run_segments(
             query,
@@ -197,10 +223,16 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
         """Run the Triton kernels once on ``md`` (``MesaMetadataBuilder.warmup_metadata``)
         over this layer's cache, with zero queries, so that Triton compiles them before the
         server takes requests.  Returns the output rows [3, Hq, D]."""
+        # an fp8 cache is stored as uint8; the queries keep the model dtype
+        dtype = kv_cache.dtype if self.fp8_dtype is None else self.model_dtype
         query = torch.zeros(md.num_actual_tokens, self.num_heads, self.head_size,
-                            dtype=kv_cache.dtype, device=kv_cache.device)  # fmt: skip
+                            dtype=dtype, device=kv_cache.device)  # fmt: skip
         output = torch.empty_like(query)
-        self._forward_triton(query, kv_cache, md, output)
+        scales = None
+        if self.fp8_dtype is not None:
+            one = torch.ones(1, dtype=torch.float32, device=kv_cache.device)
+            scales = (one, one)
+        self._forward_triton(query, kv_cache, md, output, scales)
         return output
 
     def _forward_triton(
@@ -209,18 +241,23 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
         kv_cache: torch.Tensor,
         md: TritonMesaMetadata,
         output: torch.Tensor,
+        kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """Triton kernels (mesa_vllm/ops/triton/) over the paged cache."""
+        """Triton kernels (mesa_vllm/ops/triton/) over the paged cache; kv_scales: the
+        layer's (k_scale, v_scale) of an fp8 cache."""
         from mesa_vllm.ops.triton.decode import mesa_decode
         from mesa_vllm.ops.triton.prefill import mesa_prefill
 
         if not self.rope.is_neox_style:
             raise ValueError("Mesa Triton kernels support neox-style RoPE only")
         inv_freq = self._inv_freq_on(query.device)
+        if self.fp8_dtype is not None:  # vLLM allocates it as uint8
+            kv_cache = kv_cache.view(self.fp8_dtype)
         args = (query, kv_cache[0], kv_cache[1], md.block_table)
         rd = self.rope.rotary_dim
         if md.prefill_table is not None:
-            mesa_prefill(*args, md.prefill_table, inv_freq, self.scale, output, rotary_dim=rd)
+            mesa_prefill(*args, md.prefill_table, inv_freq, self.scale, output, rotary_dim=rd,
+                         kv_scales=kv_scales)  # fmt: skip
         if md.decode_table is not None:
             mesa_decode(
                 *args,
@@ -232,6 +269,7 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
                 rotary_dim=rd,
                 max_seq_len=md.max_seq_len,
                 tuning=self.decode_tuning,
+                kv_scales=kv_scales,
             )
 
     def _forward_fresh(

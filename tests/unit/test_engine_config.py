@@ -109,6 +109,20 @@ def test_explicit_prefix_caching_is_refused(tiny64):
     assert 'mesa.split to "fixed"' in str(e.value)
 
 
+@pytest.mark.parametrize("dtype", ["fp8", "fp8_e5m2"])
+def test_fp8_kv_cache_on_the_torch_path_is_refused(tiny64, monkeypatch, dtype):
+    """The CPU runs the torch path: fp8 is refused at startup, naming the option; with the
+    Triton kernels (here the interpreter) the same engine config builds."""
+    from mesa_vllm.config import MesaConfigError
+
+    kw = dict(attention_backend="mesa", max_model_len=256, additional_config=FITS_64,
+              kv_cache_dtype=dtype)  # fmt: skip
+    with pytest.raises(MesaConfigError, match=f"--kv-cache-dtype {dtype} needs the Mesa Triton"):
+        _config(tiny64, **kw)
+    monkeypatch.setenv("MESA_VLLM_KERNEL", "triton")
+    assert _config(tiny64, **kw).cache_config.cache_dtype == dtype
+
+
 @pytest.mark.parametrize("explicit", [None, True, False])
 def test_fixed_split_keeps_prefix_caching(tiny64, explicit):
     cfg = _config(

@@ -151,6 +151,16 @@ _CASES = [
      dict(split="fixed", splits=3)),
     ("fixed-auto-fp16-d64-g1-p16-chunked", "float16", 64, 2, 1, 16,
      [(230, 230, 200), (200, 240, 239), (100, 100, 88)], dict(split="fixed", E="auto")),
+    # fp8 KV cache (kv=...): random per-tensor scales, stored k / scale in fp8; the reference
+    # gets the dequantized k / v (tolerance of the query dtype) and, as a second check, the
+    # unquantized ones (FP8_TOL); prefill, chunked prefill, stair and causal decode rows
+    ("fp8e4m3-bf16-d64-hkv3-g3-p16", "bfloat16", 64, 3, 3, 16,
+     [(256, 256, 0), (200, 240, 239), (150, 150, 60), (20, 31, 30)],
+     dict(theta=1e5, splits=3, kv="float8_e4m3fn")),
+    ("fp8e5m2-fp16-d32-g1-p32-chunked", "float16", 32, 2, 1, 32,
+     [(180, 180, 150), (64, 80, 70), (200, 230, 229)], dict(kv="float8_e5m2", splits=2)),
+    ("fp8e4m3-fp32-d32-g4-p16-decode", "float32", 32, 2, 4, 16,
+     [(10, 20, 19), (200, 230, 229), (256, 256, 255)], dict(kv="float8_e4m3fn", splits=4)),
     ("leaky-fp32-d32-g3-p16-blockq3-no-angle-add", "float32", 32, 1, 3, 16,
      [(120, 120, 0), (90, 100, 99)],
      dict(pe="leaky_rerope", window=9, k=1.75, block_q=3, flip_angle_add=True, splits=7)),
@@ -160,6 +170,9 @@ CASES = [
     for i, dt, d, hkv, g, pg, r, kw in _CASES
 ]
 TOL = {"float32": (1e-4, 1e-5), "float16": (5e-2, 1.5e-2), "bfloat16": (5e-2, 1.5e-2)}
+# fp8 cache against the unquantized reference (relative L2): e4m3 keeps 3 mantissa bits
+# (elements within 2^-4 relative), e5m2 2 bits (2^-3)
+FP8_TOL = {"float8_e4m3fn": 0.06, "float8_e5m2": 0.12}
 WEAVE_TOL_FP32 = (2e-4, 2e-5)
 
 
@@ -228,8 +241,21 @@ def run_case(case: dict, seed: int) -> dict:
     inv = rope_inv_freq(D, rope)
     batch = random_paged_batch(reqs, params, Hkv, G, D, page, dtype, g, 3)
     key_cache, value_cache, block_table = batch.key_cache, batch.value_cache, batch.block_table
-    refs, entries = [], batch.entries
-    for (T, _, ctx), (q, k, v) in zip(reqs, batch.qkv, strict=True):
+    refs, refs_full, entries = [], [], batch.entries
+    qkv, kv_scales = batch.qkv, None
+    if "kv" in case:  # stored = x / scale in fp8; the kernels read scale * stored
+        fp8 = getattr(torch, case["kv"])
+        scales = [float(c.abs().max()) / 200 * (0.5 + float(torch.rand(1, generator=g)))
+                  for c in (key_cache, value_cache)]  # fmt: skip
+        kv_scales = tuple(torch.tensor([sc], dtype=torch.float32) for sc in scales)
+        key_cache = (key_cache.float() / scales[0]).to(fp8)
+        value_cache = (value_cache.float() / scales[1]).to(fp8)
+
+        def dequantized(x, sc):
+            return (x.float() / sc).to(fp8).float() * sc
+
+        qkv = [(q, dequantized(k, scales[0]), dequantized(v, scales[1])) for q, k, v in qkv]
+    for (T, _, ctx), (q, k, v), full in zip(reqs, qkv, batch.qkv, strict=True):
         if spec is None:
             ref = mesa_attention_reference(
                 q, k, v, T, m["L"], m["F"], m["Lc"], m["Mmax"], m["E"], log_n, rope, D**-0.5,
@@ -238,6 +264,11 @@ def run_case(case: dict, seed: int) -> dict:
         else:
             ref = variant_attention_reference(q, k, v, T, m["L"], spec, rope, D**-0.5)
         refs.append(ref[ctx:])
+        if kv_scales is not None:
+            _, k_full, v_full = full
+            refs_full.append(mesa_attention_reference(
+                q, k_full, v_full, T, m["L"], m["F"], m["Lc"], m["Mmax"], m["E"], log_n, rope,
+                D**-0.5, split=case.get("split", "dynamic"))[ctx:])  # fmt: skip
     query, ref = batch.query, torch.cat(refs).float()
     out = torch.full_like(query, float("nan"))
     pre, dec = tm.split_prefill_decode(entries)
@@ -246,7 +277,15 @@ def run_case(case: dict, seed: int) -> dict:
     if pre:
         table = tm.build_segment_table(pre, params, case.get("block_q", max(1, 16 // G)))
         flip = case.get("flip_angle_add", False)  # prefill default on, decode default off
-        mesa_prefill(*cache, table, inv, D**-0.5, out, tuning=tm.PrefillTuning(angle_add=not flip))
+        mesa_prefill(
+            *cache,
+            table,
+            inv,
+            D**-0.5,
+            out,
+            tuning=tm.PrefillTuning(angle_add=not flip),
+            kv_scales=kv_scales,
+        )
     if dec:
         table = tm.build_segment_table(dec, params, 1)
         flip = case.get("flip_angle_add", False)
@@ -266,9 +305,15 @@ def run_case(case: dict, seed: int) -> dict:
             case.get("splits", 3),
             max_seq_len=case.get("max_seq_len"),
             tuning=tuning,
+            kv_scales=kv_scales,
         )
     err = (out.float() - ref).abs()
+    extra = {}
+    if refs_full:
+        full = torch.cat(refs_full).float()
+        extra["rel_l2_unquantized"] = float((out.float() - full).norm() / full.norm())
     return dict(
+        **extra,
         id=case["id"],
         seed=seed,
         nan=int(out.isnan().sum()),
@@ -321,6 +366,8 @@ def test_kernels_match_reference(results: dict, case: dict) -> None:
     assert r["n_prefill"] + r["n_decode"] > 0
     if "pe" in case:  # the variant rule ran in both kernels
         assert {"pre:weave", "dec:weave"} <= set(r["kinds"]), r
+    if "kv" in case:  # and close to the unquantized cache
+        assert r["rel_l2_unquantized"] <= FP8_TOL[case["kv"]], r
 
 
 def test_segment_table_tiles() -> None:

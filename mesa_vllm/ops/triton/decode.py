@@ -35,6 +35,7 @@ from mesa_vllm.ops.triton.jit import (
     load_segment,
     mask2,
     online_softmax,
+    scale_pointers,
     scaled_query,
     segment_columns,
     stair_pos,
@@ -155,9 +156,10 @@ def _merge_rows(m_i, l_i, acc, NV: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: t
 def _decode_kernel(
     Q, K, V, BT, M_WS, L_WS, ACC_WS,
     SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_WIDTH, SEG_REQ, INV_FREQ,
-    qk_scale, inv_log_L, F, W, SINK, LEAKY, FAR_C, GROUP, num_splits, min_split,
-    split_div, split_keys,
+    K_SCALE, V_SCALE, qk_scale, inv_log_L, F, W, SINK, LEAKY, FAR_C, GROUP, num_splits,
+    min_split, split_div, split_keys,
     s_qn, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
+    KV_SCALED: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, NV: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
     BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
@@ -171,6 +173,8 @@ def _decode_kernel(
     seg = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
+    if KV_SCALED:  # quantized cache: the key scale goes into the query's (V_SCALE: reduce)
+        qk_scale = qk_scale * tl.load(K_SCALE)
     q_lo, p_abs, kind, s, A, E, req = load_segment(SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK,
                                                    SEG_ANCHOR, SEG_WIDTH, SEG_REQ, seg)
 
@@ -289,9 +293,10 @@ def _decode_kernel(
 
 @triton.jit(do_not_specialize=SPLIT_ARGS, do_not_specialize_on_alignment=TABLE_POINTERS)
 def _decode_reduce_kernel(
-    Out, M_WS, L_WS, ACC_WS, SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, F, num_splits, min_split,
-    split_div, split_keys,
+    Out, M_WS, L_WS, ACC_WS, SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, V_SCALE, F, num_splits,
+    min_split, split_div, split_keys,
     s_on, s_oh,
+    KV_SCALED: tl.constexpr,
     HEAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
     BUSY_ONLY: tl.constexpr,
 ):
@@ -325,6 +330,8 @@ def _decode_reduce_kernel(
         acc_run = acc_run * alpha + tl.sum(acc * w[:, None], 0)
         m_run = m_new
     out = acc_run / l_run
+    if KV_SCALED:  # v = V_SCALE * stored v
+        out = out * tl.load(V_SCALE)
     q_lo = tl.load(SEG_QLO + seg)
     tl.store(Out + q_lo.to(tl.int64) * s_on + head * s_oh + dd, out.to(Out.dtype.element_ty),
              mask=dd < HEAD)
@@ -349,6 +356,7 @@ def mesa_decode(
     max_seq_len: int | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     tuning: DecodeTuning | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Split-KV decode: every segment of ``table`` must hold exactly one query.
 
@@ -358,8 +366,8 @@ def mesa_decode(
     (``decode_busy_splits``), which drops idle programs and changes no split.  workspace:
     (m, l fp32 [num_segments * Hq * num_splits], acc fp32 [num_segments * Hq * num_splits,
     BLOCK_D]) or None to allocate.  tuning: launch options (``DecodeTuning``; None: the
-    defaults measured on the H200).  Splits past a sequence's own count return at once (Mesa
-    segments).
+    defaults measured on the H200).  kv_scales: as ``mesa_prefill``.  Splits past a
+    sequence's own count return at once (Mesa segments).
 
     No host sync, grid from host ints: CUDA-graph safe when ``table`` and ``workspace`` live
     in persistent buffers.  Returns ``output``.
@@ -400,9 +408,11 @@ def mesa_decode(
     block_g = max(tuning.tile_rows, g_pad * stair_rows)
     columns = segment_columns(table)
     del columns["SEG_QLEN"]
+    scales = scale_pointers(kv_scales, inv_freq)
     _decode_kernel[(n_seg, Hkv, num_splits)](
         Q=query, K=key_cache, V=value_cache, BT=block_table, M_WS=m_ws, L_WS=l_ws,
-        ACC_WS=acc_ws, **columns, INV_FREQ=inv_freq, **kernel_scalars(table, scale), **splits,
+        ACC_WS=acc_ws, **columns, INV_FREQ=inv_freq, **scales, **kernel_scalars(table, scale),
+        **splits,
         **cache_strides(query, key_cache, value_cache), s_bt=block_table.stride(0),
         G_PAD=g_pad, NV=block_g // g_pad, BLOCK_G=block_g, BLOCK_N=block_n, LOG_N=table.log_n,
         FAST_TRIG=not interp if tuning.fast_trig is None else tuning.fast_trig,
@@ -413,6 +423,7 @@ def mesa_decode(
     _decode_reduce_kernel[(n_seg, Hq)](
         Out=output, M_WS=m_ws, L_WS=l_ws, ACC_WS=acc_ws, SEG_QLO=table.q_lo,
         SEG_QABS=table.q_abs, SEG_KIND=table.kind, SEG_CHUNK=table.chunk_start,
+        V_SCALE=scales["V_SCALE"], KV_SCALED=scales["KV_SCALED"],
         F=table.first_chunk, **splits, s_on=output.stride(0), s_oh=output.stride(1),
         HEAD=meta["HEAD"], BLOCK_D=meta["BLOCK_D"],
         BLOCK_S=DECODE_REDUCE_SPLITS, BLOCK_N=block_n,

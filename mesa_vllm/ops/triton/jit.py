@@ -120,6 +120,18 @@ def cache_strides(query, key_cache, value_cache) -> dict[str, int]:
     return dict(zip(names, values, strict=True))
 
 
+def scale_pointers(kv_scales, dummy: torch.Tensor) -> dict:
+    """K_SCALE / V_SCALE / KV_SCALED of a launch: a quantized cache's (k_scale, v_scale)
+    fp32 one-element tensors, or ``dummy`` pointers (never read) and KV_SCALED off."""
+    if kv_scales is None:
+        return dict(K_SCALE=dummy, V_SCALE=dummy, KV_SCALED=False)
+    k_scale, v_scale = kv_scales
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t.numel() != 1 or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be one fp32 value, got {tuple(t.shape)} {t.dtype}")
+    return dict(K_SCALE=k_scale, V_SCALE=v_scale, KV_SCALED=True)
+
+
 def segment_columns(table: tb.SegmentTable) -> dict[str, torch.Tensor]:
     """The per-segment columns of a table, as the kernels name them."""
     return dict(SEG_QLO=table.q_lo, SEG_QLEN=table.q_len, SEG_QABS=table.q_abs,

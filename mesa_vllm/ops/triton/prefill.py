@@ -47,6 +47,7 @@ from mesa_vllm.ops.triton.jit import (
     load_query,
     load_segment,
     mask2,
+    scale_pointers,
     segment_columns,
     stair_pos,
     weave_block,
@@ -146,8 +147,9 @@ def _weave_tile(
 def _prefill_kernel(
     Q, K, V, Out, BT, TILE_SEG, TILE_Q0,
     SEG_QLO, SEG_QLEN, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_WIDTH, SEG_REQ,
-    INV_FREQ, qk_scale, inv_log_L, F, W, SINK, LEAKY, FAR_C, GROUP,
+    INV_FREQ, K_SCALE, V_SCALE, qk_scale, inv_log_L, F, W, SINK, LEAKY, FAR_C, GROUP,
     s_qn, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_on, s_oh, s_bt,
+    KV_SCALED: tl.constexpr,
     G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
     BLOCK_REST: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
@@ -156,6 +158,8 @@ def _prefill_kernel(
 ):
     tile = tl.program_id(0)
     hkv = tl.program_id(1)
+    if KV_SCALED:  # quantized cache: k = K_SCALE * stored k, folded into the query's scale
+        qk_scale = qk_scale * tl.load(K_SCALE)
     seg = tl.load(TILE_SEG + tile)
     q0 = tl.load(TILE_Q0 + tile)
     q_len = tl.load(SEG_QLEN + seg)
@@ -219,6 +223,8 @@ def _prefill_kernel(
                 DOT_DTYPE, PREC, UPCAST, ANGLE_ADD)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if KV_SCALED:  # v = V_SCALE * stored v
+        out = out * tl.load(V_SCALE)
     dd = tl.arange(0, BLOCK_D)
     o_row = Out + (q_lo + qi).to(tl.int64) * s_on + head * s_oh
     tl.store(o_row[:, None] + dd[None, :], out.to(Out.dtype.element_ty),
@@ -242,6 +248,7 @@ def mesa_prefill(
     *,
     rotary_dim: int | None = None,
     tuning: PrefillTuning | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mesa attention of every query row listed in ``table`` (any segment kinds and lengths).
 
@@ -251,6 +258,8 @@ def mesa_prefill(
     2 * len(inv_freq)); output [n, Hq, D] (rows not in ``table`` are left untouched).
     tuning: launch options (``PrefillTuning``; None: the defaults, from the H200 sweep in
     benchmarks/kernels_h200.md, where tiles of 256 rows / 16 warps were 3% faster).
+    kv_scales: (k_scale, v_scale) fp32 one-element tensors of a quantized cache (fp8: the
+    true keys / values are scale * stored), read on the device; None: unscaled.
     Returns ``output``.
     """
     if table.num_tiles == 0:
@@ -265,7 +274,7 @@ def mesa_prefill(
     _prefill_kernel[(table.num_tiles, Hkv)](
         Q=query, K=key_cache, V=value_cache, Out=output, BT=block_table,
         TILE_SEG=table.tile_seg, TILE_Q0=table.tile_q0, **segment_columns(table),
-        INV_FREQ=inv_freq, **kernel_scalars(table, scale),
+        INV_FREQ=inv_freq, **scale_pointers(kv_scales, inv_freq), **kernel_scalars(table, scale),
         **cache_strides(query, key_cache, value_cache), s_on=output.stride(0),
         s_oh=output.stride(1), s_bt=block_table.stride(0),
         BLOCK_Q=table.block_q, BLOCK_M=block_m, BLOCK_N=block_n, LOG_N=table.log_n,
