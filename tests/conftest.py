@@ -58,6 +58,24 @@ def mesa_engine_kwargs(model: Path, max_model_len: int, mesa: dict, **overrides)
     return kw
 
 
+def interpreter_llm(**kw):
+    """``vllm.LLM(**kw)`` on the Mesa Triton kernels under the Triton interpreter
+    (MESA_VLLM_KERNEL=triton, TRITON_INTERPRET=1 while the engine starts: its processes
+    inherit them; this process gets its values back)."""
+    from vllm import LLM
+
+    saved = {k: os.environ.get(k) for k in ("MESA_VLLM_KERNEL", "TRITON_INTERPRET")}
+    os.environ.update(MESA_VLLM_KERNEL="triton", TRITON_INTERPRET="1")
+    try:
+        return LLM(**kw)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def cli_server(model: Path, args: list[str], log_path: Path, served_name: str = "tiny"):
     """A LocalServer started as `mesa-vllm serve MODEL ARGS` through bash (a real shell)."""
     from mesa_vllm.eval.server import LocalServer

@@ -200,13 +200,16 @@ def dense_greedy(
     return out
 
 
-def prompt_logprob_error(model_dir, prompt: list[int], prompt_logprobs, mesa: dict | None) -> float:
+def prompt_logprob_error(
+    model_dir, prompt: list[int], prompt_logprobs, mesa: dict | None, kv_dtype=None
+) -> float:
     """max |engine - oracle| over the logprobs of prompt tokens 1..S-1.  ``prompt_logprobs``
-    is vLLM's ``RequestOutput.prompt_logprobs`` (first entry None)."""
+    is vLLM's ``RequestOutput.prompt_logprobs`` (first entry None); kv_dtype as
+    ``dense_model_logits``."""
     got = torch.tensor(
         [d[t].logprob for d, t in zip(prompt_logprobs[1:], prompt[1:], strict=True)],
         dtype=torch.float64,
     )
-    logits = dense_model_logits(model_dir, prompt, mesa=mesa).to(torch.float64)
+    logits = dense_model_logits(model_dir, prompt, mesa=mesa, kv_dtype=kv_dtype).double()
     want = torch.log_softmax(logits, -1)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
     return (got - want).abs().max().item()

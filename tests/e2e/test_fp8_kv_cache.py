@@ -11,8 +11,8 @@ import random
 
 import pytest
 import torch
-from conftest import MESA_SMALL, mesa_engine_kwargs
-from oracle import dense_greedy, dense_model_logits
+from conftest import MESA_SMALL, interpreter_llm, mesa_engine_kwargs
+from oracle import dense_greedy, prompt_logprob_error
 
 pytestmark = pytest.mark.e2e
 
@@ -22,20 +22,9 @@ FP8 = torch.float8_e4m3fn
 
 @pytest.fixture(scope="module")
 def fp8_llm(tiny_llama):
-    from vllm import LLM
-
-    saved = {k: os.environ.get(k) for k in ("MESA_VLLM_KERNEL", "TRITON_INTERPRET")}
-    os.environ.update(MESA_VLLM_KERNEL="triton", TRITON_INTERPRET="1")  # engine inherits
-    kw = mesa_engine_kwargs(tiny_llama, 512, MESA_SMALL, max_num_batched_tokens=100,
-                            kv_cache_dtype="fp8")  # fmt: skip
-    try:
-        llm = LLM(**kw)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    llm = interpreter_llm(**mesa_engine_kwargs(tiny_llama, 512, MESA_SMALL,
+                                               max_num_batched_tokens=100,
+                                               kv_cache_dtype="fp8"))  # fmt: skip
     yield llm
     del llm
 
@@ -51,16 +40,8 @@ def test_fp8_cache_equals_the_oracle_with_fp8_keys_and_values(fp8_llm, tiny_llam
     sp = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0, ignore_eos=True)
     outs = fp8_llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
     for p, o in zip(prompts, outs, strict=True):
-        got = torch.tensor(
-            [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], p[1:], strict=True)],
-            dtype=torch.float64,
-        )
-        errs = {}
-        for name, kv_dtype in (("fp8", FP8), ("unquantized", None)):
-            logits = dense_model_logits(tiny_llama, p, mesa=MESA_SMALL, kv_dtype=kv_dtype)
-            lp = torch.log_softmax(logits.double(), -1)
-            want = lp[torch.arange(len(p) - 1), torch.tensor(p[1:])]
-            errs[name] = float((got - want).abs().max())
+        errs = {name: prompt_logprob_error(tiny_llama, p, o.prompt_logprobs, MESA_SMALL, kv)
+                for name, kv in (("fp8", FP8), ("unquantized", None))}  # fmt: skip
         assert errs["fp8"] < 2e-3, f"T={len(p)}: {errs} (seed {SEED})"
         assert errs["unquantized"] > 1e-2, f"T={len(p)}: {errs} (seed {SEED})"
         want_tokens = dense_greedy(tiny_llama, p, 8, mesa=MESA_SMALL, kv_dtype=FP8)

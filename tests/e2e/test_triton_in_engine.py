@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from conftest import MESA_SMALL, mesa_engine_kwargs
+from conftest import MESA_SMALL, interpreter_llm, mesa_engine_kwargs
 from oracle import dense_greedy, dense_model_logits
 
 pytestmark = pytest.mark.e2e
@@ -19,19 +19,8 @@ SEED = int.from_bytes(os.urandom(4), "little")
 
 @pytest.fixture(scope="module")
 def triton_llm(tiny_llama):
-    from vllm import LLM
-
-    saved = {k: os.environ.get(k) for k in ("MESA_VLLM_KERNEL", "TRITON_INTERPRET")}
-    os.environ.update(MESA_VLLM_KERNEL="triton", TRITON_INTERPRET="1")  # engine inherits
-    kw = mesa_engine_kwargs(tiny_llama, 512, MESA_SMALL, max_num_batched_tokens=100)
-    try:
-        llm = LLM(**kw)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    llm = interpreter_llm(**mesa_engine_kwargs(tiny_llama, 512, MESA_SMALL,
+                                               max_num_batched_tokens=100))  # fmt: skip
     yield llm
     del llm
 
