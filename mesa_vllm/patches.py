@@ -199,9 +199,9 @@ def patch_kernel_warmup() -> None:
     @functools.wraps(original)
     def kernel_warmup(gpu_worker):
         original(gpu_worker)
-        from mesa_vllm.attention.warmup import warm_up_runner
+        from mesa_vllm.attention.warmup import warm_up_or_explain
 
-        warmed = warm_up_runner(gpu_worker.model_runner)
+        warmed = warm_up_or_explain(gpu_worker.model_runner)
         if warmed:
             logger.info("Mesa: Triton kernels compiled at start-up (%d attention group(s))",
                         warmed)  # fmt: skip

@@ -32,3 +32,17 @@ def warm_up_runner(model_runner) -> int:
             layer.impl.warm_up(kv_cache, md)
             warmed += 1
     return warmed
+
+
+def warm_up_or_explain(model_runner) -> int:
+    """``warm_up_runner``, with a failure turned into a start-up error that says what failed
+    and what to do (the kernels would fail the same way on the first request)."""
+    try:
+        return warm_up_runner(model_runner)
+    except Exception as exc:
+        raise RuntimeError(
+            "Mesa: compiling the Triton kernels at start-up failed "
+            f"({type(exc).__name__}: {exc}). The server cannot run the Mesa Triton kernels on "
+            "this device; MESA_VLLM_KERNEL=torch runs Mesa's torch path instead (slow, no "
+            "CUDA graphs), or use a stock backend within the trained length."
+        ) from exc

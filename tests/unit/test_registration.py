@@ -99,3 +99,28 @@ def test_kernel_warmup_is_wrapped_once_and_only_once_the_worker_module_is_loaded
     # register() never loads the worker module; once loaded, one wrap around vLLM's own
     assert result == ["False", "False", "True", "True",
                       "vllm.model_executor.warmup.kernel_warmup"]  # fmt: skip
+
+
+def test_a_failing_start_up_warm_up_says_what_failed_and_what_to_do():
+    """The worker's start-up compile (patch 4) over a runner whose Mesa group cannot build
+    its kernels: the error names the cause and the way out."""
+    from types import SimpleNamespace
+
+    from mesa_vllm.attention.backend import MesaAttentionBackend
+    from mesa_vllm.attention.warmup import warm_up_or_explain
+
+    class Builder:
+        def warmup_metadata(self):
+            raise RuntimeError("out of resources: shared memory, required 263168")
+
+    group = SimpleNamespace(backend=MesaAttentionBackend, layer_names=["l0"],
+                            get_metadata_builder=Builder)  # fmt: skip
+    cc = SimpleNamespace(static_forward_context={})
+    runner = SimpleNamespace(attn_groups=[[group]], compilation_config=cc)
+    with pytest.raises(RuntimeError) as e:
+        warm_up_or_explain(runner)
+    msg = str(e.value)
+    assert "compiling the Triton kernels at start-up failed" in msg
+    assert "out of resources: shared memory" in msg and "MESA_VLLM_KERNEL=torch" in msg
+    runner.attn_groups = []  # nothing to warm: no error
+    assert warm_up_or_explain(runner) == 0
