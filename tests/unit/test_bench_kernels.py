@@ -36,7 +36,10 @@ def test_engine_splits_follow_the_sequence_not_the_grid():
     assert bk.engine_splits(131072, (512, 512)) == 128  # ... and the grid the split count
     assert bk.engine_splits(32768, (8192, 256)) == 8  # fewer programs, fewer splits
     assert bk.engine_splits(16 * 640 + 4, (8192, 512)) == 17  # rounded down to 640: 17, not 14
-    assert bk.engine_splits(4096, (8192, 512)) == 8  # the 512-key floor
+    # the key floor (DECODE_MIN_SPLIT_KEYS = 128): 1024 keys would get 16 splits of 64
+    assert bk.tm.DECODE_MIN_SPLIT_KEYS == 128
+    assert bk.engine_splits(1024, (8192, 512)) == 8
+    assert bk.engine_splits(4096, (8192, 512)) == 16  # 256 keys per split, above the floor
 
 
 def test_pick_decode_weighs_every_length_at_the_engines_split_count():
