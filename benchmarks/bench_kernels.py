@@ -53,7 +53,7 @@ from mesa_vllm.support import (  # noqa: E402
     default_leaky_factor,
     smallest_group_size,
 )
-from mesa_vllm.testing.paged import random_paged_batch  # noqa: E402
+from mesa_vllm.testing.paged import quantize_kv, random_paged_batch  # noqa: E402
 from mesa_vllm.testing.reference import mesa_attention_reference, rope_inv_freq  # noqa: E402
 from mesa_vllm.testing.reference_variants import (  # noqa: E402
     VariantSpec,
@@ -75,29 +75,14 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------- problem builder
 
 
-def quantize_kv(batch, kv_dtype):
-    """An fp8 copy of ``batch``'s caches (stored = x / scale, per-tensor scales from the
-    amax) and its dense k / v as read back (scale * stored): (key_cache, value_cache, qkv,
-    (k_scale, v_scale) fp32 [1])."""
-    scales = [float(c.abs().max()) / 200 for c in (batch.key_cache, batch.value_cache)]
-    caches = [(c.float() / sc).to(kv_dtype) for c, sc in
-              zip((batch.key_cache, batch.value_cache), scales, strict=True)]  # fmt: skip
-
-    def back(x, sc):
-        return (x.float() / sc).to(kv_dtype).float() * sc
-
-    qkv = [(q, back(k, scales[0]), back(v, scales[1])) for q, k, v in batch.qkv]
-    return (*caches, qkv, tuple(torch.tensor([sc], dtype=torch.float32) for sc in scales))
-
-
 def build(reqs, D, Hkv, G, page, dtype, params, seed, rope=ROPE, with_ref=True, block_q=None,
           kv_dtype=None):  # fmt: skip
     """Paged cache + packed queries for requests (T_prompt, seq_len, ctx) on the GPU.
 
     Returns dict: query [n, Hq, D], key_cache/value_cache [blocks, page, Hkv, D], block_table
     int32 [reqs, max_blocks], prefill/decode SegmentTables, ref [n, Hq, D] fp32 (CPU) or None,
-    kv_scales (None, or with kv_dtype an fp8 cache's scales: ``quantize_kv``; the reference
-    then reads the keys and values back as the kernels do).
+    kv_scales (None, or with kv_dtype an fp8 cache's scales, from the amax; the reference
+    then reads the keys and values back as the kernels do: ``quantize_kv``).
     """
     dev = DEV
     batch = random_paged_batch(
@@ -105,7 +90,8 @@ def build(reqs, D, Hkv, G, page, dtype, params, seed, rope=ROPE, with_ref=True, 
     )
     key_cache, value_cache, qkv, kv_scales = batch.key_cache, batch.value_cache, batch.qkv, None
     if kv_dtype is not None:
-        key_cache, value_cache, qkv, kv_scales = quantize_kv(batch, kv_dtype)
+        amax = (float(c.abs().max()) / 200 for c in (batch.key_cache, batch.value_cache))
+        key_cache, value_cache, qkv, kv_scales = quantize_kv(batch, kv_dtype, tuple(amax))
         kv_scales = tuple(t.to(dev) for t in kv_scales)
     refs = []
     for (T, _, ctx), (q, k, v) in zip(reqs, qkv, strict=True):

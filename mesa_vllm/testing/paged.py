@@ -61,3 +61,19 @@ def random_paged_batch(
         entries += [(r, q_off + s.q_start - ctx, s) for s in plan_request(T, ctx, S, params)]
         q_off += S - ctx
     return PagedBatch(key_cache, value_cache, block_table, qkv, torch.cat(queries), entries)
+
+
+def quantize_kv(batch: PagedBatch, kv_dtype: torch.dtype, scales: tuple[float, float]):
+    """``batch``'s caches stored as an fp8 cache stores them (x / scale, rounded to
+    ``kv_dtype``) with per-tensor (k_scale, v_scale) ``scales``, and its dense k / v as the
+    kernels read them back (scale * stored).  Returns (key_cache, value_cache, qkv,
+    (k_scale, v_scale) fp32 [1] tensors)."""
+
+    def stored(x, sc):
+        return (x.float() / sc).to(kv_dtype)
+
+    k_sc, v_sc = scales
+    qkv = [(q, stored(k, k_sc).float() * k_sc, stored(v, v_sc).float() * v_sc)
+           for q, k, v in batch.qkv]  # fmt: skip
+    tensors = tuple(torch.tensor([sc], dtype=torch.float32) for sc in scales)
+    return stored(batch.key_cache, k_sc), stored(batch.value_cache, v_sc), qkv, tensors

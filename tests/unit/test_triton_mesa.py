@@ -223,7 +223,7 @@ def run_case(case: dict, seed: int) -> dict:
     from mesa_vllm.ops.triton import table as tm
     from mesa_vllm.ops.triton.decode import mesa_decode
     from mesa_vllm.ops.triton.prefill import mesa_prefill
-    from mesa_vllm.testing.paged import random_paged_batch
+    from mesa_vllm.testing.paged import quantize_kv, random_paged_batch
     from mesa_vllm.testing.reference import mesa_attention_reference, rope_inv_freq
     from mesa_vllm.testing.reference_variants import variant_attention_reference
 
@@ -244,17 +244,10 @@ def run_case(case: dict, seed: int) -> dict:
     refs, refs_full, entries = [], [], batch.entries
     qkv, kv_scales = batch.qkv, None
     if "kv" in case:  # stored = x / scale in fp8; the kernels read scale * stored
-        fp8 = getattr(torch, case["kv"])
-        scales = [float(c.abs().max()) / 200 * (0.5 + float(torch.rand(1, generator=g)))
-                  for c in (key_cache, value_cache)]  # fmt: skip
-        kv_scales = tuple(torch.tensor([sc], dtype=torch.float32) for sc in scales)
-        key_cache = (key_cache.float() / scales[0]).to(fp8)
-        value_cache = (value_cache.float() / scales[1]).to(fp8)
-
-        def dequantized(x, sc):
-            return (x.float() / sc).to(fp8).float() * sc
-
-        qkv = [(q, dequantized(k, scales[0]), dequantized(v, scales[1])) for q, k, v in qkv]
+        scales = tuple(float(c.abs().max()) / 200 * (0.5 + float(torch.rand(1, generator=g)))
+                       for c in (key_cache, value_cache))  # fmt: skip
+        key_cache, value_cache, qkv, kv_scales = quantize_kv(batch, getattr(torch, case["kv"]),
+                                                             scales)  # fmt: skip
     for (T, _, ctx), (q, k, v), full in zip(reqs, qkv, batch.qkv, strict=True):
         if spec is None:
             ref = mesa_attention_reference(
