@@ -24,7 +24,8 @@ from mesa_vllm.attention.metadata import (
     MesaMetadataBuilder,
     TritonMesaMetadata,
 )
-from mesa_vllm.envs import decode_kernel_options, resolve_kernel
+from mesa_vllm.engine_config import check_kv_cache_dtype
+from mesa_vllm.envs import decode_kernel_options
 from mesa_vllm.ops.rope import RopeSpec
 from mesa_vllm.ops.torch_mesa import run_segments
 from mesa_vllm.ops.triton.table import DecodeTuning
@@ -119,15 +120,7 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
             raise ValueError(f"Mesa backend does not support kv_cache_dtype={kv_cache_dtype!r}")
         self.model_dtype = torch.get_default_dtype()  # vLLM builds the model under its dtype
         self.fp8_dtype = FP8_KV_DTYPES.get(kv_cache_dtype)
-        if self.fp8_dtype is not None:
-            from vllm.platforms import current_platform
-
-            if resolve_kernel(current_platform.device_type) != "triton":
-                raise ValueError(
-                    f"Mesa backend: --kv-cache-dtype {kv_cache_dtype} needs the Triton "
-                    "kernels (a CUDA GPU); the torch path of this device keeps the cache in "
-                    "the model dtype: use --kv-cache-dtype auto"
-                )
+        check_kv_cache_dtype(kv_cache_dtype)  # the engine config checked it; workers again
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
