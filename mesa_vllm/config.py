@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from mesa_vllm.plan import SPLITS, MesaParams, check_rules
+from mesa_vllm.plan import SPLITS, MesaParams, check_middle_chunk, check_rules
 from mesa_vllm.support import (
     PE_NAMES,
     PE_RULES,
@@ -94,6 +94,12 @@ class MesaConfig(BaseModel):
         description="chunk plan of long prompts: the paper's DynamicSplit, or fixed "
         "(middle chunks of L - F, boundaries independent of T: allows exact prefix caching)",
     )
+    middle_chunk: int | None = Field(
+        default=None,
+        ge=1,
+        description="[C] middle-chunk width of split: fixed (at most train_len - first_chunk); "
+        "default: train_len - first_chunk. Narrower: fewer tokens recomputed per cached request",
+    )
 
     @field_validator("stair_width", mode="plain")
     @classmethod
@@ -107,6 +113,7 @@ class MesaConfig(BaseModel):
     @model_validator(mode="after")
     def _check_rules(self) -> MesaConfig:
         check_rules(self.train_len, self.first_chunk, self.pe, self.chunked_prefill)
+        check_middle_chunk(self.train_len, self.first_chunk, self.split, self.middle_chunk)
         L, w = self.train_len, self.window  # the windows fit L (user input; see VARIANTS.md)
         if L is not None and w is not None:
             if self.pe in ("rerope", "leaky_rerope", "self_extend") and w > L - 1:
@@ -188,6 +195,7 @@ class MesaConfig(BaseModel):
             group_size=self.group_size or 1,
             sink_tokens=self.sink_tokens,
             split=self.split,
+            middle_chunk=self.middle_chunk,
         )
 
 
@@ -205,6 +213,7 @@ _RANGES = {
     "group_size": "an integer >= 1",
     "sink_tokens": "an integer >= 0",
     "split": "one of " + ", ".join(f'"{s}"' for s in SPLITS),
+    "middle_chunk": "an integer >= 1 and <= train_len - first_chunk, with split: fixed",
 }
 
 

@@ -245,7 +245,7 @@ def stair_query_span(p: int, width: int, stair_width: int) -> int:
 def width_runs(max_len: int, params: MesaParams) -> Iterator[tuple[int, int, int]]:
     """(C, T_lo, T_hi): the chunk width C of ``chunk_split`` is C for every long prompt
     length T in [T_lo, T_hi]; the runs cover (L, max_len] in order.  ``split: fixed``: one
-    run, C = L - F.
+    run, C = ``params.fixed_width`` (``middle_chunk``, default L - F).
 
     With X = T - Lc - F and D = L - F: X <= 0 and X mod D < Mmax give C = D; otherwise, in
     block Nq = X // D, C = X // (Nq + 1) is constant on X in [C (Nq + 1), C (Nq + 1) + Nq].
@@ -256,7 +256,7 @@ def width_runs(max_len: int, params: MesaParams) -> Iterator[tuple[int, int, int
     t = L + 1
     if params.split == "fixed":
         if t <= max_len:
-            yield d, t, max_len
+            yield params.fixed_width, t, max_len
         return
     while t <= max_len:
         x = t - Lc - F

@@ -61,6 +61,7 @@ class MesaParams:
     ``stair_width`` is E, or None for ``stair_width: auto``: E then depends on the stair query
     set (its sequence length n and chunk width C), see ``stair_width_for``; every consumer
     asks that function (or reads ``Segment.stair_width``) instead of this field.
+    ``middle_chunk`` is the middle-chunk width C of ``split: fixed`` (None: L - F).
     """
 
     train_len: int
@@ -76,10 +77,12 @@ class MesaParams:
     group_size: int = 1
     sink_tokens: int = 0
     split: str = "dynamic"
+    middle_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
             raise ValueError(f"split={self.split!r} must be one of {', '.join(SPLITS)}")
+        check_middle_chunk(self.train_len, self.first_chunk, self.split, self.middle_chunk)
         check_rules(self.train_len, self.first_chunk, self.pe, self.chunked_prefill)
         bad_width = self.stair_width is not None and self.stair_width < 1
         if self.first_chunk < 1 or self.last_chunk < 1 or bad_width or self.max_remainder < 0:
@@ -104,6 +107,28 @@ class MesaParams:
     def default_width(self) -> int:
         """C for requests that grow past L while decoding (L - F)."""
         return self.train_len - self.first_chunk
+
+    @property
+    def fixed_width(self) -> int:
+        """C of ``split: fixed``: ``middle_chunk``, or L - F when it is not set."""
+        return self.middle_chunk or self.default_width
+
+
+def check_middle_chunk(
+    train_len: int | None, first_chunk: int, split: str, middle_chunk: int | None
+) -> None:
+    """``middle_chunk`` (the fixed split's middle-chunk width) needs ``split: fixed`` and
+    1 <= middle_chunk <= L - F (a middle chunk's positions F .. F + C - 1 stay inside L);
+    ValueError naming the field.  train_len may be None (MesaConfig before the model's
+    default is known): the upper bound is then checked once it is."""
+    if middle_chunk is None:
+        return
+    if split != "fixed":
+        raise ValueError(f"middle_chunk={middle_chunk} needs split: fixed (got split={split!r})")
+    hi = None if train_len is None else train_len - first_chunk
+    if middle_chunk < 1 or (hi is not None and middle_chunk > hi):
+        bound = f"train_len - first_chunk = {hi}" if hi is not None else "train_len - first_chunk"
+        raise ValueError(f"middle_chunk={middle_chunk} must be in 1 .. {bound}")
 
 
 def check_rules(
@@ -180,17 +205,19 @@ def dynamic_split(prompt_len: int, params: MesaParams) -> ChunkPlan:
 def fixed_split(prompt_len: int, params: MesaParams) -> ChunkPlan:
     """The length-independent chunk plan (``split: fixed``, docs/CONTRACT.md section 2b).
 
-    T <= L (or no chunked prefill): one causal chunk.  Else C = L - F, and
-    n_mid = max(0, (T - F - Lc) // C): the last chunk [F + n_mid*C, T) holds
-    Lc + ((T - F - Lc) mod C) tokens, in [Lc, Lc + C), or all T - F tokens after the first
-    chunk when T - F < Lc.  Every boundary F + k*C is the same for every prompt length, so a
-    token before the last chunk computes the same KV in every prompt sharing its prefix.
+    T <= L (or no chunked prefill): one causal chunk.  Else C = ``params.fixed_width``
+    (``middle_chunk``, default L - F), and n_mid = max(0, (T - F - Lc) // C): the last chunk
+    [F + n_mid*C, T) holds Lc + ((T - F - Lc) mod C) tokens, in [Lc, Lc + C), or all T - F
+    tokens after the first chunk when T - F < Lc.  Every boundary F + k*C is the same for
+    every prompt length, so a token before the last chunk computes the same KV in every
+    prompt sharing its prefix.  A narrower C recomputes fewer tokens per request (at most
+    Lc + C - 1) at the price of less context for each middle-chunk token (F + C).
     """
     T, L, F = prompt_len, params.train_len, params.first_chunk
-    d = params.default_width
     if T <= L or not params.chunked_prefill:
-        return ChunkPlan(T, L, F, d, 0)
-    return ChunkPlan(T, L, F, d, max(0, (T - F - params.last_chunk) // d))
+        return ChunkPlan(T, L, F, params.default_width, 0)
+    c = params.fixed_width
+    return ChunkPlan(T, L, F, c, max(0, (T - F - params.last_chunk) // c))
 
 
 def chunk_split(prompt_len: int, params: MesaParams) -> ChunkPlan:
@@ -203,15 +230,17 @@ def chunk_split(prompt_len: int, params: MesaParams) -> ChunkPlan:
 def stable_prefix(prompt_len: int, params: MesaParams) -> int:
     """Number of leading tokens of a request whose KV is reusable by another request that
     shares them (``split: fixed``; docs/CONTRACT.md section 7): T > L: the start of the last
-    chunk (every earlier token is a first- or middle-chunk token); T <= L: L (the prompt and
-    every generated token at p < L are plain causal tokens, as the first chunk and middle
-    chunk 0 of a longer prompt compute them; tokens from L on are stair tokens).  Callers cap
-    it by the tokens actually computed.  With ``split: dynamic`` the boundaries move with T:
-    0 (nothing is shared)."""
+    chunk (every earlier token is a first- or middle-chunk token); T <= L: F + C, which is L
+    for the default C = L - F (the prompt and every generated token at p < L are plain causal
+    tokens, and the first F + C of them are computed as the first chunk and middle chunk 0 of
+    a longer prompt compute them; tokens from F + C on see keys a longer prompt's middle chunk
+    1.. does not give them; tokens from L on are stair tokens).  Callers cap it by the tokens
+    actually computed.  With ``split: dynamic`` the boundaries move with T: 0 (nothing is
+    shared)."""
     if params.split != "fixed":
         return 0
     if prompt_len <= params.train_len:
-        return params.train_len
+        return params.first_chunk + params.fixed_width
     plan = fixed_split(prompt_len, params)
     return plan.last_start if plan.is_long and params.chunked_prefill else 0
 

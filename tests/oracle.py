@@ -27,6 +27,7 @@ MESA_DEFAULTS = {
     "stair_width": 50,
     "log_n_scaling": True,
     "split": "dynamic",
+    "middle_chunk": None,
 }
 
 
@@ -110,7 +111,8 @@ def dense_model_logits(
 
     ``mesa``: None for plain causal RoPE attention; else a dict with keys train_len,
     first_chunk, last_chunk, max_remainder, stair_width (an int or "auto"), log_n_scaling,
-    split ("dynamic" or "fixed")
+    split ("dynamic" or "fixed"), middle_chunk (the fixed split's middle-chunk width, None:
+    L - F)
     (missing keys take the paper's defaults, docs/CONFIGURATION.md; train_len defaults to
     the config's trained length), and for a weave variant (docs/VARIANTS.md) pe,
     chunked_prefill, window and the variant's own keys.
@@ -145,7 +147,7 @@ def dense_model_logits(
         return mesa_attention_reference(
             q, k, v, T_prompt=T, L=m["train_len"], F=m["first_chunk"], Lc=m["last_chunk"],
             Mmax=m["max_remainder"], E=m["stair_width"], log_n=m["log_n_scaling"],
-            rope_parameters=rp, split=m["split"],
+            rope_parameters=rp, split=m["split"], width=m["middle_chunk"],
         )  # fmt: skip
 
     x = W["model.embed_tokens.weight"][torch.tensor(token_ids, dtype=torch.long)]

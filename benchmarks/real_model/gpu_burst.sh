@@ -45,7 +45,8 @@
 #       TTFT, prefix-cache hits from /metrics, greedy tokens of mesa fixed+cache against mesa
 #       fixed.  Its budget ends PREFIX_END s (default 540) after this script began;
 #       PREFIX_SERVER_ARGS (default --max-num-seqs 8: the questions come one at a time, fewer
-#       CUDA graphs to capture) go to every server.
+#       CUDA graphs to capture) go to every server, PREFIX_MESA_CONFIG (JSON, e.g.
+#       '{"middle_chunk": 1024}') to every Mesa server.
 #       Results packed in $OUT/prefix.tgz (prefix/table.md, points.json, servers/*.log).
 #   bash benchmarks/real_model/gpu_burst.sh soak
 #       convert + benchmarks/soak.py (issue 19): `mesa-vllm serve` with Mesa, CUDA graphs
@@ -132,7 +133,7 @@ prefix() {
         --model "$MODEL" --max-model-len 139264 --doc-lens "${PREFIX_DOCS:-32768,131072}" \
         --questions 8 "${text[@]}" --configs "${PREFIX_CONFIGS:-$DEFAULT_CONFIGS}" \
         --server-args="${PREFIX_SERVER_ARGS:---max-num-seqs 8}" \
-        --budget-seconds $(( left - 30 )) --out "$WORK/prefix" > "$WORK/prefix.log" 2>&1
+        --mesa-config "${PREFIX_MESA_CONFIG:-"{}"}" --budget-seconds $(( left - 30 )) --out "$WORK/prefix" > "$WORK/prefix.log" 2>&1
     echo "prefix rc=$? (budget $(( left - 30 )) s)"
     grep -E "^\[|^\||^ERROR|Error" "$WORK/prefix.log" | tail -60
 }

@@ -34,7 +34,7 @@ DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 
 
 def reference_split(
-    T: int, L: int, F: int, Lc: int, Mmax: int, *, split: str = "dynamic"
+    T: int, L: int, F: int, Lc: int, Mmax: int, *, split: str = "dynamic", width: int | None = None
 ) -> tuple[int, int]:
     """The chunk plan of a prompt of T tokens: returns (C, n_mid).
 
@@ -42,20 +42,27 @@ def reference_split(
     no middle chunk, C = L - F.  Else Nq = X // (L - F), M = X mod (L - F); M < Mmax:
     C = L - F with Nq middle chunks, otherwise C = X // (Nq + 1) with Nq + 1 middle chunks.
 
-    ``split="fixed"``: C = L - F always; a long prompt (T > L) takes middle chunks one after
-    the other for as long as a whole further chunk still leaves at least Lc tokens after it
-    (none when fewer than C + Lc tokens follow the first chunk).
+    ``split="fixed"``: C = ``width`` (the middle-chunk width, 1 <= width <= L - F; None means
+    L - F) for every long prompt; a long prompt (T > L) takes middle chunks one after the
+    other for as long as a whole further chunk still leaves at least Lc tokens after it (none
+    when fewer than C + Lc tokens follow the first chunk).  A short prompt (T <= L) reports
+    C = L - F, the width of the tokens it generates past L.
 
     Middle chunk k is [F + kC, F + (k+1)C); the last chunk is [F + n_mid * C, T).
     """
     if not (0 < F < L and Lc >= 1 and Mmax >= 0):
         raise ValueError(f"need 0 < F < L, Lc >= 1, Mmax >= 0 (got F={F}, L={L}, Lc={Lc})")
     if split == "fixed":
-        C, n_mid = L - F, 0
-        if T > L:
-            while F + (n_mid + 1) * C + Lc <= T:
-                n_mid += 1
+        if width is not None and not 1 <= width <= L - F:
+            raise ValueError(f"need 1 <= width <= L - F = {L - F} (got {width})")
+        if T <= L:
+            return L - F, 0
+        C, n_mid = width or L - F, 0
+        while F + (n_mid + 1) * C + Lc <= T:
+            n_mid += 1
         return C, n_mid
+    if width is not None:
+        raise ValueError("width is the fixed split's middle-chunk width (split='fixed')")
     if split != "dynamic":
         raise ValueError(f"split must be 'dynamic' or 'fixed', got {split!r}")
     X = T - Lc - F
@@ -67,23 +74,34 @@ def reference_split(
     return X // (nq + 1), nq + 1
 
 
-def reference_stable_prefix(T: int, L: int, F: int, Lc: int, Mmax: int, *, split: str) -> int:
+def reference_stable_prefix(
+    T: int, L: int, F: int, Lc: int, Mmax: int, *, split: str, width: int | None = None
+) -> int:
     """Leading tokens whose KV another request sharing them may reuse: with ``fixed``, the
     tokens before the first stair query, counted over the prompt and, for T <= L, the
-    generated tokens up to L (all causal there); with ``dynamic`` none (0)."""
+    generated tokens up to L (all causal there), but for T <= L no further than the end of
+    middle chunk 0 of a long prompt, F + C: later tokens of a long prompt sit in middle
+    chunk 1 or further and see other keys.  With ``dynamic`` none (0)."""
     if split != "fixed":
         return 0
     p = 0
-    while p < max(T, L) and _query_rule(p, T, L, F, Lc, Mmax, split)[0] != "stair":
+    while p < max(T, L) and _query_rule(p, T, L, F, Lc, Mmax, split, width)[0] != "stair":
         p += 1
-    return p
+    return min(p, F + (width or L - F)) if T <= L else p
 
 
 def _query_rule(
-    p: int, T: int, L: int, F: int, Lc: int, Mmax: int, split: str = "dynamic"
+    p: int,
+    T: int,
+    L: int,
+    F: int,
+    Lc: int,
+    Mmax: int,
+    split: str = "dynamic",
+    width: int | None = None,
 ) -> tuple[str, int, int]:
     """Rule of query index p: ("causal", 0, 0), ("middle", s_k, 0) or ("stair", n, C)."""
-    C, n_mid = reference_split(T, L, F, Lc, Mmax, split=split)
+    C, n_mid = reference_split(T, L, F, Lc, Mmax, split=split, width=width)
     if p >= T:  # generated token
         if p + 1 <= L:
             return "causal", 0, 0
@@ -127,13 +145,14 @@ def reference_positions(
     E: int | str,
     *,
     split: str = "dynamic",
+    width: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Allowed keys and positions of every query of one sequence.
 
     Args: prompt length T_prompt, total tokens seq_len (prompt + generated), training length
     L, first chunk F, last-chunk target Lc, max remainder Mmax, stair width E (an int, or
     "auto": ``auto_stair_width`` per stair query set), chunk plan ``split`` ("dynamic" or
-    "fixed", ``reference_split``).
+    "fixed", ``reference_split``) with the fixed split's middle-chunk ``width``.
 
     Returns ``(mask, qpos, kpos)``: mask bool [seq_len, seq_len], mask[p, j] true when query p
     attends to key j; qpos int64 [seq_len], the query's position; kpos int64
@@ -145,7 +164,7 @@ def reference_positions(
     kpos = torch.zeros(S, S, dtype=torch.int64)
     qpos = torch.zeros(S, dtype=torch.int64)
     for p in range(S):
-        kind, a, b = _query_rule(p, T_prompt, L, F, Lc, Mmax, split)
+        kind, a, b = _query_rule(p, T_prompt, L, F, Lc, Mmax, split, width)
         if kind == "causal":
             row_mask, row_pos, q = j <= p, j.clone(), p
         elif kind == "middle":
@@ -176,6 +195,7 @@ def query_scales(
     Lc: int = 512,
     Mmax: int = 200,
     split: str = "dynamic",
+    width: int | None = None,
 ) -> torch.Tensor:
     """log-n query scales, float32 [seq_len]: max(1, ln(p+1)/ln(L)) for stair queries.
 
@@ -187,7 +207,7 @@ def query_scales(
     if not log_n:
         return out
     for p in range(seq_len):
-        if _query_rule(p, T_prompt, L, F, Lc, Mmax, split)[0] == "stair":
+        if _query_rule(p, T_prompt, L, F, Lc, Mmax, split, width)[0] == "stair":
             out[p] = max(1.0, math.log(p + 1) / math.log(L))
     return out
 
@@ -273,8 +293,10 @@ def mesa_attention_reference(
     pos_offset: int = 0,
     block: int = 128,
     split: str = "dynamic",
+    width: int | None = None,
 ) -> torch.Tensor:
-    """Mesa attention of one sequence, dense (chunk plan ``split``, ``reference_split``).
+    """Mesa attention of one sequence, dense (chunk plan ``split`` with the fixed split's
+    middle-chunk ``width``, ``reference_split``).
 
     q: [S, Hq, D]; k, v: [S, Hkv, D] (Hq a multiple of Hkv; query head h reads KV head
     h // (Hq // Hkv)), any float dtype, NOT rotated.  S = prompt + generated tokens; the
@@ -294,8 +316,8 @@ def mesa_attention_reference(
     G = Hq // Hkv
     assert Hq == G * Hkv and k.shape == (S, Hkv, D) and v.shape == k.shape
     scale = D**-0.5 if scale is None else scale
-    mask, qpos, kpos = reference_positions(T_prompt, S, L, F, Lc, Mmax, E, split=split)
-    qs = query_scales(T_prompt, S, L, log_n, F=F, Lc=Lc, Mmax=Mmax, split=split)
+    mask, qpos, kpos = reference_positions(T_prompt, S, L, F, Lc, Mmax, E, split=split, width=width)
+    qs = query_scales(T_prompt, S, L, log_n, F=F, Lc=Lc, Mmax=Mmax, split=split, width=width)
     inv_freq = rope_inv_freq(D, rope_parameters)
     qf = q.float() * qs[:, None, None]
     kf, vf = k.float(), v.float()

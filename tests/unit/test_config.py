@@ -43,6 +43,7 @@ def test_resolved_takes_train_len_from_model_unless_set():
         ("sink_tokens", -1, ">= 0"),
         ("split", "static", 'one of "dynamic", "fixed"'),
         ("split", 1, 'one of "dynamic", "fixed"'),
+        ("middle_chunk", 0, "<= train_len - first_chunk, with split: fixed"),
     ],
 )
 def test_bad_values_name_field_and_range(field, value, allowed):
@@ -57,6 +58,20 @@ def test_first_chunk_must_fit_train_len():
         MesaConfig.from_dict({"train_len": 256, "first_chunk": 300})
     with pytest.raises(MesaConfigError, match="first_chunk"):
         MesaConfig.from_dict({"first_chunk": 300}).resolved(256)
+
+
+def test_middle_chunk_needs_fixed_split_and_fits_train_len():
+    """middle_chunk is the fixed split's width: refused with the dynamic split, and above
+    L - F once L is known (from the config or, at resolve, from the model)."""
+    with pytest.raises(MesaConfigError, match="middle_chunk=64 needs split: fixed"):
+        MesaConfig.from_dict({"middle_chunk": 64})
+    with pytest.raises(MesaConfigError, match=r"middle_chunk=300 must be in 1 \.\. .* = 156"):
+        MesaConfig.from_dict({"split": "fixed", "train_len": 256, "middle_chunk": 300})
+    cfg = MesaConfig.from_dict({"split": "fixed", "middle_chunk": 300})
+    with pytest.raises(MesaConfigError, match="middle_chunk=300"):
+        cfg.resolved(256)
+    assert cfg.resolved(8192).params().fixed_width == 300
+    assert MesaConfig.from_dict({"split": "fixed"}).resolved(8192).params().fixed_width == 8092
 
 
 def test_unknown_field_is_refused():

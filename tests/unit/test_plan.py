@@ -3,6 +3,8 @@ reference (mesa_vllm/testing/reference.py), with property tests over random para
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -83,11 +85,13 @@ def _check_segments_match_reference(params, T, gen, cut, data):
         params.stair_width,
     )
     sp = params.split
-    mask, qpos, kpos = reference_positions(T, S, L, F, Lc, Mm, "auto" if E is None else E, split=sp)
+    W = params.middle_chunk
+    E_ref = "auto" if E is None else E
+    mask, qpos, kpos = reference_positions(T, S, L, F, Lc, Mm, E_ref, split=sp, width=W)
     if T > L:
         plan = chunk_split(T, params)
-        assert (plan.width, plan.n_mid) == reference_split(T, L, F, Lc, Mm, split=sp)
-    want_scale = query_scales(T, S, L, True, F=F, Lc=Lc, Mmax=Mm, split=sp)
+        assert (plan.width, plan.n_mid) == reference_split(T, L, F, Lc, Mm, split=sp, width=W)
+    want_scale = query_scales(T, S, L, True, F=F, Lc=Lc, Mmax=Mm, split=sp, width=W)
     covered = []
     for seg in plan_request(T, q0, q1, params):
         kidx, kp, qp, scale, m = segment_tensors(seg, params)
@@ -306,6 +310,22 @@ def test_fixed_split_worked_examples():
         MesaParams(64, 4, 16, 8, split="static")
 
 
+def test_narrow_fixed_split_worked_examples():
+    """middle_chunk C = 20 < L - F = 60: T = 230 has (230 - 4 - 16) // 20 = 10 middle chunks,
+    the last chunk [204, 230) holds 26 tokens (< Lc + C = 36); a prompt within L shares only
+    F + C = 24 tokens, the end of a long prompt's middle chunk 0; T = 65 has 2 middle chunks."""
+    p = MesaParams(64, 4, 16, 8, split="fixed", middle_chunk=20)
+    plan = fixed_split(230, p)
+    assert (plan.width, plan.n_mid, plan.last_start) == (20, 10, 204)
+    assert [stable_prefix(t, p) for t in (1, 64, 65, 230)] == [24, 24, 44, 204]
+    assert fixed_split(64, p).width == 60  # tokens a short prompt generates past L: L - F
+    for bad, msg in ((dict(middle_chunk=61), "1 .. train_len - first_chunk = 60"),
+                     (dict(middle_chunk=0), "middle_chunk=0"),
+                     (dict(split="dynamic", middle_chunk=20), "needs split: fixed")):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            MesaParams(64, 4, 16, 8, **{"split": "fixed", **bad})
+
+
 @settings(max_examples=300, deadline=None)
 @given(params=fixed_params_st, T1=st.integers(1, 400), T2=st.integers(1, 400))
 def test_fixed_split_boundaries_do_not_depend_on_T(params, T1, T2):
@@ -326,10 +346,10 @@ def test_fixed_split_boundaries_do_not_depend_on_T(params, T1, T2):
     assert set(b1[:-1]) <= set(b2)  # the boundaries up to T1's last chunk's start
     for T, plan in ((T1, plan1), (T2, fixed_split(T2, params))):
         assert (plan.width, plan.n_mid) == reference_split(
-            T, L, F, Lc, params.max_remainder, split="fixed"
+            T, L, F, Lc, params.max_remainder, split="fixed", width=params.middle_chunk
         )
-        assert plan.width == L - F  # F + C - 1 <= L - 1: middle positions stay < L
-        if plan.is_long:
+        if plan.is_long:  # F + C - 1 <= L - 1: middle positions stay < L
+            assert plan.width == (params.middle_chunk or L - F) <= L - F
             last = T - plan.last_start
             if T - F < Lc + plan.width:
                 assert plan.n_mid == 0 and last == T - F
@@ -343,12 +363,13 @@ def test_stable_prefix_matches_reference(params, T, T2):
     """stable_prefix = the reference's count of leading non-stair tokens; and every token
     below both requests' stable prefixes has the same rule (keys and positions) in both."""
     L, F, Lc, Mm = params.train_len, params.first_chunk, params.last_chunk, params.max_remainder
+    W = params.middle_chunk
     sp = stable_prefix(T, params)
-    assert sp == reference_stable_prefix(T, L, F, Lc, Mm, split="fixed")
+    assert sp == reference_stable_prefix(T, L, F, Lc, Mm, split="fixed", width=W)
     shared = min(sp, stable_prefix(T2, params), T, T2)
     if shared:
-        a = reference_positions(T, max(T, shared), L, F, Lc, Mm, 3, split="fixed")
-        b = reference_positions(T2, max(T2, shared), L, F, Lc, Mm, 3, split="fixed")
+        a = reference_positions(T, max(T, shared), L, F, Lc, Mm, 3, split="fixed", width=W)
+        b = reference_positions(T2, max(T2, shared), L, F, Lc, Mm, 3, split="fixed", width=W)
         for x, y in zip(a, b, strict=True):  # mask, qpos, kpos of the shared tokens
             cut = (slice(0, shared),) * x.dim()
             assert torch.equal(x[cut], y[cut])

@@ -151,6 +151,11 @@ _CASES = [
      dict(split="fixed", splits=3)),
     ("fixed-auto-fp16-d64-g1-p16-chunked", "float16", 64, 2, 1, 16,
      [(230, 230, 200), (200, 240, 239), (100, 100, 88)], dict(split="fixed", E="auto")),
+    # a narrower fixed grid (middle_chunk C = 10 < L - F): 24 middle chunks at T = 256, a
+    # middle chunk resumed mid-way, a last chunk of Lc + 9 tokens, decode past a narrow plan
+    ("fixed-narrow-bf16-d64-g2-p16", "bfloat16", 64, 2, 2, 16,
+     [(256, 256, 0), (200, 200, 47), (211, 211, 190), (120, 131, 130)],
+     dict(split="fixed", middle=10, splits=3)),
     # fp8 KV cache (kv=...): random per-tensor scales, stored k / scale in fp8; the reference
     # gets the dequantized k / v (tolerance of the query dtype) and, as a second check, the
     # unquantized ones (FP8_TOL); prefill, chunked prefill, stair and causal decode rows
@@ -194,7 +199,7 @@ def case_params(case: dict):
     E = None if m["E"] == "auto" else m["E"]  # MesaParams: None = stair_width auto
     params = MesaParams(
         m["L"], m["F"], m["Lc"], m["Mmax"], E, log_n, pe, chunked, w, k, G, sink,
-        split=case.get("split", "dynamic"),
+        split=case.get("split", "dynamic"), middle_chunk=case.get("middle"),
     )  # fmt: skip
     if pe == "stair":
         return params, None
@@ -252,7 +257,7 @@ def run_case(case: dict, seed: int) -> dict:
         if spec is None:
             ref = mesa_attention_reference(
                 q, k, v, T, m["L"], m["F"], m["Lc"], m["Mmax"], m["E"], log_n, rope, D**-0.5,
-                split=case.get("split", "dynamic"),
+                split=case.get("split", "dynamic"), width=case.get("middle"),
             )  # fmt: skip
         else:
             ref = variant_attention_reference(q, k, v, T, m["L"], spec, rope, D**-0.5)
@@ -261,7 +266,8 @@ def run_case(case: dict, seed: int) -> dict:
             _, k_full, v_full = full
             refs_full.append(mesa_attention_reference(
                 q, k_full, v_full, T, m["L"], m["F"], m["Lc"], m["Mmax"], m["E"], log_n, rope,
-                D**-0.5, split=case.get("split", "dynamic"))[ctx:])  # fmt: skip
+                D**-0.5, split=case.get("split", "dynamic"),
+                width=case.get("middle"))[ctx:])  # fmt: skip
     query, ref = batch.query, torch.cat(refs).float()
     out = torch.full_like(query, float("nan"))
     pre, dec = tm.split_prefill_decode(entries)
