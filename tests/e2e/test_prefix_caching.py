@@ -243,3 +243,53 @@ def test_preemption_with_prefix_caching_equals_the_oracle(tiny_llama):
     for p, o in zip(prompts, outs, strict=True):
         want = dense_greedy(tiny_llama, tuple(p), 40, MESA_FIXED)
         assert list(o.outputs[0].token_ids) == want, f"T={len(p)}"
+
+
+def test_narrow_middle_chunks_with_prefix_caching_equal_the_oracle(tiny_llama):
+    """``middle_chunk`` C = 16 < L - F = 56, prefix caching on, one request after the other
+    in an in-process engine (prefill in 100-token steps): a document and two questions on it,
+    a prompt within L after them (it may reuse only F + C = 24 tokens: one 16-token block;
+    the long prompt's tokens 24.. sit in middle chunks 1.. and see other keys than its
+    causal ones), and a conversation growing across L.  Every greedy continuation and its
+    logprobs equal the dense oracle's, and the hits are what the stable prefixes allow:
+    question 2 (T = 319: (319 - 8 - 24) // 16 = 17 middle chunks, stable prefix
+    8 + 17 * 16 = 280) reuses the 17 whole blocks question 1 cached, 272 tokens."""
+    from conftest import mesa_engine_kwargs
+    from vllm import LLM, SamplingParams
+
+    mesa = {**MESA_FIXED, "middle_chunk": 16}
+    kw = mesa_engine_kwargs(tiny_llama, MAX_LEN, mesa, max_num_batched_tokens=100,
+                            enable_prefix_caching=True, disable_log_stats=False)  # fmt: skip
+    llm = LLM(**kw)
+    sp = SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True, logprobs=0)
+
+    def ask(llm, prompt: list[int]) -> tuple[list[int], int]:
+        """(greedy tokens, prompt tokens read from the prefix cache), checked against the
+        oracle."""
+        res = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
+        out = res.outputs[0]
+        got = list(out.token_ids)
+        assert got == dense_greedy(tiny_llama, tuple(prompt), N_NEW, mesa), f"T={len(prompt)}"
+        logits = dense_model_logits(tiny_llama, prompt + got, mesa=mesa, prompt_len=len(prompt))
+        want = torch.log_softmax(logits.double(), -1)[len(prompt) - 1 : -1]
+        want = want[torch.arange(len(got)), torch.tensor(got)]
+        lps = torch.tensor([lp[t].logprob for lp, t in zip(out.logprobs, got, strict=True)])
+        err = float((lps.double() - want).abs().max())
+        assert err <= ORACLE_ATOL, f"T={len(prompt)}: logprobs off by {err:.2e}"
+        return got, res.num_cached_tokens
+
+    try:
+        doc = _prompt(300, 21)
+        assert ask(llm, doc + _prompt(20, 31)[1:])[1] == 0
+        assert ask(llm, doc + _prompt(20, 32)[1:])[1] == 272
+        assert ask(llm, doc[:50])[1] == 16  # within L: F + C = 24 tokens, one whole block
+        # a conversation: turn 1 (40 tokens) caches [0, 16); turn 2 (198 tokens: 10 middle
+        # chunks, stable prefix 168) reads it and caches [0, 160); turn 3 (406) reads that
+        turn, cached = _prompt(40, 41), []
+        for extra in (150, 200, 0):
+            out, hit = ask(llm, turn)
+            cached.append(hit)
+            turn = turn + out + _prompt(extra + 1, 42 + extra)[1:]
+        assert cached == [0, 16, 160]
+    finally:
+        del llm
