@@ -57,8 +57,8 @@
 #       KV heads x 64 dims x 2 (K, V) x 2 bytes = 23040 B per token, so 1 GiB (46603 tokens)
 #       could not hold one 65536-token request and vLLM would refuse to start; 1.5 GiB holds
 #       69905 tokens (4369 blocks), about three average soak requests: preemption is forced.
-#       Everything ends SOAK_END s (default 545) after this script began (the soak shortens
-#       its load to fit).  Results packed in $OUT/soak.tgz (soak/soak.json, table.md, logs).
+#       Everything ends SOAK_END s (default 590: run it in a 600 s call) after this script
+#       began (the soak shortens its load to fit).  Results packed in $OUT/soak.tgz (soak/soak.json, table.md, logs).
 #
 # Real text for perplexity: .gpu/corpus/pydoc.txt.xz (carried; made here by
 # `python -m mesa_vllm.eval corpus pydoc` and xz).  The OpenAI server needs jmespath, which
@@ -138,7 +138,7 @@ prefix() {
     grep -E "^\[|^\||^ERROR|Error" "$WORK/prefix.log" | tail -60
 }
 soak() {
-    end=$(( T_CALL + ${SOAK_END:-545} ))
+    end=$(( T_CALL + ${SOAK_END:-590} ))
     HF_HUB_OFFLINE=1 timeout -k 10 $(( end - $(date +%s) )) python3 benchmarks/soak.py \
         --model "$MODEL" --max-model-len 65536 --clients "${SOAK_CLIENTS:-64}" \
         --duration "${SOAK_SECONDS:-300}" --max-tokens 32 --drop-streams 200 --burst 192 \
