@@ -2,6 +2,7 @@
 
     PYTHONUNBUFFERED=1 python3 benchmarks/bench_decode_batch.py [--batches 1,8,32,64]
         [--lengths 4096,32768] [--shapes 7b,smollm2] [--tunings "min_split_keys=128;..."]
+        [--kv-dtype fp8]
 
 One decode step of B sequences, each S tokens long (its query at index S - 1), timed as
 CUDA-graph replays (``bench_kernels.bench_ms``): ``mesa_decode`` launched as the engine
@@ -12,8 +13,9 @@ same paged cache of 16-token blocks: keys as stored; for speed only).  ``--tunin
 options to time next to the default, ';'-separated, each in MESA_VLLM_DECODE_KERNEL's syntax
 (mesa_vllm/envs.py); one more column each.  Shapes: ``7b`` =
 Llama-2-7B (32 heads x 128, MHA, L = 4096), ``smollm2`` = SmolLM2-135M (9 query / 3 KV
-heads x 64, L = 8192); bf16.  Prints one Markdown table; writes $OUT/decode_batch.json and
-.md when OUT is set.
+heads x 64, L = 8192); bf16.  ``--kv-dtype fp8``: Mesa also reads the same cache stored as
+fp8 e4m3 (scales 1), one more column "Mesa fp8 / baseline" (the baseline stays FA3 over
+the bf16 cache).  Prints one Markdown table; writes $OUT/decode_batch.json and .md when OUT is set.
 """
 
 from __future__ import annotations
@@ -66,11 +68,18 @@ def problem(B: int, S: int, shape: str) -> dict:
     )
 
 
-def mesa_ms(pb: dict, B: int, tuning: tm.DecodeTuning | None = None) -> float:
+def mesa_ms(pb: dict, B: int, tuning: tm.DecodeTuning | None = None, fp8: bool = False) -> float:
+    """One Mesa decode step; ``fp8``: over the cache stored as fp8 e4m3 with scales 1."""
     out = torch.empty_like(pb["q"])
     grid = tm.decode_num_splits(ENGINE_MAX_LEN, B, pb["Hkv"])
-    args = (pb["q"], pb["kc"], pb["vc"], pb["bt"], pb["table"], pb["inv"], pb["scale"], out)
-    fn = lambda: mesa_decode(*args, grid, max_seq_len=ENGINE_MAX_LEN, tuning=tuning)  # noqa: E731
+    kc, vc, scales = pb["kc"], pb["vc"], None
+    if fp8:
+        kc, vc = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+        one = torch.ones(1, dtype=torch.float32, device="cuda")
+        scales = (one, one.clone())
+    args = (pb["q"], kc, vc, pb["bt"], pb["table"], pb["inv"], pb["scale"], out)
+    fn = lambda: mesa_decode(*args, grid, max_seq_len=ENGINE_MAX_LEN, tuning=tuning,  # noqa: E731
+                             kv_scales=scales)  # fmt: skip
     return bench_ms(fn, graph=True)
 
 
@@ -92,7 +101,10 @@ def main() -> None:
     ap.add_argument("--lengths", default="4096,32768")
     ap.add_argument("--shapes", default="7b,smollm2")
     ap.add_argument("--tunings", default="", help="';'-separated MESA_VLLM_DECODE_KERNEL values")
+    ap.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto",
+                    help="fp8: also time Mesa over the cache stored as fp8 e4m3")  # fmt: skip
     args = ap.parse_args()
+    fp8 = args.kv_dtype == "fp8"
     tunings = {t.strip(): tm.DecodeTuning(**decode_kernel_options(t))
                for t in args.tunings.split(";") if t.strip()}  # fmt: skip
     if not torch.cuda.is_available():
@@ -108,16 +120,19 @@ def main() -> None:
                     row = dict(shape=shape, S=S, B=B, mesa_ms=mesa_ms(pb, B),
                                base_ms=fa3_ms(fa_varlen, pb, B, S))  # fmt: skip
                     row["tunings"] = {k: mesa_ms(pb, B, t) for k, t in tunings.items()}
+                    if fp8:
+                        row["tunings"]["Mesa fp8"] = mesa_ms(pb, B, fp8=True)
                 except Exception as e:  # noqa: BLE001 - report and go on (e.g. memory)
                     row = dict(shape=shape, S=S, B=B, error=f"{type(e).__name__}: {e}"[:200])
                 pb = None
                 torch.cuda.empty_cache()
                 rows.append(row)
                 log(f"decode batch {row}")
+    columns = [*tunings, *(["Mesa fp8"] if fp8 else [])]
     lines = [f"One decode step per layer, bf16, CUDA-graph replay; baseline {base_name}.", "",
              "| shape | context | batch | Mesa ms | baseline ms | Mesa / baseline |"
-             + "".join(f" {k} / baseline |" for k in tunings),
-             "|---|---|---|---|---|---|" + "---|" * len(tunings)]  # fmt: skip
+             + "".join(f" {k} / baseline |" for k in columns),
+             "|---|---|---|---|---|---|" + "---|" * len(columns)]  # fmt: skip
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['shape']} | {r['S']} | {r['B']} | {r['error']} | | |")
