@@ -14,7 +14,9 @@ options to time next to the default, ';'-separated, each in MESA_VLLM_DECODE_KER
 (mesa_vllm/envs.py); one more column each.  Shapes: ``7b`` =
 Llama-2-7B (32 heads x 128, MHA, L = 4096), ``smollm2`` = SmolLM2-135M (9 query / 3 KV
 heads x 64, L = 8192); bf16.  ``--kv-dtype fp8``: Mesa also reads the same cache stored as
-fp8 e4m3 (scales 1), one more column "Mesa fp8 / baseline" (the baseline stays FA3 over
+fp8 e4m3 (scales 1), one more column "Mesa fp8 / baseline" and one per tuning ("fp8 <tuning>",
+e.g. ``--tunings fp8_f16_dot=1``), and FA3 reads it as vLLM's FLASH_ATTN does with an fp8
+cache (the query cast to fp8 e4m3, descales 1): column "FA3 fp8" (the baseline stays FA3 over
 the bf16 cache).  Prints one Markdown table; writes $OUT/decode_batch.json and .md when OUT is set.
 """
 
@@ -83,14 +85,21 @@ def mesa_ms(pb: dict, B: int, tuning: tm.DecodeTuning | None = None, fp8: bool =
     return bench_ms(fn, graph=True)
 
 
-def fa3_ms(fa_varlen, pb: dict, B: int, S: int) -> float | None:
+def fa3_ms(fa_varlen, pb: dict, B: int, S: int, fp8: bool = False) -> float | None:
+    """FA3's paged decode step; ``fp8``: query and cache cast to fp8 e4m3, descales 1
+    ([B, Hkv], as vLLM's FLASH_ATTN backend passes them)."""
     if fa_varlen is None:
         return None
     cu = torch.arange(B + 1, dtype=torch.int32, device="cuda")
     used = torch.full((B,), S, dtype=torch.int32, device="cuda")
+    q, kc, vc, extra = pb["q"], pb["kc"], pb["vc"], {}
+    if fp8:
+        q, kc, vc = (x.to(torch.float8_e4m3fn) for x in (q, kc, vc))
+        one = torch.ones(1, 1, dtype=torch.float32, device="cuda").expand(B, pb["Hkv"])
+        extra = dict(q_descale=one, k_descale=one, v_descale=one)
     fn = lambda: fa_varlen(  # noqa: E731
-        pb["q"], pb["kc"], pb["vc"], max_seqlen_q=1, cu_seqlens_q=cu, max_seqlen_k=S,
-        seqused_k=used, causal=True, block_table=pb["bt"], fa_version=3,
+        q, kc, vc, max_seqlen_q=1, cu_seqlens_q=cu, max_seqlen_k=S,
+        seqused_k=used, causal=True, block_table=pb["bt"], fa_version=3, **extra,
     )  # fmt: skip
     return bench_ms(fn, graph=True)
 
@@ -122,13 +131,21 @@ def main() -> None:
                     row["tunings"] = {k: mesa_ms(pb, B, t) for k, t in tunings.items()}
                     if fp8:
                         row["tunings"]["Mesa fp8"] = mesa_ms(pb, B, fp8=True)
+                        for k, t in tunings.items():
+                            row["tunings"][f"fp8 {k}"] = mesa_ms(pb, B, t, fp8=True)
+                        try:
+                            row["tunings"]["FA3 fp8"] = fa3_ms(fa_varlen, pb, B, S, fp8=True)
+                        except Exception as e:  # noqa: BLE001 - FA3 without fp8: report
+                            row["fa3_fp8_error"] = f"{type(e).__name__}: {e}"[:200]
                 except Exception as e:  # noqa: BLE001 - report and go on (e.g. memory)
                     row = dict(shape=shape, S=S, B=B, error=f"{type(e).__name__}: {e}"[:200])
                 pb = None
                 torch.cuda.empty_cache()
                 rows.append(row)
                 log(f"decode batch {row}")
-    columns = [*tunings, *(["Mesa fp8"] if fp8 else [])]
+    columns = [*tunings]
+    if fp8:
+        columns += ["Mesa fp8", *(f"fp8 {k}" for k in tunings), "FA3 fp8"]
     lines = [f"One decode step per layer, bf16, CUDA-graph replay; baseline {base_name}.", "",
              "| shape | context | batch | Mesa ms | baseline ms | Mesa / baseline |"
              + "".join(f" {k} / baseline |" for k in columns),
@@ -139,8 +156,9 @@ def main() -> None:
             continue
         base = r["base_ms"]
         ratio = f"{r['mesa_ms'] / base:.2f}x" if base else "-"
-        extra = "".join(f" {v / base:.2f}x |" if base else f" {v:.4f} ms |"
-                        for v in r["tunings"].values())  # fmt: skip
+        values = [r["tunings"].get(k) for k in columns]
+        extra = "".join(" - |" if v is None else f" {v / base:.2f}x |" if base else
+                        f" {v:.4f} ms |" for v in values)  # fmt: skip
         lines.append(f"| {r['shape']} | {r['S']} | {r['B']} | {r['mesa_ms']:.4f} | "
                      f"{base if base is None else f'{base:.4f}'} | {ratio} |{extra}")  # fmt: skip
     table = "\n".join(lines)

@@ -12,7 +12,7 @@ MESA_VLLM_FRESH_FA: ``1`` (default) or ``0``.  With the Triton kernels on a GPU 
 MESA_VLLM_DECODE_KERNEL: launch options of the Triton decode kernel, for tuning on a new GPU
     (``benchmarks/bench_kernels.py`` sweeps them), e.g. ``block_n=64,tile_rows=32``.  Keys:
     block_n, num_warps, num_stages, tile_rows, split_keys, split_programs, min_split_keys
-    (positive ints) and the switch tail_first (0 or 1); the meaning of each is in
+    (positive ints) and the switches tail_first and fp8_f16_dot (0 or 1); the meaning of each is in
     ``DecodeTuning`` (mesa_vllm/ops/triton/table.py).  Unset or empty: the defaults measured
     on the H200.
 MESA_VLLM_MODEL_CACHE: where ``mesa-vllm models fetch`` keeps converted models (default
@@ -51,9 +51,9 @@ def fresh_prefill_fa() -> bool:
 
 DECODE_KERNEL_KEYS = (
     "block_n", "num_warps", "num_stages", "tile_rows", "split_keys", "split_programs",
-    "min_split_keys", "tail_first",
+    "min_split_keys", "tail_first", "fp8_f16_dot",
 )  # fmt: skip
-DECODE_KERNEL_SWITCHES = ("tail_first",)  # 0 or 1
+DECODE_KERNEL_SWITCHES = ("tail_first", "fp8_f16_dot")  # 0 or 1
 
 
 def decode_kernel_options(value: str | None = None) -> dict[str, int]:

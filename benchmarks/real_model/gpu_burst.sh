@@ -59,6 +59,17 @@
 #       69905 tokens (4369 blocks), about three average soak requests: preemption is forced.
 #       Everything ends SOAK_END s (default 590: run it in a 600 s call) after this script
 #       began (the soak shortens its load to fit).  Results packed in $OUT/soak.tgz (soak/soak.json, table.md, logs).
+#   bash benchmarks/real_model/gpu_burst.sh warm-eval NAME METHODS [eval args...]
+#       the eval beside a 20 s soak of 4 clients with the soak's own server flags (and
+#       --gpu-memory-utilization 0.05, which vLLM leaves out of its compile-cache hash): that
+#       server's torch.compile and kernel compiles are then cached on this machine, so a
+#       `soak` call after it loses less of its budget to the server's start and restart.
+#       Give the eval servers a fixed --kv-cache-memory-bytes in SERVER_ARGS (so vLLM does not
+#       measure free memory while the soak server starts).
+#   bash benchmarks/real_model/gpu_burst.sh decode-bench
+#       benchmarks/bench_decode_batch.py with DECODE_BENCH_ARGS (default: the 7B shape at
+#       32k and 128k, batch 1 and 8, --kv-dtype fp8 --tunings fp8_f16_dot=1), no model
+#       needed; results in $OUT/decode-bench.tgz (decode_batch.json / .md).
 #
 # Real text for perplexity: .gpu/corpus/pydoc.txt.xz (carried; made here by
 # `python -m mesa_vllm.eval corpus pydoc` and xz).  The OpenAI server needs jmespath, which
@@ -137,12 +148,29 @@ prefix() {
     echo "prefix rc=$? (budget $(( left - 30 )) s)"
     grep -E "^\[|^\||^ERROR|Error" "$WORK/prefix.log" | tail -60
 }
+SOAK_SERVER_ARGS="--kv-cache-memory-bytes 1536M --max-num-seqs 64"
+warm_soak() {
+    HF_HUB_OFFLINE=1 timeout -k 10 400 python3 benchmarks/soak.py --model "$MODEL" \
+        --max-model-len 65536 --clients 4 --duration 20 --max-tokens 8 --drop-streams 8 \
+        --burst 8 --no-restart --server-args="$SOAK_SERVER_ARGS --gpu-memory-utilization 0.05" \
+        --shutdown-timeout 30 --request-timeout 240 --out "$WORK/warm-soak" \
+        > "$WORK/warm-soak.log" 2>&1
+    echo "warm soak rc=$?"; grep -E "server up|^SOAK|Error" "$WORK/warm-soak.log" | tail -5
+}
+decode_bench() {
+    local args="--shapes 7b --lengths 32768,131072 --batches 1,8 --kv-dtype fp8"
+    args=${DECODE_BENCH_ARGS:-"$args --tunings fp8_f16_dot=1"}
+    # shellcheck disable=SC2086  # $args is one string of flags
+    OUT="$WORK/decode-bench" timeout -k 10 "${DECODE_BENCH_SECONDS:-200}" python3 \
+        benchmarks/bench_decode_batch.py $args > "$WORK/decode-bench.log" 2>&1
+    echo "decode-bench rc=$?"; grep -E "^\||Error" "$WORK/decode-bench.log" | tail -20
+}
 soak() {
     end=$(( T_CALL + ${SOAK_END:-590} ))
     HF_HUB_OFFLINE=1 timeout -k 10 $(( end - $(date +%s) )) python3 benchmarks/soak.py \
         --model "$MODEL" --max-model-len 65536 --clients "${SOAK_CLIENTS:-64}" \
         --duration "${SOAK_SECONDS:-300}" --max-tokens 32 --drop-streams 200 --burst 192 \
-        --server-args="--kv-cache-memory-bytes 1536M --max-num-seqs 64" \
+        --server-args="$SOAK_SERVER_ARGS" \
         --shutdown-timeout 30 --request-timeout 240 --end-by $(( end - 5 )) --tie-tol 0.25 \
         --out "$WORK/soak" > "$WORK/soak.log" 2>&1
     echo "soak rc=$?"; grep -E "^\||^phase|^SOAK|server up|Problems|Error" "$WORK/soak.log" | tail -40
@@ -173,6 +201,9 @@ load) load; pack load ;;
 prefix) prefix; pack prefix ;;
 profile-load) profile; LOAD_INPUTS=${LOAD_INPUTS:-1024} load; pack profile-load ;;
 soak) soak; pack soak ;;
+warm-eval)
+    shift; warm_soak > "$WORK/warm.out" & evaluate "$@"; wait; cat "$WORK/warm.out"; pack "$1" ;;
+decode-bench) mkdir -p "$WORK/decode-bench"; decode_bench; pack decode-bench ;;
 toy-eval)
     shift; toy "$1" > "$WORK/toy.out" & evaluate "$@"; wait; cat "$WORK/toy.out"; pack "$1" ;;
 *) echo "unknown part $1"; exit 2 ;;

@@ -20,6 +20,9 @@ into a ``Launch``: extra server arguments and environment variables.
 A method name may carry Mesa settings of its own after ``@``: ``mesa@stair_width=3`` or
 ``self-extend@group_size=4@window=1024`` (values as JSON: numbers, true/false, strings), so
 one run compares settings side by side; only methods served by the Mesa backend take them.
+A pair whose key starts with ``--`` is a server flag of that method alone, for any method:
+``mesa@--kv-cache-dtype=fp8`` or ``stock-raised@--kv-cache-dtype=fp8`` (``@--flag`` without a
+value for a switch); it comes after the run's ``--server-args``, so it wins over them.
 
 vLLM 0.26 / transformers 5 need the *whole* ``rope_parameters`` dict in the override
 (``config.update`` replaces it): without ``rope_theta`` it becomes None, and yarn without
@@ -147,6 +150,8 @@ def split_method(name: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"unknown method {base!r}; known: {', '.join(METHODS)}")
     settings: dict[str, Any] = {}
     for pair in pairs:
+        if pair.startswith("--"):
+            continue  # a server flag (method_flags)
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"{name!r}: {pair!r} is not key=value")
@@ -159,6 +164,19 @@ def split_method(name: str) -> tuple[str, dict[str, Any]]:
     return base, settings
 
 
+def method_flags(name: str) -> tuple[str, ...]:
+    """The server flags in a method name: ``"mesa@stair_width=3@--kv-cache-dtype=fp8"`` ->
+    ``("--kv-cache-dtype", "fp8")``; ``"@--enable-prefix-caching"`` -> one switch."""
+    flags: list[str] = []
+    for pair in name.split("@")[1:]:
+        if pair.startswith("--"):
+            flag, sep, value = pair.partition("=")
+            if flag == "--":
+                raise ValueError(f"{name!r}: {pair!r} names no flag")
+            flags += [flag, value] if sep else [flag]
+    return tuple(flags)
+
+
 def parse_methods(spec: str) -> list[str]:
     """``"stock,mesa"`` -> ``["stock", "mesa"]``; ValueError naming unknown methods."""
     names = [s.strip() for s in spec.split(",") if s.strip()]
@@ -166,6 +184,7 @@ def parse_methods(spec: str) -> list[str]:
         raise ValueError(f"no method in {spec!r}; known: {', '.join(METHODS)}")
     for n in names:
         split_method(n)
+        method_flags(n)
     return names
 
 
@@ -191,7 +210,8 @@ def platform_defaults(cpu: bool) -> Launch:
 
 
 def build_launch(name: str, ctx: ServeContext, cpu: bool, extra: tuple[str, ...] = ()) -> Launch:
-    """Full launch of method ``name``: platform defaults, length, method flags, user extras."""
+    """Full launch of method ``name``: platform defaults, length, method flags, user extras,
+    then the server flags named in ``name`` (``@--flag=value``)."""
     base = platform_defaults(cpu)
     method, settings = split_method(name)
     meth = METHODS[method](ctx)
@@ -200,6 +220,7 @@ def build_launch(name: str, ctx: ServeContext, cpu: bool, extra: tuple[str, ...]
         cfg["mesa"].update(settings)
         meth = Launch((*meth.args[:-1], json.dumps(cfg)), meth.env)
     args = (*base.args, "--max-model-len", str(ctx.max_model_len), *meth.args, *extra)
+    args = (*args, *method_flags(name))  # the method's own flags win over the run's
     return Launch(args, {**base.env, **meth.env})
 
 

@@ -290,7 +290,7 @@ PARTIAL_DIR = "partial"
 def write_partial(results: Results, entry: dict[str, Any], out_dir: str | Path) -> Path:
     """Save one method's finished entry of a task at once (``out_dir/partial/<name>.json``),
     so a run that is killed before it writes its tables keeps what it measured."""
-    path = Path(out_dir) / PARTIAL_DIR / f"{entry['name']}.json"
+    path = Path(out_dir) / PARTIAL_DIR / f"{entry['name'].replace('/', '_')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     snapshot = {"task": results["task"], "meta": results["meta"], "methods": [entry]}
     tmp = path.with_suffix(".tmp")

@@ -35,12 +35,30 @@ def test_variant_settings_keep_the_variant():
     assert cfg == {"train_len": 8192, "pe": "self_extend", "group_size": 4, "window": 1024}
 
 
+def test_server_flags_after_at_reach_that_method_alone_after_the_run_args():
+    extra = ("--kv-cache-dtype", "auto", "--enforce-eager")
+    fp8 = methods.build_launch("mesa@stair_width=3@--kv-cache-dtype=fp8", CTX, False, extra)
+    args = list(fp8.args)
+    assert _mesa_config(fp8) == {"train_len": 8192, "stair_width": 3}
+    assert args[-2:] == ["--kv-cache-dtype", "fp8"]  # after the run's own auto: it wins
+    assert args.index("--enforce-eager") < len(args) - 2
+    plain = methods.build_launch("mesa", CTX, False, extra)
+    assert list(plain.args)[-3:] == list(extra)
+    stock = methods.build_launch("stock-raised@--kv-cache-dtype=fp8@--enforce-eager", CTX, False)
+    assert list(stock.args)[-3:] == ["--kv-cache-dtype", "fp8", "--enforce-eager"]
+    assert methods.parse_methods("stock@--kv-cache-dtype=fp8,mesa") == [
+        "stock@--kv-cache-dtype=fp8",
+        "mesa",
+    ]
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [
         ("yarn@factor=2", "only Mesa-backend methods"),
         ("mesa@stair_width", "is not key=value"),
         ("nope", "unknown method 'nope'"),
+        ("mesa@--=fp8", "names no flag"),
         (" , ", "no method"),
     ],
 )

@@ -164,6 +164,10 @@ _CASES = [
      dict(theta=1e5, splits=3, kv="float8_e4m3fn")),
     ("fp8e5m2-fp16-d32-g1-p32-chunked", "float16", 32, 2, 1, 32,
      [(180, 180, 150), (64, 80, 70), (200, 230, 229)], dict(kv="float8_e5m2", splits=2)),
+    # the same, scored and weighed in fp16 (DecodeTuning.fp8_f16_dot): stair and causal rows
+    ("fp8e4m3-bf16-d64-g3-p16-decode-f16-dot", "bfloat16", 64, 2, 3, 16,
+     [(200, 240, 239), (20, 31, 30), (256, 256, 255)],
+     dict(theta=1e5, splits=3, kv="float8_e4m3fn", fp8_f16_dot=True)),
     ("fp8e4m3-fp32-d32-g4-p16-decode", "float32", 32, 2, 4, 16,
      [(10, 20, 19), (200, 230, 229), (256, 256, 255)], dict(kv="float8_e4m3fn", splits=4)),
     ("leaky-fp32-d32-g3-p16-blockq3-no-angle-add", "float32", 32, 1, 3, 16,
@@ -293,7 +297,11 @@ def run_case(case: dict, seed: int) -> dict:
             min_split_keys=case.get("min_split"),
             turn_query=case.get("turn_query", True),
             tile_rows=case.get("tile_rows", 16),
-            **{k: case[k] for k in ("split_keys", "split_programs", "tail_first") if k in case},
+            **{
+                k: case[k]
+                for k in ("split_keys", "split_programs", "tail_first", "fp8_f16_dot")
+                if k in case
+            },
         )
         mesa_decode(
             *cache,

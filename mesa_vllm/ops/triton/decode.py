@@ -376,7 +376,8 @@ def mesa_decode(
     n_seg = table.num_segments
     if n_seg == 0:
         return output
-    meta, Hkv, interp = launch_meta(query, key_cache, value_cache, inv_freq, rotary_dim)
+    meta, Hkv, interp = launch_meta(query, key_cache, value_cache, inv_freq, rotary_dim,
+                                    tuning.fp8_f16_dot)  # fmt: skip
     Hq = query.shape[1]
     block_n = tuning.block_n
     if block_n is None:

@@ -76,8 +76,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def launch_meta(query, key_cache, value_cache, inv_freq, rotary_dim) -> tuple[dict, int, bool]:
-    """(the constexprs both kernels take, Hkv, interpreting) of a launch; checks the shapes."""
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def launch_meta(
+    query, key_cache, value_cache, inv_freq, rotary_dim, fp8_f16_dot: bool = False
+) -> tuple[dict, int, bool]:
+    """(the constexprs both kernels take, Hkv, interpreting) of a launch; checks the shapes.
+
+    The dot operands take the query's dtype (fp32 queries: fp32), except with
+    ``fp8_f16_dot`` over an fp8 cache and a bf16 query: fp16 then, since fp8 converts to fp16
+    in one instruction on sm89+ and to bf16 only through fp16 or fp32 (fp16 keeps more
+    mantissa bits than bf16; a query row past fp16's range, 65504, would overflow)."""
     n, Hq, D = query.shape
     Hkv = key_cache.shape[2]
     if Hq % Hkv or key_cache.shape[3] != D or value_cache.shape != key_cache.shape:
@@ -93,6 +103,8 @@ def launch_meta(query, key_cache, value_cache, inv_freq, rotary_dim) -> tuple[di
     dot_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(
         query.dtype, tl.float32
     )
+    if fp8_f16_dot and half_dtype and key_cache.dtype in FP8_DTYPES:
+        dot_dtype = tl.float16
     return (
         dict(
             G=Hq // Hkv,
