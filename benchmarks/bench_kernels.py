@@ -253,17 +253,23 @@ TOL = {torch.bfloat16: (6e-2, 1.5e-2), torch.float16: (1e-2, 3e-3), torch.float3
 
 def checks(seed: int) -> list[dict]:
     rows = []
-    # every check, then its half-precision ones again over an fp8 (e4m3) cache
-    fp8 = [(i, c, torch.float8_e4m3fn) for i, c in enumerate(CHECKS) if c[1] != torch.float32]
-    for i, (name, dtype, D, Hkv, G, page, mp, reqs, splits), kv_dtype in [
-        *((i, c, None) for i, c in enumerate(CHECKS)),
+    # every check, then its half-precision ones again over an fp8 (e4m3) cache, then the bf16
+    # ones over fp8 with the decode's fp16 dots (DecodeTuning.fp8_f16_dot)
+    e4m3 = torch.float8_e4m3fn
+    fp8 = [(i, c, e4m3, {}) for i, c in enumerate(CHECKS) if c[1] != torch.float32]
+    f16 = [(i, c, e4m3, {"fp8_f16_dot": True}) for i, c in enumerate(CHECKS)
+           if c[1] == torch.bfloat16]  # fmt: skip
+    for i, (name, dtype, D, Hkv, G, page, mp, reqs, splits), kv_dtype, dec_kw in [
+        *((i, c, None, {}) for i, c in enumerate(CHECKS)),
         *fp8,
+        *f16,
     ]:
         atol, rtol = TOL[dtype]
         name = name if kv_dtype is None else f"{name} fp8-e4m3 KV"
+        name += " f16 dot" if dec_kw else ""
         try:
             r = one_check(name, dtype, D, Hkv, G, page, MesaParams(*mp), reqs, splits, seed + i,
-                          kv_dtype)  # fmt: skip
+                          kv_dtype, dec_kw)  # fmt: skip
         except Exception as e:  # noqa: BLE001 - report, keep going (device time is scarce)
             r = dict(
                 name=name,
@@ -299,11 +305,12 @@ def checks(seed: int) -> list[dict]:
     return rows
 
 
-def one_check(name, dtype, D, Hkv, G, page, params, reqs, splits, seed, kv_dtype=None) -> dict:
+def one_check(name, dtype, D, Hkv, G, page, params, reqs, splits, seed, kv_dtype=None,
+              dec_kw=None) -> dict:  # fmt: skip
     t0 = time.time()
     pb = build(reqs, D, Hkv, G, page, dtype, params, seed, kv_dtype=kv_dtype)
     t_ref = time.time() - t0
-    out = run(pb, splits)
+    out = run(pb, splits, dec_kw=dec_kw)
     torch.cuda.synchronize()
     o = out.float().cpu()
     err = (o - pb["ref"]).abs()
