@@ -183,6 +183,20 @@ def _error_text(exc: Exception) -> str:
     return f"{type(exc).__name__}: {msg}"[:300]
 
 
+# A pooled keep-alive connection the server closed just as a request went out fails with a
+# connection error before the server saw the request; the requests here are idempotent, so
+# such a request is sent again (a timeout is not: the server may still be working on it).
+CONNECTION_RETRIES = 2
+
+
+def _dropped_connection(exc: BaseException) -> bool:
+    import openai
+
+    return isinstance(exc, openai.APIConnectionError) and not isinstance(
+        exc, openai.APITimeoutError
+    )
+
+
 def _prompt(job: Job) -> str | list[int]:
     return job.prompt if isinstance(job.prompt, str) else list(job.prompt)
 
@@ -252,13 +266,19 @@ def run_jobs(
         if budget is not None and job.n_tokens + need > budget:
             rec["skipped"] = f"prompt of {job.n_tokens} tokens + {need} > max_model_len {budget}"
             return rec
-        try:
-            if task == "ppl":
-                rec.update(_logprobs(ep, job, ppl_tail))
-            else:
-                rec.update(_answer(ep, job, max_tokens))
-        except Exception as exc:  # an HTTP error is data: the method failed this sample
-            rec["error"] = _error_text(exc)
+        for attempt in range(1 + CONNECTION_RETRIES):
+            try:
+                if task == "ppl":
+                    rec.update(_logprobs(ep, job, ppl_tail))
+                else:
+                    rec.update(_answer(ep, job, max_tokens))
+                rec["error"] = None
+                break
+            except Exception as exc:  # an HTTP error is data: the method failed this sample
+                rec["error"] = _error_text(exc)
+                if not _dropped_connection(exc) or attempt == CONNECTION_RETRIES:
+                    break
+                rec["retries"] = attempt + 1  # sent again
         return rec
 
     records: list[dict[str, Any] | None] = [None] * len(jobs)
