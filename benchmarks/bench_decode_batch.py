@@ -15,7 +15,7 @@ options to time next to the default, ';'-separated, each in MESA_VLLM_DECODE_KER
 Llama-2-7B (32 heads x 128, MHA, L = 4096), ``smollm2`` = SmolLM2-135M (9 query / 3 KV
 heads x 64, L = 8192); bf16.  ``--kv-dtype fp8``: Mesa also reads the same cache stored as
 fp8 e4m3 (scales 1), one more column "Mesa fp8 / baseline" and one per tuning ("fp8 <tuning>",
-e.g. ``--tunings fp8_f16_dot=1``), and FA3 reads it as vLLM's FLASH_ATTN does with an fp8
+e.g. ``--tunings fp8_f16_dot=0``: bf16 dots), and FA3 reads it as vLLM's FLASH_ATTN does with an fp8
 cache (the query cast to fp8 e4m3, descales 1): column "FA3 fp8" (the baseline stays FA3 over
 the bf16 cache).  Prints one Markdown table; writes $OUT/decode_batch.json and .md when OUT is set.
 """

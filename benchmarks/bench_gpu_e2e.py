@@ -21,6 +21,7 @@ import argparse
 import gc
 import json
 import os
+import signal
 import random
 import sys
 import time
@@ -196,8 +197,11 @@ def llama7b_engine_kwargs(backend: str, max_len: int, workdir: Path) -> dict:
     return kw
 
 
-def speed_one(backend: str, workdir: Path, lengths: list[int], decode_tokens: int) -> dict:
-    """One engine (default mode: torch.compile + CUDA graphs, as users run it)."""
+def speed_one(
+    backend: str, workdir: Path, lengths: list[int], decode_tokens: int, save=None
+) -> dict:
+    """One engine (default mode: torch.compile + CUDA graphs, as users run it); ``save(res)``
+    after each length, so a run stopped by its timeout keeps the lengths it finished."""
     from vllm import LLM, SamplingParams
 
     kw = llama7b_engine_kwargs(backend, max(lengths) + decode_tokens + 8, workdir)
@@ -229,6 +233,8 @@ def speed_one(backend: str, workdir: Path, lengths: list[int], decode_tokens: in
             runs.append(time.perf_counter() - t)
         decode_ms = (runs[-1] - min(pre)) / decode_tokens * 1000
         res[str(n)] = (min(pre), decode_ms)
+        if save:
+            save(res)
         res[f"{n}_first_decode_ms"] = (runs[0] - min(pre)) / decode_tokens * 1000
         log(f"[{backend}] T={n}: prefill {min(pre):.3f} s, decode {decode_ms:.2f} ms/token")
     return res
@@ -252,11 +258,19 @@ def speed(out: Path, lengths: list[int], backends: list[str], timeout: int) -> d
             str(out),
         ]
         log(f"== speed {backend}: {' '.join(cmd)}")
+        path.unlink(missing_ok=True)
+        # its own process group: on a timeout the engine-core process it started goes too
+        # (left alive, it would hold the GPU memory the next backend needs)
+        proc = subprocess.Popen(cmd, start_new_session=True)
         try:
-            rc = subprocess.run(cmd, timeout=timeout).returncode
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = "timeout"
-        results[backend] = json.loads(path.read_text()) if path.exists() else {"failed": rc}
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        results[backend] = json.loads(path.read_text()) if path.exists() else {}
+        if rc != 0:
+            results[backend]["failed"] = rc
     return results
 
 
@@ -293,8 +307,9 @@ def main() -> int:
     workdir = Path("/tmp/mesa-gpu-bench")
     lengths = [int(x) for x in args.lengths.split(",")]
     if args.speed_one:
-        res = speed_one(args.speed_one, workdir, lengths, decode_tokens=64)
-        (args.out / f"speed-{args.speed_one}.json").write_text(json.dumps(res, indent=1))
+        path = args.out / f"speed-{args.speed_one}.json"
+        save = lambda res: path.write_text(json.dumps(res, indent=1))  # noqa: E731
+        save(speed_one(args.speed_one, workdir, lengths, decode_tokens=64, save=save))
         return 0
     parts = args.parts.split(",")
     results: dict = {"device": torch.cuda.get_device_name(0), "parts": parts}

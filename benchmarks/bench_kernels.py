@@ -253,20 +253,21 @@ TOL = {torch.bfloat16: (6e-2, 1.5e-2), torch.float16: (1e-2, 3e-3), torch.float3
 
 def checks(seed: int) -> list[dict]:
     rows = []
-    # every check, then its half-precision ones again over an fp8 (e4m3) cache, then the bf16
-    # ones over fp8 with the decode's fp16 dots (DecodeTuning.fp8_f16_dot)
+    # every check, then its half-precision ones again over an fp8 (e4m3) cache (the decode's
+    # dots in fp16 for a bf16 query: DecodeTuning.fp8_f16_dot), then the bf16 ones over fp8
+    # with the decode's dots in bf16 (fp8_f16_dot=0)
     e4m3 = torch.float8_e4m3fn
     fp8 = [(i, c, e4m3, {}) for i, c in enumerate(CHECKS) if c[1] != torch.float32]
-    f16 = [(i, c, e4m3, {"fp8_f16_dot": True}) for i, c in enumerate(CHECKS)
+    bf16_dot = [(i, c, e4m3, {"fp8_f16_dot": False}) for i, c in enumerate(CHECKS)
            if c[1] == torch.bfloat16]  # fmt: skip
     for i, (name, dtype, D, Hkv, G, page, mp, reqs, splits), kv_dtype, dec_kw in [
         *((i, c, None, {}) for i, c in enumerate(CHECKS)),
         *fp8,
-        *f16,
+        *bf16_dot,
     ]:
         atol, rtol = TOL[dtype]
         name = name if kv_dtype is None else f"{name} fp8-e4m3 KV"
-        name += " f16 dot" if dec_kw else ""
+        name += " bf16 dot" if dec_kw else ""
         try:
             r = one_check(name, dtype, D, Hkv, G, page, MesaParams(*mp), reqs, splits, seed + i,
                           kv_dtype, dec_kw)  # fmt: skip

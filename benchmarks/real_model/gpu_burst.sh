@@ -68,7 +68,7 @@
 #       measure free memory while the soak server starts).
 #   bash benchmarks/real_model/gpu_burst.sh decode-bench
 #       benchmarks/bench_decode_batch.py with DECODE_BENCH_ARGS (default: the 7B shape at
-#       32k and 128k, batch 1 and 8, --kv-dtype fp8 --tunings fp8_f16_dot=1), no model
+#       32k and 128k, batch 1 and 8, --kv-dtype fp8 --tunings fp8_f16_dot=0), no model
 #       needed; results in $OUT/decode-bench.tgz (decode_batch.json / .md).
 #
 # Real text for perplexity: .gpu/corpus/pydoc.txt.xz (carried; made here by
@@ -159,7 +159,7 @@ warm_soak() {
 }
 decode_bench() {
     local args="--shapes 7b --lengths 32768,131072 --batches 1,8 --kv-dtype fp8"
-    args=${DECODE_BENCH_ARGS:-"$args --tunings fp8_f16_dot=1"}
+    args=${DECODE_BENCH_ARGS:-"$args --tunings fp8_f16_dot=0"}
     # shellcheck disable=SC2086  # $args is one string of flags
     OUT="$WORK/decode-bench" timeout -k 10 "${DECODE_BENCH_SECONDS:-200}" python3 \
         benchmarks/bench_decode_batch.py $args > "$WORK/decode-bench.log" 2>&1

@@ -164,10 +164,11 @@ _CASES = [
      dict(theta=1e5, splits=3, kv="float8_e4m3fn")),
     ("fp8e5m2-fp16-d32-g1-p32-chunked", "float16", 32, 2, 1, 32,
      [(180, 180, 150), (64, 80, 70), (200, 230, 229)], dict(kv="float8_e5m2", splits=2)),
-    # the same, scored and weighed in fp16 (DecodeTuning.fp8_f16_dot): stair and causal rows
-    ("fp8e4m3-bf16-d64-g3-p16-decode-f16-dot", "bfloat16", 64, 2, 3, 16,
+    # (a bf16 query over fp8 decodes with fp16 dots, DecodeTuning.fp8_f16_dot); the same
+    # with the decode's dots in bf16 (fp8_f16_dot=0): stair and causal rows
+    ("fp8e4m3-bf16-d64-g3-p16-decode-bf16-dot", "bfloat16", 64, 2, 3, 16,
      [(200, 240, 239), (20, 31, 30), (256, 256, 255)],
-     dict(theta=1e5, splits=3, kv="float8_e4m3fn", fp8_f16_dot=True)),
+     dict(theta=1e5, splits=3, kv="float8_e4m3fn", fp8_f16_dot=False)),
     ("fp8e4m3-fp32-d32-g4-p16-decode", "float32", 32, 2, 4, 16,
      [(10, 20, 19), (200, 230, 229), (256, 256, 255)], dict(kv="float8_e4m3fn", splits=4)),
     ("leaky-fp32-d32-g3-p16-blockq3-no-angle-add", "float32", 32, 1, 3, 16,
