@@ -21,8 +21,8 @@ import argparse
 import gc
 import json
 import os
-import signal
 import random
+import signal
 import sys
 import time
 from pathlib import Path
