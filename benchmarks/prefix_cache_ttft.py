@@ -3,7 +3,8 @@
     python benchmarks/prefix_cache_ttft.py --model DIR --max-model-len N
         [--doc-lens 32768,131072] [--questions 8] [--max-tokens 16] [--text FILE]
         [--configs "FLASH_ATTN+cache,mesa fixed+cache,mesa fixed,mesa dynamic"]
-        [--server-args "..."] [--mesa-config JSON] [--budget-seconds S] [--out DIR]
+        [--server-args "..."] [--mesa-config JSON] [--budget-seconds S] [--concurrent]
+        [--out DIR]
 
 The workload of one document and many questions on it: per document length D, a document of
 D tokens (from --text, tokenized by the model's tokenizer, else seeded pseudo-random token
@@ -12,6 +13,9 @@ questions, each the document plus a distinct ~32-token suffix, sent one at a tim
 lists to /v1/completions (greedy, stream, ``max_tokens`` tokens, EOS ignored).  TTFT is the
 client's time (``time.perf_counter``) from sending a request to its first streamed token.
 Question 1 is cold (nothing cached), questions 2..Q are warm (their median is reported).
+With --concurrent, questions 2..Q are sent all at once after question 1 has finished (users
+asking at the same time about a document one of them sent first); each TTFT still runs from
+its own request's send.
 
 Each configuration gets its own ``mesa-vllm serve`` server (benchmarks/serve_load.py's
 ``server_launch`` and ``mesa_serve_server``), started and stopped here:
@@ -228,6 +232,19 @@ def ask(base: str, model: str, prompt: list[int], max_tokens: int, timeout: floa
     return ttft, ids
 
 
+def ask_questions(ask_one, doc: list[int], questions: list[list[int]], concurrent: bool):
+    """[(TTFT ms, token ids)] per question, in question order: ``ask_one(prompt)`` for each
+    document + question, one at a time, or with ``concurrent`` question 1 alone and then the
+    others all at once."""
+    if not concurrent or len(questions) < 2:
+        return [ask_one(doc + q) for q in questions]
+    from concurrent.futures import ThreadPoolExecutor
+
+    first = ask_one(doc + questions[0])
+    with ThreadPoolExecutor(max_workers=len(questions) - 1) as pool:
+        return [first, *pool.map(lambda q: ask_one(doc + q), questions[1:])]
+
+
 def read_metrics(base: str) -> dict[str, float]:
     with urllib.request.urlopen(f"{base}/metrics", timeout=30) as resp:
         return parse_metrics(resp.read().decode())
@@ -267,9 +284,9 @@ def run_config(name, points, args, sl, cpu, docs, deadline, t_start, done) -> No
             doc, qs = docs[p.doc_len]
             before, t0 = read_metrics(base), time.monotonic()
             try:
-                for q in qs:
-                    ttft, ids = ask(base, args.model, doc + q, args.max_tokens,
-                                    max(deadline - time.monotonic(), 5))  # fmt: skip
+                one = lambda prompt: ask(base, args.model, prompt, args.max_tokens,  # noqa: E731
+                                         max(deadline - time.monotonic(), 5))  # fmt: skip
+                for ttft, ids in ask_questions(one, doc, qs, args.concurrent):
                     p.ttft_ms.append(ttft)
                     p.tokens.append(ids)
                 p.status = "ok"
@@ -301,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mesa-config", type=json.loads, default={}, help="JSON Mesa settings")
     ap.add_argument("--budget-seconds", type=float, default=3600.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--concurrent", action="store_true",
+                    help="questions 2..Q at once, after question 1")  # fmt: skip
     ap.add_argument("--out", type=Path,
                     default=Path(os.environ.get("OUT", "out")) / "prefix_cache_ttft")  # fmt: skip
     args = ap.parse_args(argv)
@@ -334,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         if need > args.max_model_len:
             p.status, p.reason = "skipped", f"prompt+output {need} > max-model-len"
     source = f"text `{args.text}`" if args.text else f"random token ids (seed {args.seed})"
+    sending = "(2..Q at once, after 1)" if args.concurrent else "sent one at a time"
     header = (
-        f"One document, {args.questions} questions sent one at a time (~{QUESTION_LEN}-token "
+        f"One document, {args.questions} questions {sending} (~{QUESTION_LEN}-token "
         f"suffixes), document from {source}, greedy, {args.max_tokens} tokens, TTFT "
         f"client-side (stream); warm = median of questions 2..{args.questions}; model "
         f"`{args.model}`, max-model-len {args.max_model_len}; {REF} = "

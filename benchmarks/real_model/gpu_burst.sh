@@ -46,7 +46,8 @@
 #       fixed.  Its budget ends PREFIX_END s (default 540) after this script began;
 #       PREFIX_SERVER_ARGS (default --max-num-seqs 8: the questions come one at a time, fewer
 #       CUDA graphs to capture) go to every server, PREFIX_MESA_CONFIG (JSON, e.g.
-#       '{"middle_chunk": 1024}') to every Mesa server.
+#       '{"middle_chunk": 1024}') to every Mesa server; PREFIX_CONCURRENT=1 sends questions
+#       2..8 at once, after question 1 (--concurrent).
 #       Results packed in $OUT/prefix.tgz (prefix/table.md, points.json, servers/*.log).
 #   bash benchmarks/real_model/gpu_burst.sh soak
 #       convert + benchmarks/soak.py (issue 19): `mesa-vllm serve` with Mesa, CUDA graphs
@@ -144,7 +145,7 @@ prefix() {
         --model "$MODEL" --max-model-len 139264 --doc-lens "${PREFIX_DOCS:-32768,131072}" \
         --questions 8 "${text[@]}" --configs "${PREFIX_CONFIGS:-$DEFAULT_CONFIGS}" \
         --server-args="${PREFIX_SERVER_ARGS:---max-num-seqs 8}" \
-        --mesa-config "${PREFIX_MESA_CONFIG:-"{}"}" --budget-seconds $(( left - 30 )) --out "$WORK/prefix" > "$WORK/prefix.log" 2>&1
+        --mesa-config "${PREFIX_MESA_CONFIG:-"{}"}" $([ "${PREFIX_CONCURRENT:-0}" = 1 ] && echo --concurrent) --budget-seconds $(( left - 30 )) --out "$WORK/prefix" > "$WORK/prefix.log" 2>&1
     echo "prefix rc=$? (budget $(( left - 30 )) s)"
     grep -E "^\[|^\||^ERROR|Error" "$WORK/prefix.log" | tail -60
 }

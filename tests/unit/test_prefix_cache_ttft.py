@@ -142,3 +142,31 @@ def test_estimate_prefers_another_config_at_the_same_length():
     assert pct.estimate_seconds(pct.Point(pct.FIXED, 1024), done) == 8.0
     assert pct.estimate_seconds(pct.Point(pct.REF, 4096), done) == 32.0
     assert pct.estimate_seconds(pct.Point(pct.FIXED, 4096), done) == 0.0
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_questions_go_one_at_a_time_or_2_to_q_at_once(concurrent):
+    """The server side is a stand-in here: it answers after all callers it expects are in
+    flight together (a barrier), so a sequential sender can never pass the concurrent case."""
+    import threading
+
+    doc, qs = [1, 2], [[10], [11], [12], [13]]
+    together = threading.Barrier(len(qs) - 1, timeout=5)
+    in_flight, peak, sent = [0], [0], []
+    lock = threading.Lock()
+
+    def ask_one(prompt):
+        with lock:
+            sent.append(prompt[-1])
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        if concurrent and prompt[-1] != 10:
+            together.wait()  # BrokenBarrierError if questions 2..Q are not in flight together
+        with lock:
+            in_flight[0] -= 1
+        return float(prompt[-1]), prompt
+
+    out = pct.ask_questions(ask_one, doc, qs, concurrent)
+    assert [ids for _, ids in out] == [doc + q for q in qs]  # question order kept
+    assert sent[0] == 10  # question 1 first, alone
+    assert peak[0] == (len(qs) - 1 if concurrent else 1)
