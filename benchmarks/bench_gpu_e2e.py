@@ -245,6 +245,20 @@ def speed(out: Path, lengths: list[int], backends: list[str], timeout: int) -> d
     import subprocess
 
     results = {}
+    running: list[subprocess.Popen] = []
+
+    def stop_group(proc: subprocess.Popen) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def on_sigterm(*_) -> None:  # first thing: the engine goes (`timeout` may signal twice)
+        for proc in running:
+            stop_group(proc)
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     for backend in backends:
         path = out / f"speed-{backend}.json"
         cmd = [
@@ -262,11 +276,13 @@ def speed(out: Path, lengths: list[int], backends: list[str], timeout: int) -> d
         # its own process group: on a timeout the engine-core process it started goes too
         # (left alive, it would hold the GPU memory the next backend needs)
         proc = subprocess.Popen(cmd, start_new_session=True)
+        running[:] = [proc]
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = "timeout"
-            os.killpg(proc.pid, signal.SIGKILL)
+        finally:  # what is left of its group goes, also on SIGTERM (on_sigterm: SystemExit)
+            stop_group(proc)
             proc.wait()
         results[backend] = json.loads(path.read_text()) if path.exists() else {}
         if rc != 0:
