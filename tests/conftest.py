@@ -21,6 +21,15 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 from mesa_vllm.testing.cases import MESA_SMALL, TRAIN_LEN  # noqa: E402,F401
 
 
+def test_seed(nbytes: int = 4) -> int:
+    """A fresh random seed per run, or ``MESA_TEST_SEED`` to replay a failure (every
+    assertion message that depends on it prints it)."""
+    return int(os.environ.get("MESA_TEST_SEED", int.from_bytes(os.urandom(nbytes), "little")))
+
+
+test_seed.__test__ = False  # a helper, not a test
+
+
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")

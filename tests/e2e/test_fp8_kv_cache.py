@@ -6,18 +6,23 @@ dense whole-model reference with every layer's keys and values rounded the same 
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
-from conftest import MESA_SMALL, interpreter_llm, mesa_engine_kwargs
+from conftest import MESA_SMALL, interpreter_llm, mesa_engine_kwargs, test_seed
 from oracle import dense_greedy, prompt_logprob_error
 
 pytestmark = pytest.mark.e2e
 
-SEED = int.from_bytes(os.urandom(4), "little")
+SEED = test_seed()
 FP8 = torch.float8_e4m3fn
+# The engine's float32 projections and the oracle's round differently only where a key or
+# value lies within float32 noise of an fp8 rounding midpoint; one such element then rounds
+# one fp8 step apart.  Measured on this model: the oracle against itself with float64
+# projections differs by up to 2.8e-3 (seed 3395253430, T=151), usually by < 1e-5; the
+# unquantized oracle is 0.07-0.25 away from the fp8 one.  The tolerance admits a few flips.
+FP8_TOL = 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +36,8 @@ def fp8_llm(tiny_llama):
 
 def test_fp8_cache_equals_the_oracle_with_fp8_keys_and_values(fp8_llm, tiny_llama):
     """Prompts within L and past it (prefill split by the scheduler, decode): prompt logprobs
-    within 2e-3 of the fp8 oracle and the same greedy tokens; the unquantized oracle is
-    farther away than that, so the check sees the rounding."""
+    within FP8_TOL of the fp8 oracle and the same greedy tokens; the unquantized oracle is
+    at least 3x farther away, so the check sees the rounding."""
     from vllm import SamplingParams
 
     rng = random.Random(SEED)
@@ -42,7 +47,7 @@ def test_fp8_cache_equals_the_oracle_with_fp8_keys_and_values(fp8_llm, tiny_llam
     for p, o in zip(prompts, outs, strict=True):
         errs = {name: prompt_logprob_error(tiny_llama, p, o.prompt_logprobs, MESA_SMALL, kv)
                 for name, kv in (("fp8", FP8), ("unquantized", None))}  # fmt: skip
-        assert errs["fp8"] < 2e-3, f"T={len(p)}: {errs} (seed {SEED})"
-        assert errs["unquantized"] > 1e-2, f"T={len(p)}: {errs} (seed {SEED})"
+        assert errs["fp8"] < FP8_TOL, f"T={len(p)}: {errs} (seed {SEED})"
+        assert errs["unquantized"] > 3 * FP8_TOL, f"T={len(p)}: {errs} (seed {SEED})"
         want_tokens = dense_greedy(tiny_llama, p, 8, mesa=MESA_SMALL, kv_dtype=FP8)
         assert list(o.outputs[0].token_ids) == want_tokens, f"T={len(p)} (seed {SEED})"

@@ -8,19 +8,18 @@ token ids (the seed is in every failure message).  Tolerance: |logprob differenc
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
-from conftest import MESA_SMALL, TRAIN_LEN, mesa_engine_kwargs
+from conftest import MESA_SMALL, TRAIN_LEN, mesa_engine_kwargs, test_seed
 from oracle import dense_greedy, dense_model_logits
 
 pytestmark = pytest.mark.e2e
 
 ATOL = 2e-3
 MAX_LEN = 1100
-SEED = int.from_bytes(os.urandom(4), "little")
+SEED = test_seed()
 
 
 def _prompt(n: int, rng: random.Random) -> list[int]:

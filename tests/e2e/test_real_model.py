@@ -12,18 +12,17 @@ inside vLLM on the CPU.
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
-from conftest import cli_server
+from conftest import cli_server, test_seed
 from oracle import dense_model_logits
 
 pytestmark = pytest.mark.e2e
 
 ATOL = 2e-3
-SEED = int.from_bytes(os.urandom(4), "little")
+SEED = test_seed()
 TRAIN_LEN = 8192
 PAST_L = TRAIN_LEN + 900  # one middle chunk and a last chunk past the DynamicSplit remainder
 

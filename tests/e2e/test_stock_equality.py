@@ -4,11 +4,10 @@ model of each supported architecture (and the rope scalings those families ship)
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
-from conftest import cpu_engine_kwargs
+from conftest import cpu_engine_kwargs, test_seed
 
 from mesa_vllm.testing.cases import LLAMA3_ROPE
 
@@ -25,7 +24,7 @@ CASES = {
     "qwen2": {},
     "phi3": {},
 }
-SEED = int.from_bytes(os.urandom(4), "little")
+SEED = test_seed()
 
 
 def _run(model, mesa: bool):

@@ -4,17 +4,16 @@ prefill split by the scheduler, mixed phases, and decode (split-KV kernel)."""
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
-from conftest import MESA_SMALL, interpreter_llm, mesa_engine_kwargs
+from conftest import MESA_SMALL, interpreter_llm, mesa_engine_kwargs, test_seed
 from oracle import dense_greedy, dense_model_logits
 
 pytestmark = pytest.mark.e2e
 
-SEED = int.from_bytes(os.urandom(4), "little")
+SEED = test_seed()
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,10 @@ in every layer.  Same tolerance as the Stair PE exactness tests: |logprob differ
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
-from conftest import MESA_SMALL, TRAIN_LEN, mesa_engine_kwargs
+from conftest import MESA_SMALL, TRAIN_LEN, mesa_engine_kwargs, test_seed
 from oracle import dense_greedy, dense_model_logits, prompt_logprob_error
 
 from mesa_vllm.testing.cases import VARIANT_CASES
@@ -19,7 +18,7 @@ pytestmark = pytest.mark.e2e
 
 ATOL = 2e-3
 MAX_LEN = 900
-SEED = int.from_bytes(os.urandom(4), "little")
+SEED = test_seed()
 
 VARIANTS = VARIANT_CASES
 
