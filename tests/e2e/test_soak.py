@@ -30,7 +30,7 @@ def test_short_soak_with_faults_and_restart(tiny_llama, tmp_path):
     cfg = soak.Config(
         model=str(tiny_llama), clients=4, duration=24, max_tokens=24, train_len=soak.TRAIN_LEN,
         max_model_len=mml, lengths=[340, 330, 320, 310, 12, 63, 100], drop_streams=200,
-        burst=12, shutdown_timeout=30, request_timeout=120, start_timeout=300, out=tmp_path,
+        burst=12, shutdown_timeout=30, request_timeout=300, start_timeout=300, out=tmp_path,
         launch=([*soak.server_args(blocks, max_num_seqs=8, max_model_len=mml), *extra], {}),
     )  # fmt: skip
     s = soak.Soak(cfg).run()
