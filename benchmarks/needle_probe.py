@@ -137,10 +137,14 @@ class MesaCfg:
     Mmax: int = PAPER.max_remainder
     E: int = PAPER.stair_width
     log_n: bool = PAPER.log_n_scaling
+    split: str = PAPER.split
+    C: int | None = PAPER.middle_chunk  # the fixed split's middle-chunk width
+    W: int = PAPER.near_window
 
 
 def parse_config(spec: str, defaults: MesaCfg) -> MesaCfg:
-    """``causal`` or ``mesa[:k=v,...]`` (keys L, F, Lc, Mmax, E, log_n)."""
+    """``causal`` or ``mesa[:k=v,...]`` (keys L, F, Lc, Mmax, E, log_n, split, C = the fixed
+    split's middle_chunk, W = near_window)."""
     kind, _, rest = spec.partition(":")
     if kind not in ("causal", "mesa"):
         raise ValueError(f"config {spec!r}: causal or mesa[:k=v,...]")
@@ -156,9 +160,9 @@ def parse_config(spec: str, defaults: MesaCfg) -> MesaCfg:
     )
     for kv in filter(None, rest.split(",")):
         k, _, v = kv.partition("=")
-        if k not in ("L", "F", "Lc", "Mmax", "E", "log_n"):
+        if k not in ("L", "F", "Lc", "Mmax", "E", "log_n", "split", "C", "W"):
             raise ValueError(f"config {spec!r}: unknown key {k!r}")
-        setattr(c, k, bool(int(v)) if k == "log_n" else int(v))
+        setattr(c, k, bool(int(v)) if k == "log_n" else v if k == "split" else int(v))
     return c
 
 
@@ -211,9 +215,12 @@ def _blocks(mask, qpos, kpos, qs, lo: int, hi: int, block: int) -> list[Block]:
 def make_plan(c: MesaCfg, T: int, S: int, record: list[int], block: int = 256) -> Plan:
     """Blocks of every query row of a sequence of S tokens (T prompt) under config ``c``."""
     if c.mesa:
-        mask, qpos, kpos = reference_positions(T, S, c.L, c.F, c.Lc, c.Mmax, c.E)
-        qs = query_scales(T, S, c.L, c.log_n, F=c.F, Lc=c.Lc, Mmax=c.Mmax)
-        C, n_mid = reference_split(T, c.L, c.F, c.Lc, c.Mmax)
+        plan_kw = {"split": c.split, "width": c.C}
+        mask, qpos, kpos = reference_positions(
+            T, S, c.L, c.F, c.Lc, c.Mmax, c.E, **plan_kw, near_window=c.W
+        )
+        qs = query_scales(T, S, c.L, c.log_n, F=c.F, Lc=c.Lc, Mmax=c.Mmax, **plan_kw)
+        C, n_mid = reference_split(T, c.L, c.F, c.Lc, c.Mmax, **plan_kw)
         cuts = {0, T}
         if T > c.L:
             cuts |= {c.F} | {c.F + k * C for k in range(n_mid + 1)}
@@ -226,7 +233,7 @@ def make_plan(c: MesaCfg, T: int, S: int, record: list[int], block: int = 256) -
         for p in record:
             n = T if p < T else p + 1
             if (p < T and T > c.L and p >= c.F + n_mid * C) or (p >= T and n > c.L):
-                anchors[p] = n - ((n - 1) % C)
+                anchors[p] = min(n - ((n - 1) % C), n - c.W)
         kpos_rows = {p: kpos[p, : p + 1].clone() for p in record}
         qpos_rows = {p: int(qpos[p]) for p in record}
         max_pos = int(kpos.max()) if S else 0

@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from mesa_vllm.plan import SPLITS, MesaParams, check_middle_chunk, check_rules
+from mesa_vllm.plan import SPLITS, MesaParams, check_middle_chunk, check_near_window, check_rules
 from mesa_vllm.support import (
     PE_NAMES,
     PE_RULES,
@@ -100,6 +100,12 @@ class MesaConfig(BaseModel):
         description="[C] middle-chunk width of split: fixed (at most train_len - first_chunk); "
         "default: train_len - first_chunk. Narrower: fewer tokens recomputed per cached request",
     )
+    near_window: int = Field(
+        default=_PAPER["near_window"],
+        ge=0,
+        description="[W] Stair PE keeps at least the W tokens before n at their own positions "
+        "(anchor at most n - W); 0: the paper's anchor, whose near window can be empty",
+    )
 
     @field_validator("stair_width", mode="plain")
     @classmethod
@@ -114,6 +120,7 @@ class MesaConfig(BaseModel):
     def _check_rules(self) -> MesaConfig:
         check_rules(self.train_len, self.first_chunk, self.pe, self.chunked_prefill)
         check_middle_chunk(self.train_len, self.first_chunk, self.split, self.middle_chunk)
+        check_near_window(self.train_len, self.first_chunk, self.pe, self.near_window)
         L, w = self.train_len, self.window  # the windows fit L (user input; see VARIANTS.md)
         if L is not None and w is not None:
             if self.pe in ("rerope", "leaky_rerope", "self_extend") and w > L - 1:
@@ -196,6 +203,7 @@ class MesaConfig(BaseModel):
             sink_tokens=self.sink_tokens,
             split=self.split,
             middle_chunk=self.middle_chunk,
+            near_window=self.near_window,
         )
 
 
@@ -214,6 +222,7 @@ _RANGES = {
     "sink_tokens": "an integer >= 0",
     "split": "one of " + ", ".join(f'"{s}"' for s in SPLITS),
     "middle_chunk": "an integer >= 1 and <= train_len - first_chunk, with split: fixed",
+    "near_window": "0, or an integer >= 1 and <= train_len - first_chunk - 1, with pe: stair",
 }
 
 

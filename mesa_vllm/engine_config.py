@@ -230,16 +230,26 @@ class StairSpan(NamedTuple):
     prompt_len: int
 
 
-def stair_query_span(p: int, width: int, stair_width: int) -> int:
-    """pos(p) - pos(0) for a stair query at index p with anchor A = stair_anchor(p + 1, C).
+def stair_query_span(p: int, width: int, stair_width: int, near_window: int = 0) -> int:
+    """pos(p) - pos(0) for a stair query at index p with anchor A = stair_anchor(p + 1, C, W).
 
-    Equals (p mod C) + floor(C * floor(p / C) / E).  A generated token's anchor comes from
+    Equals ``span_of(kC, r, E, W)`` with p = kC + r.  A generated token's anchor comes from
     n = p + 1 and the chunk width C of its prompt's plan; a prompt of T tokens gives its last
     token p = T - 1 the same anchor (n = T), and that token's span is the largest of the
     prompt's stair queries (pos is non-decreasing in the index and the keys start at 0).
     """
-    a = stair_anchor(p + 1, width)
+    a = stair_anchor(p + 1, width, near_window)
     return stair_position(p, a, stair_width) - stair_position(0, a, stair_width)
+
+
+def span_of(kc: int, r: int, stair_width: int, near_window: int = 0) -> int:
+    """The closed form of ``stair_query_span`` at p = kC + r (0 <= r < C, p >= W): the paper's
+    anchor kC + 1 gives r + floor(kC / E); when r < W the anchor is p + 1 - W instead, and the
+    span W + floor((p - W) / E).  Non-decreasing in r and in kC (at r = W - 1 the second is
+    at most the first at r = W), which the candidate and search helpers below rely on."""
+    if r >= near_window:
+        return r + kc // stair_width
+    return near_window + (kc + r - near_window) // stair_width
 
 
 def width_runs(max_len: int, params: MesaParams) -> Iterator[tuple[int, int, int]]:
@@ -275,11 +285,12 @@ def width_runs(max_len: int, params: MesaParams) -> Iterator[tuple[int, int, int
 
 
 def _block_max_candidates(lo: int, hi: int, width: int) -> tuple[int, ...]:
-    """Indices p in [lo, hi] where max_p stair_query_span(p, C, E) over [lo, hi] is reached,
-    whatever E: hi, and the last index before hi's block of C indices when it is >= lo.
+    """Indices p in [lo, hi] where max_p stair_query_span(p, C, E, W) over [lo, hi] is
+    reached, whatever E and W: hi, and the last index before hi's block of C indices when it
+    is >= lo.
 
-    With p = kC + r, the span is r + floor(kC / E): within a block (k fixed) it grows with r,
-    and the block's last value C - 1 + floor(kC / E) never decreases with k.  So every p in an
+    With p = kC + r, the span is ``span_of(kC, r, E, W)``: within a block (k fixed) it never
+    decreases with r, and the block's last value never decreases with k.  So every p in an
     earlier block is bounded by that block's end, which is bounded by the end of block K - 1
     (K = floor(hi / C)), index KC - 1; every p in block K is bounded by hi.
     """
@@ -287,20 +298,39 @@ def _block_max_candidates(lo: int, hi: int, width: int) -> tuple[int, ...]:
     return (hi, prev) if prev >= lo else (hi,)
 
 
-def _first_reaching(lo: int, hi: int, width: int, stair_width: int, span: int) -> int | None:
-    """The smallest p in [lo, hi] with stair_query_span(p, C, E) >= span, or None.
+def _first_reaching(
+    lo: int, hi: int, width: int, stair_width: int, span: int, near_window: int = 0
+) -> int | None:
+    """The smallest p in [lo, hi] with stair_query_span(p, C, E, W) >= span, or None.
 
-    r + floor(kC / E) >= span needs floor(kC / E) >= span - (C - 1) (r <= C - 1), i.e.
-    kC >= E (span - C + 1); in the first block k that allows it, r = span - floor(kC / E)
-    (at least 0) is the smallest remainder that does, and the span grows with r.
+    The span never decreases within a block of C indices, and a block's maximum (its last
+    index) never decreases from block to block (``span_of``); so a binary search finds the
+    first whole block of [lo, hi] that reaches ``span``, the last (partial) block is tried
+    after them, and a second binary search finds the index inside the block.
     """
-    c, e = width, stair_width
-    k = lo // c
-    need = span - c + 1
-    if need > 0:
-        k = max(k, -(-e * need // c))
-    p = max(lo, k * c + max(0, span - (k * c) // e))
-    return p if p <= hi else None
+    c = width
+
+    def reaches(p: int) -> bool:
+        return span_of(p - p % c, p % c, stair_width, near_window) >= span
+
+    k_lo, k_last = lo // c, hi // c
+    a, b = k_lo, k_last  # blocks k_lo .. k_last - 1 end inside [lo, hi] at (k + 1) C - 1
+    while a < b:
+        mid = (a + b) // 2
+        if reaches(mid * c + c - 1):
+            b = mid
+        else:
+            a = mid + 1
+    if a == k_last and not reaches(hi):
+        return None
+    x, y = max(lo, a * c), min(hi, a * c + c - 1)
+    while x < y:
+        mid = (x + y) // 2
+        if reaches(mid):
+            y = mid
+        else:
+            x = mid + 1
+    return x
 
 
 def _stair_ranges(
@@ -350,15 +380,15 @@ def worst_stair_span(max_len: int, params: MesaParams, decode: bool = True) -> S
     ranges = _stair_ranges(max_len, params, decode)
     if not ranges:
         return None
-    e = params.stair_width
+    e, w = params.stair_width, params.near_window
     span = max(
-        stair_query_span(p, c, e)
+        stair_query_span(p, c, e, w)
         for lo, hi, c, _ in ranges
         for p in _block_max_candidates(lo, hi, c)
     )
     best: tuple[int, bool, int] | None = None
     for lo, hi, c, t in ranges:
-        p = _first_reaching(lo, hi, c, e, span)
+        p = _first_reaching(lo, hi, c, e, span, w)
         if p is None:
             continue
         if t == 0 or chunk_split(p + 1, params).width == c:
@@ -373,11 +403,11 @@ def worst_stair_span(max_len: int, params: MesaParams, decode: bool = True) -> S
 def _min_stair_width(max_len: int, params: MesaParams, decode: bool = True) -> int:
     """The smallest E >= 1 for which every stair span up to ``max_len`` is below train_len.
 
-    One always exists: spans never grow with E (floor(kC / E)), and for E > max_len - 1 they
-    are p mod C <= C - 1 <= L - F - 1.  The candidate queries of ``_block_max_candidates`` do
+    One always exists: spans never grow with E, and for E > max_len - 1 they are p mod C or
+    W, both <= L - F - 1.  The candidate queries of ``_block_max_candidates`` do
     not depend on E, so a binary search evaluates only them.
     """
-    cands = {  # stair_query_span(p, C, E) = r + kC // E with r = p mod C, kC = p - r
+    cands = {  # stair_query_span(p, C, E, W) = span_of(kC, r, E, W), r = p mod C, kC = p - r
         (p - p % c, p % c)
         for lo, hi, c, _ in _stair_ranges(max_len, params, decode)
         for p in _block_max_candidates(lo, hi, c)
@@ -389,7 +419,7 @@ def _min_stair_width(max_len: int, params: MesaParams, decode: bool = True) -> i
             top_r = r
 
     def fits(e: int) -> bool:
-        return all(r + kc // e < params.train_len for kc, r in front)
+        return all(span_of(kc, r, e, params.near_window) < params.train_len for kc, r in front)
 
     lo, hi = 1, max(1, max_len)  # fits(hi) holds
     while lo < hi:

@@ -15,8 +15,9 @@ executes each one as a small dense attention problem.
 * ``middle``: middle chunk starting at s: keys [0, F) and [s, p]; key position i (i < F) or
   F + (i - s); query position F + (p - s).
 * ``stair``: last chunk and decode: keys [0, p]; every token j takes pos(j) = j if j >= A
-  else A - 1 - (A - 1 - j) // E, with anchor A = n - ((n - 1) mod C); n = T for prompt tokens
-  and n = p + 1 for generated ones.  Queries are scaled by max(1, ln(p + 1) / ln(L)).
+  else A - 1 - (A - 1 - j) // E, with anchor A = n - ((n - 1) mod C), or n - W when that is
+  lower (``near_window`` W, default 0: the paper's rule); n = T for prompt tokens and
+  n = p + 1 for generated ones.  Queries are scaled by max(1, ln(p + 1) / ln(L)).
   E is the fixed ``stair_width``, or with ``stair_width: auto`` (``MesaParams.stair_width``
   None) the smallest E that keeps every relative position of the query set of n inside the
   trained range (``stair_width_for``).
@@ -62,6 +63,8 @@ class MesaParams:
     set (its sequence length n and chunk width C), see ``stair_width_for``; every consumer
     asks that function (or reads ``Segment.stair_width``) instead of this field.
     ``middle_chunk`` is the middle-chunk width C of ``split: fixed`` (None: L - F).
+    ``near_window`` is W, the fewest tokens before n that keep their own positions under
+    Stair PE (the anchor is at most n - W; 0: the paper's anchor, ``stair_anchor``).
     """
 
     train_len: int
@@ -78,12 +81,14 @@ class MesaParams:
     sink_tokens: int = 0
     split: str = "dynamic"
     middle_chunk: int | None = None
+    near_window: int = 0
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
             raise ValueError(f"split={self.split!r} must be one of {', '.join(SPLITS)}")
         check_middle_chunk(self.train_len, self.first_chunk, self.split, self.middle_chunk)
         check_rules(self.train_len, self.first_chunk, self.pe, self.chunked_prefill)
+        check_near_window(self.train_len, self.first_chunk, self.pe, self.near_window)
         bad_width = self.stair_width is not None and self.stair_width < 1
         if self.first_chunk < 1 or self.last_chunk < 1 or bad_width or self.max_remainder < 0:
             raise ValueError(
@@ -129,6 +134,21 @@ def check_middle_chunk(
     if middle_chunk < 1 or (hi is not None and middle_chunk > hi):
         bound = f"train_len - first_chunk = {hi}" if hi is not None else "train_len - first_chunk"
         raise ValueError(f"middle_chunk={middle_chunk} must be in 1 .. {bound}")
+
+
+def check_near_window(train_len: int | None, first_chunk: int, pe: str, near_window: int) -> None:
+    """``near_window`` W: 0 (the paper's anchor), or 1 <= W <= L - F - 1 with ``pe: stair``
+    (n - A then stays <= L - F - 1, as with the paper's anchor, so a stair query's nearest
+    tokens alone never reach L); ValueError naming the field.  train_len may be None
+    (MesaConfig before the model's default is known): the bound is then checked once it is."""
+    if near_window == 0:
+        return
+    if pe != "stair":
+        raise ValueError(f"near_window={near_window} needs pe: stair (got pe={pe!r})")
+    hi = None if train_len is None else train_len - first_chunk - 1
+    if near_window < 0 or (hi is not None and near_window > hi):
+        bound = f"train_len - first_chunk - 1 = {hi}" if hi is not None else "L - F - 1"
+        raise ValueError(f"near_window={near_window} must be 0 or in 1 .. {bound}")
 
 
 def check_rules(
@@ -245,9 +265,14 @@ def stable_prefix(prompt_len: int, params: MesaParams) -> int:
     return plan.last_start if plan.is_long and params.chunked_prefill else 0
 
 
-def stair_anchor(n: int, width: int) -> int:
-    """A = n - ((n - 1) mod C): the first index that keeps its exact position."""
-    return n - ((n - 1) % width)
+def stair_anchor(n: int, width: int, near_window: int = 0) -> int:
+    """A = n - ((n - 1) mod C), the paper's anchor, lowered to n - W when it would leave fewer
+    than W = ``near_window`` tokens before n: the first index that keeps its own position.
+
+    With the paper's rule the near window n - A cycles through 0 .. C - 1 as n grows; at
+    n - 1 = kC it is empty and every key, the query's neighbours included, sits on the stair.
+    """
+    return min(n - ((n - 1) % width), n - near_window)
 
 
 def stair_position(j: int, anchor: int, stair_width: int) -> int:
@@ -261,15 +286,16 @@ def stair_width_for(n: int, width: int, params: MesaParams) -> int:
     """E of the stair queries with sequence length n and chunk width C (``width``).
 
     A fixed ``stair_width`` is returned as is.  ``stair_width: auto`` (None): with anchor
-    A = n - ((n - 1) mod C), the largest relative position a query of that n sees is
+    A = ``stair_anchor(n, C, W)``, the largest relative position a query of that n sees is
     (n - A) + floor((A - 1) / E) (query n - 1 against key 0), and E(n) is the smallest integer
     E >= 1 with (n - A) + floor((A - 1) / E) <= L - 1, i.e. floor((A - 1) / (R + 1)) + 1 with
-    R = L - 1 - (n - A).  R >= 1 for every stair query (n - A <= C - 1 <= L - F - 1); n is T
+    R = L - 1 - (n - A).  R >= 1 for every stair query (n - A <= max(C - 1, W) <= L - F - 1);
+    n is T
     for every prompt token of the last chunk and p + 1 for a generated token at index p.
     """
     if params.stair_width is not None:
         return params.stair_width
-    a = stair_anchor(n, width)
+    a = stair_anchor(n, width, params.near_window)
     room = params.train_len - 1 - (n - a)  # R
     if room < 1:
         raise ValueError(f"n={n}, C={width}: n - A = {n - a} leaves no room below L")
@@ -327,11 +353,15 @@ def token_segment_key(p: int, plan: ChunkPlan, params: MesaParams) -> tuple:
         if p < plan.last_start:
             k = (p - plan.first) // plan.width
             return ("middle", plan.middle_start(k), 0)
-        return ("weave", 0, 0) if weave else ("stair", 0, stair_anchor(T, plan.width))
+        return ("weave", 0, 0) if weave else ("stair", 0, _anchor(T, plan, params))
     n = p + 1
     if n <= params.train_len:
         return ("causal", 0, 0)
-    return ("weave", 0, 0) if weave else ("stair", 0, stair_anchor(n, plan.width))
+    return ("weave", 0, 0) if weave else ("stair", 0, _anchor(n, plan, params))
+
+
+def _anchor(n: int, plan: ChunkPlan, params: MesaParams) -> int:
+    return stair_anchor(n, plan.width, params.near_window)
 
 
 def plan_request(
@@ -389,7 +419,10 @@ def _segment_end(
         return min(params.train_len, q_end)  # generated tokens with p + 1 <= L
     if kind == "weave":
         return q_end  # no anchor: every long generated token follows one rule
+    if a < stair_anchor(p + 1, plan.width):
+        return p + 1  # near_window lowered the anchor to n - W: it moves with every token
     # generated stair tokens share the anchor while p // C is constant: p in [A-1, A-1+C)
+    # (near_window leaves it there: n - W only grows)
     end = a - 1 + plan.width
     if params.stair_width is None:
         # auto: E(n) = (A - 1) // (L - (n - A)) + 1 grows with n; it stays e while
@@ -402,6 +435,6 @@ def _segment_end(
 def max_stair_distance(seq_len: int, params: MesaParams) -> int:
     """Largest relative position a stair query at index seq_len - 1 can see (for warnings)."""
     plan = chunk_split(seq_len, params)
-    a = stair_anchor(seq_len, plan.width)
+    a = _anchor(seq_len, plan, params)
     e = stair_width_for(seq_len, plan.width, params)
     return (seq_len - 1) - stair_position(0, a, e)

@@ -11,9 +11,10 @@ Rules, per query index p (L training length, F first chunk, C chunk width, E sta
 * ``middle`` (prompt token in middle chunk k starting at s): keys [0, F) and [s, p]; key
   position i (i < F) or F + (i - s); query position F + (p - s).
 * ``stair`` (prompt token of the last chunk, n = T; or a generated token with p + 1 > L,
-  n = p + 1): keys [0, p]; anchor A = n - ((n - 1) mod C); every token j <= p, the query
-  included, has pos(j) = j if j >= A else A - 1 - floor((A - 1 - j) / E).  The query is
-  scaled by max(1, ln(p + 1) / ln(L)) when log-n scaling is on.
+  n = p + 1): keys [0, p]; anchor A = n - ((n - 1) mod C), or n - W if that is smaller
+  (W = ``near_window``, 0 by default); every token j <= p, the query included, has
+  pos(j) = j if j >= A else A - 1 - floor((A - 1 - j) / E).  The query is scaled by
+  max(1, ln(p + 1) / ln(L)) when log-n scaling is on.
 * ``E = "auto"``: each stair query set (one n, hence one anchor) takes the smallest integer
   E >= 1 for which no query of that n sees a relative position above L - 1 (the largest:
   query n - 1 against key 0).  Here it is found by trying E = 1, 2, ... on the positions
@@ -120,12 +121,21 @@ def _stair_row(j: torch.Tensor, A: int, E: int) -> torch.Tensor:
     return torch.where(j >= A, j, A - 1 - below)
 
 
-@functools.lru_cache(maxsize=65536)
-def auto_stair_width(n: int, C: int, L: int) -> int:
-    """The smallest E >= 1 with max_{0 <= k <= p < n} pos(p) - pos(k) <= L - 1 (every query p
-    of sequence length n against every key k <= p; anchor A = n - ((n - 1) mod C)), found by
-    trying E = 1, 2, ... in turn."""
+def _anchor(n: int, C: int, W: int) -> int:
+    """The first index at its own position: n - ((n - 1) mod C), moved down to n - W when the
+    tokens from it to n - 1 would be fewer than W."""
     A = n - ((n - 1) % C)
+    if n - A < W:
+        A = n - W
+    return A
+
+
+@functools.lru_cache(maxsize=65536)
+def auto_stair_width(n: int, C: int, L: int, W: int = 0) -> int:
+    """The smallest E >= 1 with max_{0 <= k <= p < n} pos(p) - pos(k) <= L - 1 (every query p
+    of sequence length n against every key k <= p; anchor ``_anchor(n, C, W)``), found by
+    trying E = 1, 2, ... in turn."""
+    A = _anchor(n, C, W)
     j = torch.arange(n, dtype=torch.int64)
     for E in range(1, n + 1):
         pos = _stair_row(j, A, E)
@@ -146,13 +156,15 @@ def reference_positions(
     *,
     split: str = "dynamic",
     width: int | None = None,
+    near_window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Allowed keys and positions of every query of one sequence.
 
     Args: prompt length T_prompt, total tokens seq_len (prompt + generated), training length
     L, first chunk F, last-chunk target Lc, max remainder Mmax, stair width E (an int, or
     "auto": ``auto_stair_width`` per stair query set), chunk plan ``split`` ("dynamic" or
-    "fixed", ``reference_split``) with the fixed split's middle-chunk ``width``.
+    "fixed", ``reference_split``) with the fixed split's middle-chunk ``width``, and the
+    fewest tokens ``near_window`` before n that a stair query set keeps at their own positions.
 
     Returns ``(mask, qpos, kpos)``: mask bool [seq_len, seq_len], mask[p, j] true when query p
     attends to key j; qpos int64 [seq_len], the query's position; kpos int64
@@ -174,8 +186,8 @@ def reference_positions(
             q = F + (p - s)
         else:
             n, C = a, b
-            A = n - ((n - 1) % C)
-            e = auto_stair_width(n, C, L) if E == "auto" else E
+            A = _anchor(n, C, near_window)
+            e = auto_stair_width(n, C, L, near_window) if E == "auto" else E
             row_pos = _stair_row(j, A, e)
             row_mask = j <= p
             q = int(row_pos[p])
@@ -294,9 +306,10 @@ def mesa_attention_reference(
     block: int = 128,
     split: str = "dynamic",
     width: int | None = None,
+    near_window: int = 0,
 ) -> torch.Tensor:
     """Mesa attention of one sequence, dense (chunk plan ``split`` with the fixed split's
-    middle-chunk ``width``, ``reference_split``).
+    middle-chunk ``width``, ``reference_split``; stair anchors with ``near_window``).
 
     q: [S, Hq, D]; k, v: [S, Hkv, D] (Hq a multiple of Hkv; query head h reads KV head
     h // (Hq // Hkv)), any float dtype, NOT rotated.  S = prompt + generated tokens; the
@@ -316,7 +329,9 @@ def mesa_attention_reference(
     G = Hq // Hkv
     assert Hq == G * Hkv and k.shape == (S, Hkv, D) and v.shape == k.shape
     scale = D**-0.5 if scale is None else scale
-    mask, qpos, kpos = reference_positions(T_prompt, S, L, F, Lc, Mmax, E, split=split, width=width)
+    mask, qpos, kpos = reference_positions(
+        T_prompt, S, L, F, Lc, Mmax, E, split=split, width=width, near_window=near_window
+    )
     qs = query_scales(T_prompt, S, L, log_n, F=F, Lc=Lc, Mmax=Mmax, split=split, width=width)
     inv_freq = rope_inv_freq(D, rope_parameters)
     qf = q.float() * qs[:, None, None]

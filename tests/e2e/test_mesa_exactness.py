@@ -174,3 +174,44 @@ def test_auto_greedy_continuation_crosses_an_anchor(auto_llm, tiny_llama):
     out = auto_llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
     want = dense_greedy(tiny_llama, prompt, 32, mesa=MESA_AUTO)
     assert list(out.outputs[0].token_ids) == want, f"seed {SEED}"
+
+
+# ------------------------------------------------------------------ near_window
+
+# The fixed split's narrow grid (C = 16) makes the paper's near window n - A cycle through
+# 0 .. 15; near_window = 12 keeps at least 12 tokens at their own positions.
+MESA_NEAR = {**MESA_SMALL, "split": "fixed", "middle_chunk": 16, "near_window": 12}
+
+
+@pytest.fixture(scope="module")
+def near_llm(tiny_llama):
+    """near_window with stair_width "auto" (E per anchor, which now moves with the first 12
+    generated tokens after each jump); prefill split every 100 tokens."""
+    from vllm import LLM
+
+    mesa = {**MESA_NEAR, "stair_width": "auto"}
+    llm = LLM(
+        **mesa_engine_kwargs(tiny_llama, MAX_LEN, mesa, max_num_seqs=8, max_num_batched_tokens=100)
+    )
+    yield llm
+    del llm
+
+
+def test_near_window_prompts_and_decode_match_dense_oracle(near_llm, tiny_llama):
+    """T = 305 (the paper's anchor leaves no token at its own position: 304 = 19 C) and
+    T = 300 (11 tokens): prompt logprobs equal the oracle's, which differ from the paper's
+    anchor; 24 greedy tokens from T = 300 cross two anchors (n - 1 = 304, 320)."""
+    from vllm import SamplingParams
+
+    mesa = {**MESA_NEAR, "stair_width": "auto"}
+    rng = random.Random(SEED + 400)
+    prompts = [_prompt(305, rng), _prompt(300, rng)]
+    for prompt, (got, _) in zip(prompts, _prompt_logprobs(near_llm, prompts), strict=True):
+        want = _oracle_logprobs(tiny_llama, prompt, mesa)
+        _assert_close(got, want, f"near_window T={len(prompt)}")
+        paper = _oracle_logprobs(tiny_llama, prompt, {**mesa, "near_window": 0})
+        assert float((paper - want).abs().max()) > 10 * ATOL, f"T={len(prompt)} (seed {SEED})"
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    out = near_llm.generate([{"prompt_token_ids": prompts[1]}], sp, use_tqdm=False)[0]
+    want = dense_greedy(tiny_llama, prompts[1], 24, mesa=mesa)
+    assert list(out.outputs[0].token_ids) == want, f"seed {SEED}"

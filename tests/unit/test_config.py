@@ -44,6 +44,8 @@ def test_resolved_takes_train_len_from_model_unless_set():
         ("split", "static", 'one of "dynamic", "fixed"'),
         ("split", 1, 'one of "dynamic", "fixed"'),
         ("middle_chunk", 0, "<= train_len - first_chunk, with split: fixed"),
+        ("near_window", -1, "<= train_len - first_chunk - 1, with pe: stair"),
+        ("near_window", 2.5, "<= train_len - first_chunk - 1, with pe: stair"),
     ],
 )
 def test_bad_values_name_field_and_range(field, value, allowed):
@@ -72,6 +74,20 @@ def test_middle_chunk_needs_fixed_split_and_fits_train_len():
         cfg.resolved(256)
     assert cfg.resolved(8192).params().fixed_width == 300
     assert MesaConfig.from_dict({"split": "fixed"}).resolved(8192).params().fixed_width == 8092
+
+
+def test_near_window_needs_stair_and_fits_train_len():
+    """near_window W keeps n - A <= L - F - 1: refused above it once L is known (from the
+    config or, at resolve, from the model), and with a weave rule."""
+    with pytest.raises(MesaConfigError, match=r"near_window=156 must be 0 or in 1 \.\. .* = 155"):
+        MesaConfig.from_dict({"train_len": 256, "near_window": 156})
+    with pytest.raises(MesaConfigError, match="near_window=8 needs pe: stair"):
+        MesaConfig.from_dict({"pe": "rerope", "near_window": 8})
+    cfg = MesaConfig.from_dict({"near_window": 512})
+    with pytest.raises(MesaConfigError, match="near_window=512"):
+        cfg.resolved(256)
+    assert cfg.resolved(8192).params().near_window == 512
+    assert MesaConfig.from_dict({}).resolved(8192).params().near_window == 0
 
 
 def test_unknown_field_is_refused():

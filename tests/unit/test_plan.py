@@ -87,7 +87,9 @@ def _check_segments_match_reference(params, T, gen, cut, data):
     sp = params.split
     W = params.middle_chunk
     E_ref = "auto" if E is None else E
-    mask, qpos, kpos = reference_positions(T, S, L, F, Lc, Mm, E_ref, split=sp, width=W)
+    mask, qpos, kpos = reference_positions(
+        T, S, L, F, Lc, Mm, E_ref, split=sp, width=W, near_window=params.near_window
+    )
     if T > L:
         plan = chunk_split(T, params)
         assert (plan.width, plan.n_mid) == reference_split(T, L, F, Lc, Mm, split=sp, width=W)
@@ -124,7 +126,7 @@ def test_auto_stair_width_is_the_smallest_that_fits(params, data):
     n = data.draw(st.integers(L + 1, 40 * L))
     T = data.draw(st.sampled_from([n, data.draw(st.integers(1, n))]))
     C = dynamic_split(T, params).width
-    A = stair_anchor(n, C)
+    A = stair_anchor(n, C, params.near_window)
 
     def span(e: int) -> int:
         pos = [stair_position(j, A, e) for j in range(n)]
@@ -173,6 +175,30 @@ def test_auto_stair_width_worked_example():
     assert (T - A) + (A - 1) // e <= 8191 < (T - A) + (A - 1) // (e - 1)
     assert e == 18
     assert stair_width_for(8193, p.default_width, p) == 2
+
+
+def test_near_window_worked_example():
+    """SmolLM2's setting with the fixed split's C = 1024 (Lc = 512, F = 100) and a 16384-token
+    prompt: the prompt's own anchor leaves 1023 tokens at their positions, but the first
+    generated token (n = 16385, n - 1 a multiple of C) gets A = n with the paper's rule, so
+    even its neighbours sit on the stair.  near_window = 512 moves the anchor to n - 512 for
+    512 generated tokens (one segment each), then the paper's anchor takes over again."""
+    paper = MesaParams(train_len=8192, split="fixed", middle_chunk=1024)
+    near = MesaParams(train_len=8192, split="fixed", middle_chunk=1024, near_window=512)
+    T = 16384
+    assert stair_anchor(T, 1024) == T - 1023 == stair_anchor(T, 1024, 512)
+    assert stair_anchor(T + 1, 1024) == T + 1
+    assert stair_anchor(T + 1, 1024, 512) == T + 1 - 512
+    segs = [s for s in plan_request(T, T, T + 600, near) if s.kind == "stair"]
+    assert [s.anchor for s in segs[:512]] == [p + 1 - 512 for p in range(T, T + 512)]
+    assert all(s.q_end - s.q_start == 1 for s in segs[:512])
+    assert (segs[512].q_start, segs[512].q_end, segs[512].anchor) == (T + 512, T + 600, T + 1)
+    ((seg,),) = [[s for s in plan_request(T, T, T + 1, paper)]]
+    assert seg.anchor == T + 1  # the paper's rule: no key at its own position
+    with pytest.raises(ValueError, match=re.escape("1 .. train_len - first_chunk - 1 = 8091")):
+        MesaParams(train_len=8192, near_window=8092)
+    with pytest.raises(ValueError, match="needs pe: stair"):
+        MesaParams(train_len=8192, pe="rerope", window=100, near_window=8)
 
 
 def test_middle_chunk_cost_is_linear():

@@ -12,6 +12,7 @@ from strategies import mesa_params
 
 from mesa_vllm.engine_config import (
     _min_stair_width,
+    span_of,
     stair_query_span,
     width_runs,
     worst_stair_span,
@@ -80,13 +81,19 @@ def test_width_runs_are_the_chunk_split(params, max_len):
         assert {chunk_split(t, params).width for t in range(lo, hi + 1)} == {c}
 
 
-@settings(max_examples=200, deadline=None)
-@given(p=st.integers(0, 5000), c=st.integers(1, 300), e=st.integers(1, 80))
-def test_stair_query_span_formula(p, c, e):
+@settings(max_examples=300, deadline=None)
+@given(p=st.integers(0, 5000), c=st.integers(1, 300), e=st.integers(1, 80), data=st.data())
+def test_stair_query_span_formula(p, c, e, data):
+    """The paper's anchor: r + floor(kC / E); with a near window W <= p: ``span_of``, and both
+    equal the largest distance on the positions themselves."""
     k, r = divmod(p, c)
-    assert stair_query_span(p, c, e) == r + (k * c) // e
-    a = stair_anchor(p + 1, c)
-    assert stair_query_span(p, c, e) == max(p - stair_position(j, a, e) for j in range(p + 1))
+    assert stair_query_span(p, c, e) == r + (k * c) // e == span_of(k * c, r, e)
+    w = data.draw(st.integers(0, min(p, c + 20)), label="near_window")
+    a = stair_anchor(p + 1, c, w)
+    assert p + 1 - a >= w  # at least W tokens keep their own positions
+    span = stair_query_span(p, c, e, w)
+    assert span == span_of(k * c, r, e, w)
+    assert span == max(p - stair_position(j, a, e) for j in range(p + 1))
 
 
 @settings(max_examples=200, deadline=None)

@@ -156,6 +156,11 @@ _CASES = [
     ("fixed-narrow-bf16-d64-g2-p16", "bfloat16", 64, 2, 2, 16,
      [(256, 256, 0), (200, 200, 47), (211, 211, 190), (120, 131, 130)],
      dict(split="fixed", middle=10, splits=3)),
+    # near_window W = 7 on that grid: prompts whose own anchor leaves 0 / 9 / 3 tokens, and a
+    # decode run that crosses two anchors (each followed by 7 rows whose anchor moves with them)
+    ("near-window-bf16-d64-g2-p16", "bfloat16", 64, 2, 2, 16,
+     [(201, 201, 0), (210, 210, 150), (204, 226, 203), (120, 131, 130)],
+     dict(split="fixed", middle=10, near=7, splits=3)),
     # fp8 KV cache (kv=...): random per-tensor scales, stored k / scale in fp8; the reference
     # gets the dequantized k / v (tolerance of the query dtype) and, as a second check, the
     # unquantized ones (FP8_TOL); prefill, chunked prefill, stair and causal decode rows
@@ -205,6 +210,7 @@ def case_params(case: dict):
     params = MesaParams(
         m["L"], m["F"], m["Lc"], m["Mmax"], E, log_n, pe, chunked, w, k, G, sink,
         split=case.get("split", "dynamic"), middle_chunk=case.get("middle"),
+        near_window=case.get("near", 0),
     )  # fmt: skip
     if pe == "stair":
         return params, None
@@ -263,6 +269,7 @@ def run_case(case: dict, seed: int) -> dict:
             ref = mesa_attention_reference(
                 q, k, v, T, m["L"], m["F"], m["Lc"], m["Mmax"], m["E"], log_n, rope, D**-0.5,
                 split=case.get("split", "dynamic"), width=case.get("middle"),
+                near_window=case.get("near", 0),
             )  # fmt: skip
         else:
             ref = variant_attention_reference(q, k, v, T, m["L"], spec, rope, D**-0.5)
@@ -272,7 +279,7 @@ def run_case(case: dict, seed: int) -> dict:
             refs_full.append(mesa_attention_reference(
                 q, k_full, v_full, T, m["L"], m["F"], m["Lc"], m["Mmax"], m["E"], log_n, rope,
                 D**-0.5, split=case.get("split", "dynamic"),
-                width=case.get("middle"))[ctx:])  # fmt: skip
+                width=case.get("middle"), near_window=case.get("near", 0))[ctx:])  # fmt: skip
     query, ref = batch.query, torch.cat(refs).float()
     out = torch.full_like(query, float("nan"))
     pre, dec = tm.split_prefill_decode(entries)
