@@ -22,7 +22,7 @@ sent to the engine core and the workers, so every process sees the same resolved
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from mesa_vllm import envs
@@ -313,24 +313,23 @@ def _first_reaching(
     def reaches(p: int) -> bool:
         return span_of(p - p % c, p % c, stair_width, near_window) >= span
 
-    k_lo, k_last = lo // c, hi // c
-    a, b = k_lo, k_last  # blocks k_lo .. k_last - 1 end inside [lo, hi] at (k + 1) C - 1
-    while a < b:
-        mid = (a + b) // 2
-        if reaches(mid * c + c - 1):
-            b = mid
-        else:
-            a = mid + 1
-    if a == k_last and not reaches(hi):
+    k_last = hi // c  # blocks lo // c .. k_last - 1 end inside [lo, hi], at (k + 1) C - 1
+    k = _first_true(lo // c, k_last, lambda k: reaches(k * c + c - 1))
+    if k == k_last and not reaches(hi):
         return None
-    x, y = max(lo, a * c), min(hi, a * c + c - 1)
-    while x < y:
-        mid = (x + y) // 2
-        if reaches(mid):
-            y = mid
+    return _first_true(max(lo, k * c), min(hi, k * c + c - 1), reaches)
+
+
+def _first_true(lo: int, hi: int, pred: Callable[[int], bool]) -> int:
+    """The smallest x in [lo, hi) with pred(x) for a pred false then true on [lo, hi]; hi
+    when none in [lo, hi) is."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            hi = mid
         else:
-            x = mid + 1
-    return x
+            lo = mid + 1
+    return lo
 
 
 def _stair_ranges(
@@ -421,14 +420,7 @@ def _min_stair_width(max_len: int, params: MesaParams, decode: bool = True) -> i
     def fits(e: int) -> bool:
         return all(span_of(kc, r, e, params.near_window) < params.train_len for kc, r in front)
 
-    lo, hi = 1, max(1, max_len)  # fits(hi) holds
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+    return _first_true(1, max(1, max_len), fits)  # fits(max_len) holds
 
 
 def params_from_vllm_config(vllm_config: Any) -> MesaParams:
