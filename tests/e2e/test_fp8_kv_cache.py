@@ -20,7 +20,7 @@ FP8 = torch.float8_e4m3fn
 # The engine's float32 projections and the oracle's round differently only where a key or
 # value lies within float32 noise of an fp8 rounding midpoint; one such element then rounds
 # one fp8 step apart.  Measured on this model: the oracle against itself with float64
-# projections differs by up to 2.8e-3 (seed 3395253430, T=151), usually by < 1e-5; the
+# projections differs by up to 2.8e-3 (seed 3395253430, T=151), usually by < 1e-4; the
 # unquantized oracle is 0.07-0.25 away from the fp8 one.  The tolerance admits a few flips.
 FP8_TOL = 1e-2
 
