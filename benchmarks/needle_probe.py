@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from mesa_vllm.plan import MesaParams
+from mesa_vllm.plan import MesaParams, stair_anchor
 from mesa_vllm.testing.reference import (
     query_scales,
     reference_positions,
@@ -233,7 +233,7 @@ def make_plan(c: MesaCfg, T: int, S: int, record: list[int], block: int = 256) -
         for p in record:
             n = T if p < T else p + 1
             if (p < T and T > c.L and p >= c.F + n_mid * C) or (p >= T and n > c.L):
-                anchors[p] = min(n - ((n - 1) % C), n - c.W)
+                anchors[p] = stair_anchor(n, C, c.W)
         kpos_rows = {p: kpos[p, : p + 1].clone() for p in record}
         qpos_rows = {p: int(qpos[p]) for p in record}
         max_pos = int(kpos.max()) if S else 0

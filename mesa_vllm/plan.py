@@ -290,8 +290,7 @@ def stair_width_for(n: int, width: int, params: MesaParams) -> int:
     (n - A) + floor((A - 1) / E) (query n - 1 against key 0), and E(n) is the smallest integer
     E >= 1 with (n - A) + floor((A - 1) / E) <= L - 1, i.e. floor((A - 1) / (R + 1)) + 1 with
     R = L - 1 - (n - A).  R >= 1 for every stair query (n - A <= max(C - 1, W) <= L - F - 1);
-    n is T
-    for every prompt token of the last chunk and p + 1 for a generated token at index p.
+    n is T for every prompt token of the last chunk and p + 1 for a generated token at index p.
     """
     if params.stair_width is not None:
         return params.stair_width
