@@ -26,7 +26,7 @@ Each configuration gets its own ``mesa-vllm serve`` server (benchmarks/serve_loa
   ``--enable-prefix-caching`` (hits bounded by each request's stable prefix);
 - ``mesa fixed``: the same, ``--no-enable-prefix-caching``;
 - ``mesa dynamic``: Mesa's default split, ``--no-enable-prefix-caching`` (caching is refused
-  with the dynamic split).
+  with the dynamic split); --mesa-config without ``middle_chunk`` (a fixed-split width).
 
 The server's ``vllm:prefix_cache_queries`` / ``vllm:prefix_cache_hits`` counters (tokens) are
 read from /metrics before and after each document's questions.  The greedy tokens of
@@ -204,6 +204,8 @@ def config_launch(name: str, model: str, max_model_len: int, mesa_config: dict,
     """(args, env) of one configuration's server, through serve_load.server_launch."""
     backend, split, caching = CONFIGS[name]
     mesa_cfg = {**mesa_config, "split": split} if split else {}
+    if split == "dynamic":  # middle_chunk is refused without split: fixed; the rest applies
+        mesa_cfg.pop("middle_chunk", None)
     extra = shlex.split(server_args)
     extra.append("--enable-prefix-caching" if caching else "--no-enable-prefix-caching")
     return load_serve_load().server_launch(backend, model, max_model_len, mesa_cfg, extra, cpu)

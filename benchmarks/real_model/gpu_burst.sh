@@ -37,7 +37,7 @@
 #       by GPU and CPU time), then the load part in the time left (LOAD_INPUTS default
 #       1024 here).  Results packed in $OUT/profile-load.tgz (profile/, load/).
 #   bash benchmarks/real_model/gpu_burst.sh prefix
-#       convert + benchmarks/prefix_cache_ttft.py (issue 17): TTFT of 8 questions sent one at
+#       convert + benchmarks/prefix_cache_ttft.py: TTFT of 8 questions sent one at
 #       a time on one long document (the pydoc corpus as --text when present, else random
 #       token ids), documents PREFIX_DOCS (default 32768,131072) tokens, max-model-len 139264
 #       (17 L), one server after the other for PREFIX_CONFIGS (default FLASH_ATTN+cache,mesa
@@ -50,7 +50,7 @@
 #       2..8 at once, after question 1 (--concurrent).
 #       Results packed in $OUT/prefix.tgz (prefix/table.md, points.json, servers/*.log).
 #   bash benchmarks/real_model/gpu_burst.sh soak
-#       convert + benchmarks/soak.py (issue 19): `mesa-vllm serve` with Mesa, CUDA graphs
+#       convert + benchmarks/soak.py: `mesa-vllm serve` with Mesa, CUDA graphs
 #       on, max-model-len 65536 (8 L), SOAK_CLIENTS (default 64) clients for SOAK_SECONDS
 #       (default 300) loaded seconds, prompts 100 tokens .. 8 L, faults (200 dropped
 #       streams, a request at exactly max-model-len, a burst, SIGTERM + restart), then every

@@ -105,6 +105,13 @@ def test_each_config_gets_its_caching_flag_and_split(tmp_path, cpu):
     assert f[-1] == "--no-enable-prefix-caching" and _mesa_settings(f)["split"] == "fixed"
     dyn, _ = pct.config_launch(pct.DYNAMIC, m, 1024, {**mesa, "split": "fixed"}, extra, cpu)
     assert dyn[-1] == "--no-enable-prefix-caching" and _mesa_settings(dyn)["split"] == "dynamic"
+    # a fixed-grid width stays with the fixed configs; the other settings reach every Mesa one
+    narrow = {**mesa, "middle_chunk": 32, "near_window": 16}
+    dyn, _ = pct.config_launch(pct.DYNAMIC, m, 1024, narrow, extra, cpu)
+    assert _mesa_settings(dyn) == {"train_len": 64, "first_chunk": 8, "near_window": 16,
+                                   "split": "dynamic"}  # fmt: skip
+    f, _ = pct.config_launch(pct.FIXED, m, 1024, narrow, extra, cpu)
+    assert _mesa_settings(f)["middle_chunk"] == 32
 
 
 def _point(config, doc_len, ttft, tokens, status="ok", cache=None, seconds=1.0):

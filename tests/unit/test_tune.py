@@ -189,10 +189,19 @@ def test_default_grid_and_duplicates():
         "mesa@stair_width=auto",
         "mesa@stair_width=2048",
         "mesa-leaky-rerope",
+        "mesa@split=fixed@middle_chunk=1024@near_window=512",
     ]
+    # the narrow grid follows the base's Lc and stays inside L - F
+    assert tune.default_candidates(256, {"first_chunk": 32, "last_chunk": 64})[-1] == (
+        "mesa@split=fixed@middle_chunk=128@near_window=64"
+    )
+    assert tune.default_candidates(256, {"first_chunk": 32, "last_chunk": 200})[-1] == (
+        "mesa@split=fixed@middle_chunk=224@near_window=200"
+    )
     # the toy model's base already has E = 64 = L // 4: measured once
-    kept, dropped = tune.dedupe(tune.default_candidates(L), CTX)
-    assert kept == ["mesa", "mesa@stair_width=auto", "mesa-leaky-rerope"]
+    kept, dropped = tune.dedupe(tune.default_candidates(L, CTX.mesa_config), CTX)
+    narrow = "mesa@split=fixed@middle_chunk=128@near_window=64"
+    assert kept == ["mesa", "mesa@stair_width=auto", "mesa-leaky-rerope", narrow]
     assert dropped == {"mesa@stair_width=64": "mesa"}
 
 
