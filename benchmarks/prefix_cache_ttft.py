@@ -52,6 +52,7 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REF, FIXED_CACHE = "FLASH_ATTN+cache", "mesa fixed+cache"
@@ -82,6 +83,9 @@ class Point:
     ttft_ms: list[float] = field(default_factory=list)
     tokens: list[list[int]] = field(default_factory=list)
     cache: dict[str, float] = field(default_factory=dict)  # counter deltas
+    # per question, per generated token: log p of the chosen token minus that of the
+    # runner-up (None where the server sent no top-2), to tell a near-tie from a divergence
+    gaps: list[list[float | None]] = field(default_factory=list)
 
 
 def parse_metrics(text: str, names=METRICS) -> dict[str, float]:
@@ -112,6 +116,35 @@ def equal_questions(a: Point | None, b: Point | None) -> tuple[int, int] | None:
         return None
     n = min(len(a.tokens), len(b.tokens))
     return sum(a.tokens[i] == b.tokens[i] for i in range(n)), n
+
+
+def first_differences(a: Point, b: Point) -> list[dict[str, Any]]:
+    """Where the greedy tokens of ``a`` and ``b`` first part, per question that differs:
+    question (1-based), token index, and each run's top-2 gap there (None if not recorded)."""
+    out = []
+    for q, (x, y) in enumerate(zip(a.tokens, b.tokens, strict=False)):
+        i = next((i for i, (u, v) in enumerate(zip(x, y, strict=False)) if u != v), None)
+        if i is None:
+            continue
+        gap = [g[q][i] if q < len(g) and i < len(g[q]) else None for g in (a.gaps, b.gaps)]
+        out.append({"question": q + 1, "token": i, "gap": gap[0], "gap_other": gap[1]})
+    return out
+
+
+def difference_lines(points: list[Point]) -> list[str]:
+    """One line per question where mesa fixed+cache and mesa fixed part."""
+    by = {(p.config, p.doc_len): p for p in points}
+    lines = []
+    for d, eq in equality(points).items():
+        if eq is None or eq[0] == eq[1]:
+            continue
+        for e in first_differences(by[(FIXED_CACHE, d)], by[(FIXED, d)]):
+            lines.append(
+                f"- doc {d}, question {e['question']}: first differs at generated token "
+                f"{e['token'] + 1}; top-2 log p gap there {_f(e['gap'], '{:.3f}')} "
+                f"({FIXED_CACHE}) / {_f(e['gap_other'], '{:.3f}')} ({FIXED})"
+            )
+    return lines
 
 
 def equality(points: list[Point]) -> dict[int, tuple[int, int] | None]:
@@ -152,6 +185,10 @@ def markdown_table(points: list[Point], header: str = "") -> str:
                 _f(_ratio(warm, ref[FIXED]), "{:.3f}x"), _f(_ratio(warm, ref[REF]), "{:.3f}x"),
                 hits, "-" if eq is None else f"{eq[0]}/{eq[1]}", status]  # fmt: skip
         lines.append("| " + " | ".join(vals) + " |")
+    diffs = difference_lines(points)
+    if diffs:
+        lines += ["", f"Where {FIXED_CACHE} and {FIXED} part (a gap near 0 is a near-tie):"]
+        lines += diffs
     return "\n".join(lines) + "\n"
 
 
@@ -211,33 +248,47 @@ def config_launch(name: str, model: str, max_model_len: int, mesa_config: dict,
     return load_serve_load().server_launch(backend, model, max_model_len, mesa_cfg, extra, cpu)
 
 
+def chunk_tokens(choice: dict) -> tuple[list[int], list[float | None]]:
+    """One streamed choice -> (token ids, top-2 log p gap per token; None without a
+    runner-up).  Tokens come as ``token_id:N`` (``return_tokens_as_token_ids``)."""
+    lp = choice.get("logprobs") or {}
+    ids = [int(t.split(":", 1)[1]) for t in lp.get("tokens") or []]
+    tops = lp.get("top_logprobs") or [None] * len(ids)
+    gaps = []
+    for top in tops:
+        vals = sorted((top or {}).values(), reverse=True)
+        gaps.append(vals[0] - vals[1] if len(vals) > 1 else None)
+    return ids, gaps
+
+
 def ask(base: str, model: str, prompt: list[int], max_tokens: int, timeout: float):
-    """One streamed greedy completion: (TTFT ms, generated token ids)."""
+    """One streamed greedy completion: (TTFT ms, generated token ids, top-2 gaps)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "ignore_eos": True, "logprobs": 0,
+            "stream": True, "ignore_eos": True, "logprobs": 2,
             "return_tokens_as_token_ids": True}  # fmt: skip
     req = urllib.request.Request(f"{base}/v1/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})  # fmt: skip
-    t0, ttft, ids = time.perf_counter(), None, []
+    t0, ttft, ids, gaps = time.perf_counter(), None, [], []
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         for raw in resp:
             line = raw.decode().strip()
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             for ch in json.loads(line[6:]).get("choices", []):
-                toks = (ch.get("logprobs") or {}).get("tokens") or []
+                toks, tok_gaps = chunk_tokens(ch)
                 if toks and ttft is None:
                     ttft = (time.perf_counter() - t0) * 1000
-                ids += [int(t.split(":", 1)[1]) for t in toks]
+                ids += toks
+                gaps += tok_gaps
     if ttft is None:
         raise RuntimeError("the stream ended without a token")
-    return ttft, ids
+    return ttft, ids, gaps
 
 
 def ask_questions(ask_one, doc: list[int], questions: list[list[int]], concurrent: bool):
-    """[(TTFT ms, token ids)] per question, in question order: ``ask_one(prompt)`` for each
-    document + question, one at a time, or with ``concurrent`` question 1 alone and then the
-    others all at once."""
+    """[ask_one's result, e.g. (TTFT ms, token ids, gaps)] per question, in question order:
+    ``ask_one(prompt)`` for each document + question, one at a time, or with ``concurrent``
+    question 1 alone and then the others all at once."""
     if not concurrent or len(questions) < 2:
         return [ask_one(doc + q) for q in questions]
     from concurrent.futures import ThreadPoolExecutor
@@ -288,9 +339,10 @@ def run_config(name, points, args, sl, cpu, docs, deadline, t_start, done) -> No
             try:
                 one = lambda prompt: ask(base, args.model, prompt, args.max_tokens,  # noqa: E731
                                          max(deadline - time.monotonic(), 5))  # fmt: skip
-                for ttft, ids in ask_questions(one, doc, qs, args.concurrent):
+                for ttft, ids, gaps in ask_questions(one, doc, qs, args.concurrent):
                     p.ttft_ms.append(ttft)
                     p.tokens.append(ids)
+                    p.gaps.append(gaps)
                 p.status = "ok"
             except Exception as exc:  # a refused request, or the deadline passed mid-request
                 p.status, p.reason = "failed", f"{type(exc).__name__}: {exc}"[:160]

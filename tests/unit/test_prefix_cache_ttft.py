@@ -131,7 +131,12 @@ def test_table_ratios_equality_and_skips():
     assert pct.cold_warm(pct.Point("x", 1)) == (None, None)
     assert pct.equality(pts) == {256: (2, 3), 4096: None}
     assert pct.equal_questions(pts[1], pts[3]) is None  # a failed point is not compared
-    rows = pct.markdown_table(pts, "header line\n").splitlines()
+    table, diffs = pct.markdown_table(pts, "header line\n").split("\n\nWhere ")
+    rows = table.splitlines()
+    assert diffs.splitlines()[1] == (  # question 2 parts at its 2nd token; no gaps recorded
+        "- doc 256, question 2: first differs at generated token 2; top-2 log p gap there "
+        "- (mesa fixed+cache) / - (mesa fixed)"
+    )
     assert rows[:2] == ["header line", ""]  # a blank line: markdown starts the table
     assert rows[2].startswith("| config | doc tokens | Q | cold TTFT ms | warm TTFT p50 ms |")
     cells = {(r.split(" | ")[0][2:], r.split(" | ")[1]): r.split(" | ") for r in rows[4:]}
@@ -142,6 +147,25 @@ def test_table_ratios_equality_and_skips():
     assert cells[(pct.DYNAMIC, "256")][4] == "-"  # one question: no warm median
     assert rows[-1].endswith("skipped: prompt+output 4144 > max-model-len |")
     assert [r.split(" | ")[1] for r in rows[4:]] == ["256"] * 4 + ["4096"]
+
+
+def test_streamed_top2_gives_the_gap_and_the_table_names_where_runs_part():
+    ids, gaps = pct.chunk_tokens({"logprobs": {
+        "tokens": ["token_id:7", "token_id:9"],
+        "top_logprobs": [{"token_id:7": -0.25, "token_id:3": -1.5}, {"token_id:9": -0.5}],
+    }})  # fmt: skip
+    assert ids == [7, 9] and gaps == [1.25, None]
+    assert pct.chunk_tokens({"logprobs": {"tokens": ["token_id:4"]}}) == ([4], [None])
+    cached = _point(pct.FIXED_CACHE, 256, [9.0, 9.0], [[1, 2, 3], [4, 5, 6]])
+    cached.gaps = [[2.0, 2.0, 2.0], [1.0, 0.0625, 1.0]]
+    plain = _point(pct.FIXED, 256, [9.0, 9.0], [[1, 2, 3], [4, 8, 6]])
+    assert pct.first_differences(cached, plain) == [
+        {"question": 2, "token": 1, "gap": 0.0625, "gap_other": None}
+    ]
+    table = pct.markdown_table([cached, plain])
+    assert "- doc 256, question 2: first differs at generated token 2; top-2 log p gap " in table
+    assert "0.062 (mesa fixed+cache) / - (mesa fixed)" in table
+    assert "part" not in pct.markdown_table([cached, _point(pct.FIXED, 256, [9.0], cached.tokens)])
 
 
 def test_estimate_prefers_another_config_at_the_same_length():
