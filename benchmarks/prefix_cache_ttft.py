@@ -131,11 +131,11 @@ def first_differences(a: Point, b: Point) -> list[dict[str, Any]]:
     return out
 
 
-def difference_lines(points: list[Point]) -> list[str]:
-    """One line per question where mesa fixed+cache and mesa fixed part."""
-    by = {(p.config, p.doc_len): p for p in points}
+def difference_lines(by: dict[tuple[str, int], Point], same: dict) -> list[str]:
+    """One line per question where mesa fixed+cache and mesa fixed part, from the table's
+    ``by`` ((config, doc length) -> point) and ``same`` (``equality``)."""
     lines = []
-    for d, eq in equality(points).items():
+    for d, eq in same.items():
         if eq is None or eq[0] == eq[1]:
             continue
         for e in first_differences(by[(FIXED_CACHE, d)], by[(FIXED, d)]):
@@ -185,7 +185,7 @@ def markdown_table(points: list[Point], header: str = "") -> str:
                 _f(_ratio(warm, ref[FIXED]), "{:.3f}x"), _f(_ratio(warm, ref[REF]), "{:.3f}x"),
                 hits, "-" if eq is None else f"{eq[0]}/{eq[1]}", status]  # fmt: skip
         lines.append("| " + " | ".join(vals) + " |")
-    diffs = difference_lines(points)
+    diffs = difference_lines(by, same)
     if diffs:
         lines += ["", f"Where {FIXED_CACHE} and {FIXED} part (a gap near 0 is a near-tie):"]
         lines += diffs
