@@ -1,6 +1,6 @@
 """Time to first token of many questions on one long document, with and without prefix caching.
 
-    python benchmarks/prefix_cache_ttft.py --model DIR --max-model-len N
+    python benchmarks/prefix_cache_ttft.py --model DIR|llama2-7b-shape --max-model-len N
         [--doc-lens 32768,131072] [--questions 8] [--max-tokens 16] [--text FILE]
         [--configs "FLASH_ATTN+cache,mesa fixed+cache,mesa fixed,mesa dynamic"]
         [--server-args "..."] [--mesa-config JSON] [--budget-seconds S] [--concurrent]
@@ -27,6 +27,11 @@ Each configuration gets its own ``mesa-vllm serve`` server (benchmarks/serve_loa
 - ``mesa fixed``: the same, ``--no-enable-prefix-caching``;
 - ``mesa dynamic``: Mesa's default split, ``--no-enable-prefix-caching`` (caching is refused
   with the dynamic split); --mesa-config without ``middle_chunk`` (a fixed-split width).
+
+``--model llama2-7b-shape``: the Llama-2-7B shape (L = 4096) with dummy bf16 weights, made by
+benchmarks/serve_load.py's ``dummy_7b`` (its flags go before --server-args); the documents
+are then random token ids (no --text: dummy weights read nothing), and with random weights
+greedy tokens are near ties, so the top-2 gaps say whether a differing token is one.
 
 The server's ``vllm:prefix_cache_queries`` / ``vllm:prefix_cache_hits`` counters (tokens) are
 read from /metrics before and after each document's questions.  The greedy tokens of
@@ -361,7 +366,7 @@ def run_config(name, points, args, sl, cpu, docs, deadline, t_start, done) -> No
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="model directory")
+    ap.add_argument("--model", required=True, help="model directory, or llama2-7b-shape")
     ap.add_argument("--max-model-len", type=int, required=True)
     ap.add_argument("--doc-lens", default="32768,131072", help="comma list of document tokens")
     ap.add_argument("--questions", type=int, default=8)
@@ -387,6 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     doc_lens = [int(x) for x in args.doc_lens.split(",") if x.strip()]
     (args.out / "servers").mkdir(parents=True, exist_ok=True)
     sl = load_serve_load()
+    if args.model == sl.DUMMY_7B:
+        if args.text:
+            ap.error(f"--text with {sl.DUMMY_7B}: dummy weights read no text")
+        path, flags = sl.dummy_7b(args.out / "model")
+        args.model, args.server_args = (
+            str(path),
+            shlex.join([*flags, *shlex.split(args.server_args)]),
+        )
     from mesa_vllm.eval.methods import is_cpu_install, read_model_config
 
     cpu = is_cpu_install()

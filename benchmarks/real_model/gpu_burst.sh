@@ -19,7 +19,8 @@
 #       (NAME/<task>/partial/; `mesa-vllm eval report DIR` rebuilds tables from them), and
 #       the tables of the methods finished by then are written.  Keep EVAL_SECONDS + 90 under
 #       the call's limit.  TASKS (default passkey,needle,ppl) picks the tasks; SERVER_ARGS
-#       (default --enforce-eager) go to every server.
+#       (default --enforce-eager) go to every server.  Perplexity windows share their ends
+#       (--ppl-shared-end): text i of every length scores the same last 256 tokens.
 #   bash benchmarks/real_model/gpu_burst.sh load
 #       convert + benchmarks/serve_load.py: `vllm bench serve` under load, FLASH_ATTN then
 #       Mesa (one server each, CUDA graphs on), max-model-len 65536, output 256, concurrency
@@ -28,7 +29,8 @@
 #       so the table of what finished is written inside a 560 s call.  LOAD_SERVER_ARGS
 #       (default --max-num-seqs 64: fewer CUDA graphs to capture; --jit-monitor-verbose: vLLM
 #       logs every kernel compiled after start-up, which the table counts per point) go to
-#       both servers.
+#       both servers.  LOAD_MODEL=llama2-7b-shape loads the Llama-2-7B shape with dummy
+#       weights instead (LOAD_MAX_LEN sets max-model-len, default 65536).
 #       Results packed in $OUT/load.tgz (load/table.md, serve_load.png, raw/*.json, logs).
 #   bash benchmarks/real_model/gpu_burst.sh profile-load
 #       convert + benchmarks/profile_decode.py on the real model (PROFILE_BATCH, default 8,
@@ -47,7 +49,8 @@
 #       PREFIX_SERVER_ARGS (default --max-num-seqs 8: the questions come one at a time, fewer
 #       CUDA graphs to capture) go to every server, PREFIX_MESA_CONFIG (JSON, e.g.
 #       '{"middle_chunk": 1024}') to every Mesa server; PREFIX_CONCURRENT=1 sends questions
-#       2..8 at once, after question 1 (--concurrent).
+#       2..8 at once, after question 1 (--concurrent); PREFIX_MODEL=llama2-7b-shape runs
+#       the Llama-2-7B shape with dummy weights on random token ids instead.
 #       Results packed in $OUT/prefix.tgz (prefix/table.md, points.json, servers/*.log).
 #   bash benchmarks/real_model/gpu_burst.sh soak
 #       convert + benchmarks/soak.py: `mesa-vllm serve` with Mesa, CUDA graphs
@@ -114,7 +117,7 @@ evaluate() {
     budget=${EVAL_SECONDS:-500}
     server_args=${SERVER_ARGS:---enforce-eager}
     tasks=${TASKS:-passkey,needle,ppl}
-    text=(); [[ $tasks == *ppl* ]] && text=(--text "$CORPUS" --ppl-tail 256)
+    text=(); [[ $tasks == *ppl* ]] && text=(--text "$CORPUS" --ppl-tail 256 --ppl-shared-end)
     timeout -k 30 "$budget" python3 -m mesa_vllm.cli eval "$tasks" --serve "$MODEL" \
         --methods "$methods" --multiples 1,2,4,8,16 "${text[@]}" \
         --server-args "$server_args" --quiet --out "$WORK/$name" "$@" \
@@ -123,8 +126,8 @@ evaluate() {
 }
 load() {
     left=$(( ${LOAD_END:-530} - ($(date +%s) - T_CALL) ))
-    HF_HUB_OFFLINE=1 timeout -k 15 "$left" python3 benchmarks/serve_load.py --model "$MODEL" \
-        --max-model-len 65536 --input-lens "${LOAD_INPUTS:-1024,32768,8192}" --output-len 256 \
+    HF_HUB_OFFLINE=1 timeout -k 15 "$left" python3 benchmarks/serve_load.py --model "${LOAD_MODEL:-$MODEL}" \
+        --max-model-len "${LOAD_MAX_LEN:-65536}" --input-lens "${LOAD_INPUTS:-1024,32768,8192}" --output-len 256 \
         --concurrency "${LOAD_CONC:-1,8,32,64}" \
         --server-args "${LOAD_SERVER_ARGS:---max-num-seqs 64 --jit-monitor-verbose}" \
         --budget-seconds $(( left - 30 )) --out "$WORK/load" > "$WORK/load.log" 2>&1
@@ -139,10 +142,10 @@ profile() {
 }
 prefix() {
     left=$(( ${PREFIX_END:-540} - ($(date +%s) - T_CALL) ))
-    text=(); [ -f "$CORPUS" ] && text=(--text "$CORPUS")
+    text=(); [ -f "$CORPUS" ] && [ -z "${PREFIX_MODEL:-}" ] && text=(--text "$CORPUS")
     DEFAULT_CONFIGS="FLASH_ATTN+cache,mesa fixed+cache,mesa fixed,mesa dynamic"
     HF_HUB_OFFLINE=1 timeout -k 15 "$left" python3 benchmarks/prefix_cache_ttft.py \
-        --model "$MODEL" --max-model-len 139264 --doc-lens "${PREFIX_DOCS:-32768,131072}" \
+        --model "${PREFIX_MODEL:-$MODEL}" --max-model-len 139264 --doc-lens "${PREFIX_DOCS:-32768,131072}" \
         --questions 8 "${text[@]}" --configs "${PREFIX_CONFIGS:-$DEFAULT_CONFIGS}" \
         --server-args="${PREFIX_SERVER_ARGS:---max-num-seqs 8}" \
         --mesa-config "${PREFIX_MESA_CONFIG:-"{}"}" $([ "${PREFIX_CONCURRENT:-0}" = 1 ] && echo --concurrent) --budget-seconds $(( left - 30 )) --out "$WORK/prefix" > "$WORK/prefix.log" 2>&1

@@ -191,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ppl on windows of this text file (e.g. the `eval corpus pydoc` output) "
         "instead of synthetic filler",
     )
+    p.add_argument(
+        "--ppl-shared-end",
+        action="store_true",
+        help="with --text: text i of every length ends at the same corpus token, so every "
+        "length scores the same last --ppl-tail tokens after more context",
+    )
     p.add_argument("--tokenizer", help="tokenizer dir/name (default: --serve dir or --model)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight per method")
     p.add_argument(
@@ -460,6 +466,7 @@ def _evaluate(args, tasks: list[str], results: dict[str, dict], timings: list[di
                 args.depths,
                 text_ids=text_ids,
                 text_prefix=prefix,
+                shared_end=args.ppl_shared_end,
             )
         except ValueError as exc:
             return _fail(f"{task}: {exc}")
@@ -546,6 +553,7 @@ def _new_results(task: str, args, tasks: list[str]) -> dict[str, Any]:
             "max_tokens": args.max_tokens,
             "depths": args.depths if task == "needle" else None,
             "ppl_tail": args.ppl_tail,
+            **({"ppl_shared_end": args.ppl_shared_end} if task == "ppl" else {}),
             **({"text": None} if task == "ppl" else {}),  # None: synthetic filler
             "tasks": tasks,
             "max_samples_at": args.max_samples_at,
@@ -581,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("--parallel-servers must be >= 1")
     if args.ppl_tail is not None and args.ppl_tail < 1:
         return _fail("--ppl-tail must be >= 1")
+    if args.ppl_shared_end and not args.text:
+        return _fail("--ppl-shared-end needs --text (synthetic filler has no corpus to share)")
     if args.text and "ppl" not in tasks:
         return _fail("--text is for the ppl task")
     if args.max_samples_methods is not None and args.serve:

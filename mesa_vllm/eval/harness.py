@@ -108,6 +108,7 @@ def text_windows(
     samples: int,
     seed: int,
     prefix: Sequence[int] = (),
+    shared_end: bool = False,
 ) -> list[Job]:
     """Perplexity jobs on real text: per length N, ``samples`` windows of exactly N tokens.
 
@@ -116,10 +117,15 @@ def text_windows(
     (``random.Random(f"{seed}/ppl-text/{N}")``): deterministic in seed, distinct offsets
     within a length, independent of the other lengths.  ValueError when the corpus is
     shorter than the longest window or has fewer offsets than samples.
+
+    ``shared_end``: sample i of every length ends at the same corpus token instead, one end
+    per sample drawn without replacement (``random.Random(f"{seed}/ppl-text/end")``) from the
+    ends the longest window allows, so every length scores the same last tokens and only
+    the context before them grows (the windows then depend on the longest length asked).
     """
     prefix = tuple(int(t) for t in prefix)
     jobs = []
-    for length in lengths:
+    for length in sorted(lengths, reverse=True) if shared_end else lengths:
         body = length - len(prefix)
         if body < 1:
             raise ValueError(f"length {length} leaves no corpus token after the prefix {prefix}")
@@ -134,10 +140,18 @@ def text_windows(
                 f"the corpus ({len(ids)} tokens) has only {span} distinct windows of {length} "
                 f"tokens, fewer than {samples} samples"
             )
-        rng = random.Random(f"{seed}/ppl-text/{length}")
-        for i, off in enumerate(rng.sample(range(span), samples)):
+        if shared_end:
+            if not jobs:  # the longest length: its windows' ends are every length's
+                rng = random.Random(f"{seed}/ppl-text/end")
+                ends = rng.sample(range(body, len(ids) + 1), samples)
+            offsets = [end - body for end in ends]
+        else:
+            offsets = random.Random(f"{seed}/ppl-text/{length}").sample(range(span), samples)
+        for i, off in enumerate(offsets):
             window = prefix + tuple(ids[off : off + body])
             jobs.append(Job(length, None, i, window, None, length, off))
+    if shared_end:  # in the order the lengths were asked
+        jobs.sort(key=lambda j: (list(lengths).index(j.length), j.index))
     return jobs
 
 
@@ -150,13 +164,15 @@ def make_jobs(
     depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     text_ids: Sequence[int] | None = None,
     text_prefix: Sequence[int] = (),
+    shared_end: bool = False,
 ) -> list[Job]:
     """All requests of a task: lengths x samples (x depths for needle), deterministic in seed.
 
-    For ppl with ``text_ids`` (a tokenized corpus): ``text_windows``; else synthetic filler.
+    For ppl with ``text_ids`` (a tokenized corpus): ``text_windows`` (``shared_end``: every
+    length scores the same last tokens); else synthetic filler.
     """
     if task == "ppl" and text_ids is not None:
-        return text_windows(text_ids, lengths, samples, seed, text_prefix)
+        return text_windows(text_ids, lengths, samples, seed, text_prefix, shared_end)
     jobs = []
     for length in lengths:
         for depth in depths if task == "needle" else [None]:

@@ -104,6 +104,15 @@ def markdown(results: Results) -> str:
     if info:
         lines += ["; ".join(info), ""]
     lines += _metric_table(results, None)
+    if task == "ppl" and meta.get("ppl_shared_end") and len(_lengths(results)) > 1:
+        first = _lengths(results)[0]
+        lines += [
+            "",
+            f"### Tail perplexity relative to {first} tokens (text i of every length "
+            "ends at the same token: the same tokens scored, after more context)",
+            "",
+        ]
+        lines += _relative_table(results)
     if task == "ppl" and any("ppl_all" in p for m in methods for p in m.get("points", [])):
         lines += ["", "### Perplexity over the whole text (ppl_all)", ""]
         lines += _metric_table(results, "ppl_all")
@@ -135,6 +144,20 @@ def _metric_table(results: Results, metric: str | None) -> list[str]:
         row = [str(n)]
         for m in methods:
             row.append("error" if m.get("error") else fmt(cols[m["name"]].get(n), task))
+        rows.append(row)
+    return _table(["length", *[m["name"] for m in methods]], rows)
+
+
+def _relative_table(results: Results) -> list[str]:
+    """The task's metric per length over its value at the shortest length, per method."""
+    task, methods, lengths = results["task"], results["methods"], _lengths(results)
+    cols = {m["name"]: by_length(m, task, None) for m in methods}
+    rows = []
+    for n in lengths:
+        row = [str(n)]
+        for m in methods:
+            base, v = cols[m["name"]].get(lengths[0]), cols[m["name"]].get(n)
+            row.append(f"{v / base:.3f}x" if base and v is not None else "-")
         rows.append(row)
     return _table(["length", *[m["name"] for m in methods]], rows)
 

@@ -136,6 +136,25 @@ def test_windows_exact_deterministic_distinct():
     assert all(len(j.prompt) == 600 for j in harness.text_windows(IDS, [600], 1, 0))
 
 
+def test_shared_end_windows_score_the_same_tail():
+    lengths = [50, 200, 100]
+    jobs = harness.text_windows(IDS, lengths, samples=6, seed=3, prefix=[1], shared_end=True)
+    assert jobs == harness.text_windows(IDS, lengths, 6, 3, [1], shared_end=True)
+    assert [j.length for j in jobs] == [n for n in lengths for _ in range(6)]
+    ends = {}
+    for j in jobs:
+        assert len(j.prompt) == j.length == j.n_tokens and j.prompt[0] == 1
+        assert list(j.prompt[1:]) == IDS[j.offset : j.offset + j.length - 1]
+        ends.setdefault(j.index, set()).add(j.offset + j.length - 1)
+    # sample i ends at one corpus token at every length; the samples' ends are distinct
+    assert all(len(e) == 1 for e in ends.values()) and len({*map(min, ends.values())}) == 6
+    tails = {(j.index, tuple(j.prompt[-40:])) for j in jobs}
+    assert len(tails) == 6
+    # without shared ends the lengths' windows are drawn apart
+    apart = harness.text_windows(IDS, lengths, samples=6, seed=3, prefix=[1])
+    assert len({(j.index, j.offset + j.length) for j in apart}) > 6
+
+
 def test_windows_too_short_corpus():
     with pytest.raises(ValueError, match="fewer than the longest window"):
         harness.text_windows(IDS, [64, 700], samples=1, seed=0)

@@ -120,6 +120,20 @@ def test_ppl_table_and_missing_values():
     assert "stock @ 512: 4/4 request errors" in md
 
 
+def test_ppl_relative_table_only_with_shared_ends():
+    res = _results("ppl")
+    assert "relative to" not in report.markdown(res)
+    res["meta"]["ppl_shared_end"] = True
+    md = report.markdown(res)
+    rel = md.split("relative to 64 tokens")[1].split("###")[0]
+    rows = {int(r.split("|")[1]): [c.strip() for c in r.split("|")[2:-1]]
+            for r in rel.splitlines() if r.startswith("| ") and r[2].isdigit()}  # fmt: skip
+    for i, n in enumerate(LENGTHS):
+        for j, name in enumerate(["stock", "mesa"]):
+            v, base = PPL[name][i], PPL[name][0]
+            assert rows[n][j] == ("-" if v is None else f"{v / base:.3f}x")
+
+
 def test_needle_table_is_mean_over_depths_and_grid():
     res = _results("needle")
     md = report.markdown(res)
