@@ -135,7 +135,7 @@ class MesaCfg:
     F: int = PAPER.first_chunk
     Lc: int = PAPER.last_chunk
     Mmax: int = PAPER.max_remainder
-    E: int = PAPER.stair_width
+    E: int | str = PAPER.stair_width  # or "auto"
     log_n: bool = PAPER.log_n_scaling
     split: str = PAPER.split
     C: int | None = PAPER.middle_chunk  # the fixed split's middle-chunk width
@@ -143,8 +143,8 @@ class MesaCfg:
 
 
 def parse_config(spec: str, defaults: MesaCfg) -> MesaCfg:
-    """``causal`` or ``mesa[:k=v,...]`` (keys L, F, Lc, Mmax, E, log_n, split, C = the fixed
-    split's middle_chunk, W = near_window)."""
+    """``causal`` or ``mesa[:k=v,...]`` (keys L, F, Lc, Mmax, E (an int or ``auto``), log_n,
+    split, C = the fixed split's middle_chunk, W = near_window)."""
     kind, _, rest = spec.partition(":")
     if kind not in ("causal", "mesa"):
         raise ValueError(f"config {spec!r}: causal or mesa[:k=v,...]")
@@ -162,7 +162,8 @@ def parse_config(spec: str, defaults: MesaCfg) -> MesaCfg:
         k, _, v = kv.partition("=")
         if k not in ("L", "F", "Lc", "Mmax", "E", "log_n", "split", "C", "W"):
             raise ValueError(f"config {spec!r}: unknown key {k!r}")
-        setattr(c, k, bool(int(v)) if k == "log_n" else v if k == "split" else int(v))
+        text = k == "split" or (k == "E" and v == "auto")
+        setattr(c, k, bool(int(v)) if k == "log_n" else v if text else int(v))
     return c
 
 
@@ -387,23 +388,40 @@ def _find_all(ids: list[int], sub: list[int]) -> list[int]:
     return [i for i in range(len(ids) - n + 1) if ids[i : i + n] == sub]
 
 
-def build_prompt(tok, n_tokens: int, depth: float, seed: int) -> Prompt:
-    from mesa_vllm.eval import data
+def build_prompt(
+    tok, n_tokens: int, depth: float, seed: int, task: str = "passkey", index: int | None = None
+) -> Prompt:
+    """The harness's passkey (or, ``task="needle"``, needle) prompt of about n_tokens.
+    ``index``: the needle prompt the eval harness sends as sample ``index`` of that length,
+    depth and seed (its own seeding), instead of ``random.Random(seed)``."""
+    from mesa_vllm.eval import data, harness
 
-    s = data.passkey_sample(tok, n_tokens, depth=depth, rng=random.Random(seed))
+    rng = random.Random(seed)
+    if task == "needle":
+        if index is not None:
+            rng = harness._rng(seed, "needle", n_tokens, depth, index)
+        s = data.needle_sample(tok, n_tokens, depth, rng=rng)
+        sent = data.NEEDLE_SENTENCE.format(key=s.answer)
+    else:
+        s = data.passkey_sample(tok, n_tokens, depth=depth, rng=rng)
+        sent = data.KEY_SENTENCE.format(key=s.answer)
     ids = tok.encode(s.prompt)
-    digits = tok.encode(s.answer)
+    digits = tok.encode(s.answer, add_special_tokens=False)
     starts = _find_all(ids, digits)
     if not starts:
         raise RuntimeError("key tokens not found in the prompt")
     key_idx = [i + k for i in starts for k in range(len(digits))]
     enc = tok(s.prompt, return_offsets_mapping=True)
-    sent = data.KEY_SENTENCE.format(key=s.answer)
     c0 = s.prompt.index(sent)
     c1 = c0 + len(sent)
     toks = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > c0 and a < c1]
     return Prompt(
-        ids, s.answer, tok.encode(" " + s.answer), key_idx, (toks[0], toks[-1] + 1), depth
+        ids,
+        s.answer,
+        tok.encode(" " + s.answer, add_special_tokens=False),
+        key_idx,
+        (toks[0], toks[-1] + 1),
+        depth,
     )
 
 
@@ -599,6 +617,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length", type=float, default=0.9, help="prompt length, multiple of L")
     ap.add_argument("--tokens", type=int, default=None, help="prompt length in tokens")
     ap.add_argument("--depth", type=float, default=0.5)
+    ap.add_argument(
+        "--task",
+        default="passkey",
+        choices=["passkey", "needle"],
+        help="the harness prompt to probe (key: the pass key or the magic number)",
+    )
+    ap.add_argument(
+        "--index",
+        type=int,
+        default=None,
+        help="with --task needle: the eval harness sample INDEX at this length",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--config", action="append", default=None, help="causal | mesa[:k=v,...]")
     ap.add_argument("--train-len", type=int, default=None, help="L of the Mesa rules")
@@ -662,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         not a.no_log_n,
     )
     n_tok = a.tokens or int(round(a.length * L0))
-    pr = build_prompt(tok, n_tok, a.depth, a.seed)
+    pr = build_prompt(tok, n_tok, a.depth, a.seed, a.task, a.index)
     T = len(pr.ids)
     specs = a.config or (["causal"] if T <= L0 else ["mesa"])
     cfgs = [parse_config(s, defaults) for s in specs]
@@ -680,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
         "key": pr.key,
         "depth": a.depth,
         "seed": a.seed,
+        "task": a.task,
+        "index": a.index,
         "key_idx": pr.key_idx,
         "sent_span": pr.sent_span,
         "argv": sys.argv[1:],

@@ -130,3 +130,29 @@ def test_reduce_row_partitions_mass():
     torch.testing.assert_close(m[:, 0], probs[:, [20, 21, 30, 31]].sum(-1).double())
     torch.testing.assert_close(m[:, 2], probs[:, :4].sum(-1).double())
     torch.testing.assert_close(m[:, 3], probs[:, 35:].sum(-1).double())
+
+
+def test_needle_prompt_is_the_harness_sample():
+    from transformers import AutoTokenizer
+
+    from mesa_vllm.eval import harness
+    from mesa_vllm.testing.tokenizer import TOKENIZER_DIR
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    jobs = harness.make_jobs("needle", tok, [400], 3, seed=5, depths=[0.5])
+    for j in jobs:
+        pr = npb.build_prompt(tok, 400, 0.5, 5, task="needle", index=j.index)
+        assert pr.ids == tok.encode(j.prompt) and pr.key == j.key
+        # the key's digits, written twice in the needle sentence, inside that sentence's span
+        digits = tok.encode(j.key, add_special_tokens=False)
+        assert len(pr.key_idx) == 2 * len(digits)
+        assert [pr.ids[i] for i in pr.key_idx] == digits * 2
+        assert all(pr.sent_span[0] <= i < pr.sent_span[1] for i in pr.key_idx)
+    # without an index the probe's own seeding gives another prompt
+    assert npb.build_prompt(tok, 400, 0.5, 5, task="needle").key != jobs[0].key
+
+
+def test_stair_width_auto_parses():
+    c = npb.parse_config("mesa:split=fixed,C=16,W=8,E=auto", MESA)
+    assert (c.split, c.C, c.W, c.E) == ("fixed", 16, 8, "auto")
+    assert npb.parse_config("mesa:E=3", MESA).E == 3
