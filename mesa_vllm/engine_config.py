@@ -105,7 +105,9 @@ def resolve(vllm_config: Any) -> MesaConfig:
 def check_environment() -> None:
     """MesaConfigError for the first bad ``MESA_VLLM_*`` value (the workers read them again,
     where an error would surface only inside the engine core's start-up traceback)."""
-    for read in (envs.mesa_kernel, envs.fresh_prefill_fa, envs.decode_kernel_options):
+    reads = (envs.mesa_kernel, envs.fresh_prefill_fa, envs.middle_prefill_fa,
+             envs.decode_kernel_options)  # fmt: skip
+    for read in reads:
         try:
             read()
         except ValueError as exc:

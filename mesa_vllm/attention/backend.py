@@ -24,6 +24,7 @@ from mesa_vllm.attention.metadata import (
     MesaMetadataBuilder,
     TritonMesaMetadata,
 )
+from mesa_vllm.attention.middle_fa import MiddlePrefill, middle_attention
 from mesa_vllm.engine_config import check_kv_cache_dtype
 from mesa_vllm.envs import decode_kernel_options
 from mesa_vllm.ops.rope import RopeSpec
@@ -199,6 +200,8 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
             if attn_metadata.fresh is not None:
                 self._forward_fresh(query, key, value, attn_metadata.fresh, output)
             scales = None if self.fp8_dtype is None else (layer._k_scale, layer._v_scale)
+            if attn_metadata.middle is not None:
+                self._forward_middle(query, kv_cache, attn_metadata.middle, output, scales)
             self._forward_triton(query, kv_cache, attn_metadata, output, scales)
             return output
         run_segments(
@@ -306,6 +309,48 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
         )
         if out is None:
             output.index_copy_(0, rows, res)
+
+    def _forward_middle(
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        mp: MiddlePrefill,
+        output: torch.Tensor,
+        kv_scales: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> None:
+        """Middle chunks as one FlashAttention varlen causal call (middle_fa.py): keys
+        gathered from the cache, queries and keys rotated by vLLM's rotary kernel."""
+        from vllm import _custom_ops as ops
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        if self.fp8_dtype is not None:  # vLLM allocates it as uint8
+            kv_cache = kv_cache.view(self.fp8_dtype)
+        cos_sin = self._cos_sin_cache(mp.max_k, query)
+        hs = self.head_size
+
+        def rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            x = x.contiguous()
+            ops.rotary_embedding(positions, x.view(x.shape[0], -1), None, hs, cos_sin, True)
+            return x
+
+        def attend(q, k, v, mp: MiddlePrefill, scale: float) -> torch.Tensor:
+            return flash_attn_varlen_func(
+                q,
+                k,
+                v,
+                max_seqlen_q=mp.max_q,
+                cu_seqlens_q=mp.cu_q,
+                max_seqlen_k=mp.max_k,
+                cu_seqlens_k=mp.cu_k,
+                softmax_scale=scale,
+                causal=True,
+                fa_version=mp.fa_version,
+            )
+
+        caches = (kv_cache[i].view(-1, self.num_kv_heads, hs) for i in (0, 1))
+        res = middle_attention(query, *caches, mp, self.scale, rotate, attend, kv_scales,
+                               self.model_dtype)  # fmt: skip
+        output.index_copy_(0, mp.rows, res.to(output.dtype))
 
     def _cos_sin_cache(self, n: int, like: torch.Tensor) -> torch.Tensor:
         """[rows >= n, rotary_dim]: cos | sin of position * inv_freq (fp32, then like's dtype),

@@ -22,8 +22,9 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
+from mesa_vllm.attention.middle_fa import MiddlePrefill, middle_prefill, take_middle
 from mesa_vllm.engine_config import params_from_vllm_config
-from mesa_vllm.envs import fresh_prefill_fa, resolve_kernel
+from mesa_vllm.envs import fresh_prefill_fa, middle_prefill_fa, resolve_kernel
 from mesa_vllm.ops.triton.table import (
     SegmentTable,
     build_segment_table,
@@ -89,8 +90,8 @@ class TorchMesaMetadata(MesaMetadata):
 class TritonMesaMetadata(MesaMetadata):
     """The Triton path (mesa_vllm/ops/triton/): ``prefill_table`` (segments of 2+ queries),
     ``decode_table`` (single-query segments), ``num_splits`` and ``max_seq_len`` (the decode
-    grid's host ints), the ``block_table`` and ``fresh`` (prompts for FlashAttention, or
-    None)."""
+    grid's host ints), the ``block_table``, ``fresh`` (prompts for FlashAttention, or
+    None) and ``middle`` (middle-chunk segments for FlashAttention, or None)."""
 
     block_table: torch.Tensor
     prefill_table: SegmentTable | None = None
@@ -98,6 +99,7 @@ class TritonMesaMetadata(MesaMetadata):
     num_splits: int = 1
     max_seq_len: int | None = None
     fresh: FreshPrefill | None = None
+    middle: MiddlePrefill | None = None
 
 
 def take_fresh(
@@ -312,6 +314,12 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
                 spans, pre = take_fresh(pre, self.params.train_len)
             if spans:
                 md.fresh = fresh_prefill(spans, self.fa_version, device)
+            if self.fa_version is not None and middle_prefill_fa():
+                mids, pre = take_middle(pre)
+                if mids:
+                    md.middle = middle_prefill(
+                        mids, cm.block_table_tensor, self.block_size, self.fa_version, device
+                    )
             if pre:
                 md.prefill_table = build_segment_table(pre, self.params, self.block_q, device)
             md.max_seq_len = int(max_seq_len)

@@ -52,6 +52,17 @@ def test_bad_fresh_prefill_value_names_variable(monkeypatch):
         fresh_prefill_fa()
 
 
+@pytest.mark.parametrize("value,want", [(None, False), ("1", True), ("0", False), (" 1 ", True)])
+def test_middle_prefill_fa(monkeypatch, value, want):
+    from mesa_vllm.envs import middle_prefill_fa
+
+    if value is None:
+        monkeypatch.delenv("MESA_VLLM_MIDDLE_FA", raising=False)
+    else:
+        monkeypatch.setenv("MESA_VLLM_MIDDLE_FA", value)
+    assert middle_prefill_fa() is want
+
+
 @pytest.mark.parametrize(
     "value,want",
     [

@@ -1,0 +1,149 @@
+"""Middle chunks of a prefill step as one varlen causal attention call (FlashAttention).
+
+A middle-chunk query p of the chunk that starts at s sits at position F + (p - s) and sees
+the first chunk (positions 0 .. F - 1) and its own chunk up to itself (positions F ..
+F + p - s).  Lay a segment's keys out as [first chunk ; own chunk up to the segment's last
+query], rotated at 0 .. nk - 1, and its queries as its own rows: that is one sequence of
+varlen causal attention with the causal mask aligned bottom-right (query i of nq sees keys
+0 .. nk - nq + i), which is FlashAttention's convention.  The keys are read from the paged
+cache (unrotated, written before the attention runs), so a chunk the scheduler splits
+across steps finds its earlier keys there, and an fp8 cache is read back as scale x stored.
+
+``middle_prefill`` builds the step's index tensors once (host ints, one copy each);
+``middle_attention`` gathers, rotates and attends for one layer, with the rotation and the
+attention passed in: vLLM's rotary kernel and ``flash_attn_varlen_func`` on a GPU
+(``MesaAttentionImpl._forward_middle``), ``mesa_vllm.ops.rope.rotate`` and
+``varlen_causal_attention`` (torch, the tests' stand-in for FlashAttention) elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mesa_vllm.plan import Segment
+
+Entry = tuple[int, int, Segment]  # (request, row of the segment's first query, segment)
+
+
+@dataclass
+class MiddlePrefill:
+    """The middle segments of one step: ``rows`` int64 [Nq] (rows of the step's q and
+    output), ``q_pos`` int64 [Nq]; ``k_slots`` int64 [Nk] (cache slots of every segment's
+    keys, segment after segment), ``k_pos`` int64 [Nk]; ``cu_q`` / ``cu_k`` int32 [S + 1]
+    (segment boundaries in rows and keys); ``max_q`` / ``max_k`` the longest of each;
+    ``fa_version`` the FlashAttention version to call (None: not FlashAttention)."""
+
+    rows: torch.Tensor
+    q_pos: torch.Tensor
+    k_slots: torch.Tensor
+    k_pos: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    fa_version: int | None = None
+
+
+def take_middle(entries: list[Entry]) -> tuple[list[Entry], list[Entry]]:
+    """Split prefill entries into middle-chunk segments and the rest."""
+    mids = [e for e in entries if e[2].kind == "middle"]
+    return mids, [e for e in entries if e[2].kind != "middle"]
+
+
+def middle_prefill(
+    entries: list[Entry],
+    block_table: torch.Tensor,
+    block_size: int,
+    fa_version: int | None = None,
+    device: torch.device | str | None = None,
+) -> MiddlePrefill:
+    """MiddlePrefill of middle-segment entries; block_table [requests, blocks] int32 (the
+    step's, on the device): key index j of request r is slot block_table[r, j // bs] * bs +
+    j % bs."""
+    device = block_table.device if device is None else device
+    rows, q_pos, k_idx, k_req, n_q, n_k = [], [], [], [], [], []
+    for r, lo, seg in entries:
+        if seg.kind != "middle":
+            raise ValueError(f"middle_prefill: a {seg.kind} segment")
+        nq, own = seg.q_end - seg.q_start, seg.q_end - seg.chunk_start
+        rows.append(np.arange(lo, lo + nq))
+        q_pos.append(seg.first + np.arange(seg.q_start - seg.chunk_start, own))
+        k_idx.append(np.concatenate([np.arange(seg.first), np.arange(seg.chunk_start, seg.q_end)]))
+        k_req.append(np.full(seg.first + own, r))
+        n_q.append(nq)
+        n_k.append(seg.first + own)
+
+    def dev(parts: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate(parts).astype(np.int64)).to(device)
+
+    idx, req = dev(k_idx), dev(k_req)
+    blocks = block_table[req, idx // block_size].to(torch.int64)
+    cu = lambda n: torch.from_numpy(np.concatenate([[0], np.cumsum(n)]).astype(np.int32))  # noqa: E731
+    return MiddlePrefill(
+        rows=dev(rows),
+        q_pos=dev(q_pos),
+        k_slots=blocks * block_size + idx % block_size,
+        k_pos=dev([np.arange(n) for n in n_k]),
+        cu_q=cu(n_q).to(device),
+        cu_k=cu(n_k).to(device),
+        max_q=max(n_q),
+        max_k=max(n_k),
+        fa_version=fa_version,
+    )
+
+
+Rotate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, MiddlePrefill, float], torch.Tensor]
+
+
+def middle_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    mp: MiddlePrefill,
+    scale: float,
+    rotate: Rotate,
+    attend: Attend,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Outputs [Nq, Hq, D] of the step's middle rows ``mp.rows``.
+
+    query [n, Hq, D] unrotated; key_cache / value_cache [slots, Hkv, D] (flat views of the
+    paged cache; fp8 with ``kv_scales`` (k_scale, v_scale), read back as scale x stored in
+    ``dtype``); ``rotate(x, positions)`` returns x rotated; ``attend(q, k, v, mp, scale)``
+    is varlen causal attention over mp's segments."""
+    k, v = key_cache[mp.k_slots], value_cache[mp.k_slots]
+    if kv_scales is not None:
+        dtype = dtype or query.dtype
+        k = (k.to(torch.float32) * kv_scales[0].float()).to(dtype)
+        v = (v.to(torch.float32) * kv_scales[1].float()).to(dtype)
+    q = rotate(query[mp.rows], mp.q_pos)
+    k = rotate(k, mp.k_pos)
+    return attend(q, k, v.to(q.dtype), mp, scale)
+
+
+def varlen_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mp: MiddlePrefill, scale: float
+) -> torch.Tensor:
+    """FlashAttention's varlen causal attention in torch (fp32): per segment, query i of nq
+    reads keys 0 .. nk - nq + i; query head h reads KV head h // (Hq // Hkv)."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    cu_q, cu_k = mp.cu_q.tolist(), mp.cu_k.tolist()
+    group = q.shape[1] // k.shape[1]
+    for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:], strict=False):
+        nq, nk = q1 - q0, k1 - k0
+        qs = q[q0:q1].float().transpose(0, 1)  # [Hq, nq, D]
+        ks = k[k0:k1].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        vs = v[k0:k1].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        allowed = torch.arange(nk, device=q.device)[None, :] <= (
+            nk - nq + torch.arange(nq, device=q.device)[:, None]
+        )
+        scores = (qs @ ks.transpose(1, 2)) * scale
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        out[q0:q1] = (probs @ vs).transpose(0, 1)
+    return out.to(q.dtype)

@@ -1,0 +1,141 @@
+"""Middle chunks as one varlen causal attention call (mesa_vllm.attention.middle_fa): the
+step's middle rows, gathered from a paged cache, rotated and attended with FlashAttention's
+bottom-right causal convention (here its torch stand-in), equal the dense Mesa reference, for
+scheduler splits at arbitrary points, several requests per step, GQA 1/3/4, head dims 32/64,
+both chunk plans and an fp8-style scaled cache.  Tolerance: fp32 throughout, atol 2e-5."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from mesa_vllm.attention.middle_fa import (
+    middle_attention,
+    middle_prefill,
+    take_middle,
+    varlen_causal_attention,
+)
+from mesa_vllm.ops.rope import RopeSpec, rotate
+from mesa_vllm.plan import MesaParams, chunk_split, plan_request
+from mesa_vllm.testing.reference import mesa_attention_reference, rope_inv_freq
+
+pytestmark = pytest.mark.unit
+
+BLOCK = 8
+L, F, LC, MMAX, E = 64, 8, 24, 10, 4
+
+
+def _params(split: str, width: int | None) -> MesaParams:
+    return MesaParams(train_len=L, first_chunk=F, last_chunk=LC, max_remainder=MMAX,
+                      stair_width=E, split=split, middle_chunk=width)  # fmt: skip
+
+
+def _step(seed: int, hq: int, hkv: int, d: int, split: str, width: int | None, scaled: bool):
+    """Random requests, each with a random step window [ctx, ctx + q_len) of its prompt, a
+    shuffled paged cache holding every request's keys; returns what the test compares."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    params = _params(split, width)
+    reqs = []
+    for _ in range(3):
+        T = rng.randrange(L + 1, 5 * L)
+        ctx = rng.randrange(0, T - 1)
+        reqs.append((T, ctx, rng.randrange(ctx + 1, T + 1)))
+    n_blocks = sum(-(-T // BLOCK) for T, _, _ in reqs) + 4
+    perm = torch.randperm(n_blocks, generator=g)
+    width_blocks = max(-(-T // BLOCK) for T, _, _ in reqs)
+    block_table = torch.zeros(len(reqs), width_blocks, dtype=torch.int32)
+    key_cache = torch.zeros(n_blocks * BLOCK, hkv, d)
+    value_cache = torch.zeros_like(key_cache)
+    full, entries, row, used = [], [], 0, 0
+    for r, (T, ctx, end) in enumerate(reqs):
+        q, k, v = (torch.randn(T, h, d, generator=g) for h in (hq, hkv, hkv))
+        if scaled:  # what an fp8 cache reads back: values on a coarse grid, times a scale
+            k, v = (x.mul(8).round().div(8) for x in (k, v))
+        nb = -(-T // BLOCK)
+        block_table[r, :nb] = perm[used : used + nb].to(torch.int32)
+        used += nb
+        for j in range(T):
+            slot = int(block_table[r, j // BLOCK]) * BLOCK + j % BLOCK
+            key_cache[slot], value_cache[slot] = k[j], v[j]
+        full.append((T, q, k, v))
+        for seg in plan_request(T, ctx, end, params, chunk_split(T, params)):
+            entries.append((r, row + seg.q_start - ctx, seg))
+        row += end - ctx
+    query = torch.zeros(row, hq, d)
+    for r, (_, ctx, end) in enumerate(reqs):
+        lo = sum(e - c for _, c, e in reqs[:r])
+        query[lo : lo + end - ctx] = full[r][1][ctx:end]
+    return params, reqs, full, entries, query, key_cache, value_cache, block_table
+
+
+@pytest.mark.parametrize(
+    "seed,hq,hkv,d,split,width",
+    [
+        (0, 4, 4, 32, "dynamic", None),
+        (1, 6, 2, 64, "dynamic", None),
+        (2, 8, 2, 32, "fixed", None),
+        (3, 3, 1, 32, "fixed", 16),
+        (4, 8, 8, 64, "fixed", 40),
+    ],
+)
+def test_middle_rows_equal_the_dense_reference(seed, hq, hkv, d, split, width):
+    params, reqs, full, entries, query, kc, vc, bt = _step(seed, hq, hkv, d, split, width, False)
+    mids, rest = take_middle(entries)
+    assert all(s.kind == "middle" for _, _, s in mids)
+    assert all(s.kind != "middle" for _, _, s in rest)
+    if not mids:
+        pytest.fail("the drawn steps hold no middle segment: pick another seed")
+    spec = RopeSpec(rope_inv_freq(d), d, d)
+    mp = middle_prefill(mids, bt, BLOCK)
+    out = middle_attention(query, kc, vc, mp, d**-0.5, lambda x, p: rotate(x, p, spec),
+                           varlen_causal_attention)  # fmt: skip
+    want = torch.empty_like(out)
+    starts = [sum(e - c for _, c, e in reqs[:r]) for r in range(len(reqs))]
+    refs = {}
+    for i, row in enumerate(mp.rows.tolist()):
+        r = max(k for k in range(len(reqs)) if starts[k] <= row)
+        if r not in refs:
+            T, q, k, v = full[r]
+            refs[r] = mesa_attention_reference(q, k, v, T, L, F, LC, MMAX, E, log_n=True,
+                                               split=split, width=width)  # fmt: skip
+        want[i] = refs[r][reqs[r][1] + row - starts[r]]
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
+
+
+def test_scaled_cache_is_read_back_as_scale_times_stored():
+    params, reqs, full, entries, query, kc, vc, bt = _step(5, 4, 2, 32, "fixed", 16, True)
+    mids, _ = take_middle(entries)
+    spec = RopeSpec(rope_inv_freq(32), 32, 32)
+    mp = middle_prefill(mids, bt, BLOCK)
+    rot = lambda x, p: rotate(x, p, spec)  # noqa: E731
+    plain = middle_attention(query, kc, vc, mp, 32**-0.5, rot, varlen_causal_attention)
+    ks, vs = torch.tensor([0.25]), torch.tensor([4.0])
+    scaled = middle_attention(query, kc / 0.25, vc / 4.0, mp, 32**-0.5, rot,
+                              varlen_causal_attention, kv_scales=(ks, vs))  # fmt: skip
+    torch.testing.assert_close(scaled, plain, atol=1e-6, rtol=1e-6)
+
+
+def test_a_chunk_split_across_steps_reads_its_earlier_keys_from_the_cache():
+    params = _params("fixed", 16)
+    T = 3 * L
+    whole = [s for s in plan_request(T, 0, T, params) if s.kind == "middle"]
+    s = whole[1]  # the second middle chunk, resumed from its middle
+    mid = (s.q_start + s.q_end) // 2
+    part = [x for x in plan_request(T, mid, s.q_end, params) if x.kind == "middle"][0]
+    bt = torch.arange(-(-T // BLOCK), dtype=torch.int32)[None, :]
+    mp = middle_prefill([(0, 0, part)], bt, BLOCK)
+    # keys: the first chunk, then the own chunk from its start (before the step) to the end
+    want = list(range(F)) + list(range(s.chunk_start, s.q_end))
+    assert mp.k_slots.tolist() == want and mp.k_pos.tolist() == list(range(len(want)))
+    assert mp.q_pos.tolist() == [F + p - s.chunk_start for p in range(mid, s.q_end)]
+    assert mp.cu_k.tolist() == [0, len(want)] and mp.cu_q.tolist() == [0, s.q_end - mid]
+
+
+def test_non_middle_entries_are_refused():
+    params = _params("dynamic", None)
+    causal = plan_request(L, 0, L, params)[0]
+    with pytest.raises(ValueError, match="causal segment"):
+        middle_prefill([(0, 0, causal)], torch.zeros(1, 8, dtype=torch.int32), BLOCK)
