@@ -280,7 +280,6 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
         copies of their q/k (the cache keeps the keys unrotated), then FlashAttention varlen
         causal over the step's own keys."""
         from vllm import _custom_ops as ops
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
 
         rows = fresh.rows
         if isinstance(rows, slice):
@@ -294,19 +293,8 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
         ops.rotary_embedding(
             fresh.positions, q.view(n, -1), k.view(n, -1), self.head_size, cos_sin, True
         )
-        res = flash_attn_varlen_func(
-            q,
-            k,
-            v,
-            max_seqlen_q=fresh.max_len,
-            cu_seqlens_q=fresh.cu_seqlens,
-            max_seqlen_k=fresh.max_len,
-            cu_seqlens_k=fresh.cu_seqlens,
-            softmax_scale=self.scale,
-            causal=True,
-            out=out,
-            fa_version=fresh.fa_version,
-        )
+        cu, n_max = fresh.cu_seqlens, fresh.max_len
+        res = _flash_causal(q, k, v, cu, n_max, cu, n_max, self.scale, fresh.fa_version, out)
         if out is None:
             output.index_copy_(0, rows, res)
 
@@ -321,7 +309,6 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
         """Middle chunks as one FlashAttention varlen causal call (middle_fa.py): keys
         gathered from the cache, queries and keys rotated by vLLM's rotary kernel."""
         from vllm import _custom_ops as ops
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
 
         if self.fp8_dtype is not None:  # vLLM allocates it as uint8
             kv_cache = kv_cache.view(self.fp8_dtype)
@@ -334,18 +321,8 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
             return x
 
         def attend(q, k, v, mp: MiddlePrefill, scale: float) -> torch.Tensor:
-            return flash_attn_varlen_func(
-                q,
-                k,
-                v,
-                max_seqlen_q=mp.max_q,
-                cu_seqlens_q=mp.cu_q,
-                max_seqlen_k=mp.max_k,
-                cu_seqlens_k=mp.cu_k,
-                softmax_scale=scale,
-                causal=True,
-                fa_version=mp.fa_version,
-            )
+            return _flash_causal(q, k, v, mp.cu_q, mp.max_q, mp.cu_k, mp.max_k, scale,
+                                 mp.fa_version)  # fmt: skip
 
         caches = (kv_cache[i].view(-1, self.num_kv_heads, hs) for i in (0, 1))
         res = middle_attention(query, *caches, mp, self.scale, rotate, attend, kv_scales,
@@ -370,3 +347,23 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
             cached = self.rope.inv_freq.to(device=device, dtype=torch.float32)
             self._inv_freq_dev = cached
         return cached
+
+
+def _flash_causal(q, k, v, cu_q, max_q, cu_k, max_k, scale, fa_version, out=None):
+    """vLLM's FlashAttention varlen causal attention (bottom-right aligned when a sequence
+    has more keys than queries): q [Nq, Hq, D], k / v [Nk, Hkv, D] -> [Nq, Hq, D]."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        max_seqlen_q=max_q,
+        cu_seqlens_q=cu_q,
+        max_seqlen_k=max_k,
+        cu_seqlens_k=cu_k,
+        softmax_scale=scale,
+        causal=True,
+        out=out,
+        fa_version=fa_version,
+    )

@@ -33,15 +33,31 @@ def test_bad_kernel_value_names_variable(monkeypatch):
         resolve_kernel("cpu")
 
 
-@pytest.mark.parametrize("value,want", [(None, True), ("1", True), ("0", False), (" 0 ", False)])
-def test_fresh_prefill_fa(monkeypatch, value, want):
-    from mesa_vllm.envs import fresh_prefill_fa
+@pytest.mark.parametrize(
+    "var,value,want",
+    [
+        ("MESA_VLLM_FRESH_FA", None, True),
+        ("MESA_VLLM_FRESH_FA", "1", True),
+        ("MESA_VLLM_FRESH_FA", "0", False),
+        ("MESA_VLLM_FRESH_FA", " 0 ", False),
+        ("MESA_VLLM_MIDDLE_FA", None, False),
+        ("MESA_VLLM_MIDDLE_FA", "1", True),
+        ("MESA_VLLM_MIDDLE_FA", "0", False),
+        ("MESA_VLLM_MIDDLE_FA", " 1 ", True),
+    ],
+)
+def test_flash_attention_switches(monkeypatch, var, value, want):
+    from mesa_vllm import envs
 
+    read = {
+        "MESA_VLLM_FRESH_FA": envs.fresh_prefill_fa,
+        "MESA_VLLM_MIDDLE_FA": envs.middle_prefill_fa,
+    }
     if value is None:
-        monkeypatch.delenv("MESA_VLLM_FRESH_FA", raising=False)
+        monkeypatch.delenv(var, raising=False)
     else:
-        monkeypatch.setenv("MESA_VLLM_FRESH_FA", value)
-    assert fresh_prefill_fa() is want
+        monkeypatch.setenv(var, value)
+    assert read[var]() is want
 
 
 def test_bad_fresh_prefill_value_names_variable(monkeypatch):
@@ -50,17 +66,6 @@ def test_bad_fresh_prefill_value_names_variable(monkeypatch):
     monkeypatch.setenv("MESA_VLLM_FRESH_FA", "yes")
     with pytest.raises(ValueError, match="MESA_VLLM_FRESH_FA='yes' must be 0 or 1"):
         fresh_prefill_fa()
-
-
-@pytest.mark.parametrize("value,want", [(None, False), ("1", True), ("0", False), (" 1 ", True)])
-def test_middle_prefill_fa(monkeypatch, value, want):
-    from mesa_vllm.envs import middle_prefill_fa
-
-    if value is None:
-        monkeypatch.delenv("MESA_VLLM_MIDDLE_FA", raising=False)
-    else:
-        monkeypatch.setenv("MESA_VLLM_MIDDLE_FA", value)
-    assert middle_prefill_fa() is want
 
 
 @pytest.mark.parametrize(
