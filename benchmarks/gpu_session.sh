@@ -25,6 +25,12 @@
 #                                               ms/token and KV blocks, next to `speed mesa`
 #   bash benchmarks/gpu_session.sh fp8-all      the fp8 kernel checks and the fp8 part
 #                                               in one call (at most 9.5 min)
+#   bash benchmarks/gpu_session.sh middle-fa    MESA_VLLM_MIDDLE_FA: middle chunks through
+#                                               FlashAttention against the dense reference
+#                                               and the Triton kernel, per-layer time before
+#                                               and after (benchmarks/middle_fa.py), then the
+#                                               7B-shape engine prefill with the switch on
+#                                               and off (bench_gpu_e2e.py --parts speed)
 #   (speed takes a comma list of backends: each runs in its own process, same call)
 #
 # If .gpu/snap exists (a `git archive` of the committed mesa_vllm/), it replaces the working
@@ -79,6 +85,16 @@ graphs)  # CUDA-graph decode: smoke eager vs graphs, Mesa speed, correctness vs 
     timeout 150 python3 benchmarks/bench_gpu_e2e.py --parts correctness --out "$OUT" \
         > "$OUT/correctness.log" 2>&1
     echo "correctness rc=$?"; grep -E "greedy_equal|Error" "$OUT/correctness.log" | tail -4 ;;
+middle-fa)
+    timeout 240 python3 benchmarks/middle_fa.py --out "$OUT" > "$OUT/middle_fa.log" 2>&1
+    echo "middle_fa rc=$?"; grep -E "^\||Error|^20" "$OUT/middle_fa.log" | tail -30
+    for on in 1 0; do
+        mkdir -p "$OUT/middle-fa-$on"
+        MESA_VLLM_MIDDLE_FA=$on timeout 170 python3 benchmarks/bench_gpu_e2e.py --parts speed \
+            --backends mesa --lengths "${2:-32768}" --speed-timeout 160 \
+            --out "$OUT/middle-fa-$on" > "$OUT/middle-fa-$on/speed.log" 2>&1
+        echo "engine speed, MESA_VLLM_MIDDLE_FA=$on: rc=$?"; short "$OUT/middle-fa-$on/speed.log" 8
+    done ;;
 variants)
     timeout 560 python3 benchmarks/gpu_variants.py --out "$OUT" > "$OUT/variants.log" 2>&1
     echo "variants rc=$?"; short "$OUT/variants.log" 30 ;;

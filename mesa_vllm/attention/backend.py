@@ -24,7 +24,14 @@ from mesa_vllm.attention.metadata import (
     MesaMetadataBuilder,
     TritonMesaMetadata,
 )
-from mesa_vllm.attention.middle_fa import MiddlePrefill, middle_attention
+from mesa_vllm.attention.middle_fa import (
+    MiddlePrefill,
+    cos_sin_table,
+    flash_attend,
+    flash_causal,
+    middle_attention,
+    vllm_rotary,
+)
 from mesa_vllm.engine_config import check_kv_cache_dtype
 from mesa_vllm.envs import decode_kernel_options
 from mesa_vllm.ops.rope import RopeSpec
@@ -294,7 +301,7 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
             fresh.positions, q.view(n, -1), k.view(n, -1), self.head_size, cos_sin, True
         )
         cu, n_max = fresh.cu_seqlens, fresh.max_len
-        res = _flash_causal(q, k, v, cu, n_max, cu, n_max, self.scale, fresh.fa_version, out)
+        res = flash_causal(q, k, v, cu, n_max, cu, n_max, self.scale, fresh.fa_version, out)
         if out is None:
             output.index_copy_(0, rows, res)
 
@@ -308,24 +315,11 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
     ) -> None:
         """Middle chunks as one FlashAttention varlen causal call (middle_fa.py): keys
         gathered from the cache, queries and keys rotated by vLLM's rotary kernel."""
-        from vllm import _custom_ops as ops
-
         if self.fp8_dtype is not None:  # vLLM allocates it as uint8
             kv_cache = kv_cache.view(self.fp8_dtype)
-        cos_sin = self._cos_sin_cache(mp.max_k, query)
-        hs = self.head_size
-
-        def rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            x = x.contiguous()
-            ops.rotary_embedding(positions, x.view(x.shape[0], -1), None, hs, cos_sin, True)
-            return x
-
-        def attend(q, k, v, mp: MiddlePrefill, scale: float) -> torch.Tensor:
-            return _flash_causal(q, k, v, mp.cu_q, mp.max_q, mp.cu_k, mp.max_k, scale,
-                                 mp.fa_version)  # fmt: skip
-
-        caches = (kv_cache[i].view(-1, self.num_kv_heads, hs) for i in (0, 1))
-        res = middle_attention(query, *caches, mp, self.scale, rotate, attend, kv_scales,
+        rotate = vllm_rotary(self._cos_sin_cache(mp.max_k, query), self.head_size)
+        caches = (kv_cache[i].view(-1, self.num_kv_heads, self.head_size) for i in (0, 1))
+        res = middle_attention(query, *caches, mp, self.scale, rotate, flash_attend, kv_scales,
                                self.model_dtype)  # fmt: skip
         output.index_copy_(0, mp.rows, res.to(output.dtype))
 
@@ -335,9 +329,7 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
         cached = getattr(self, "_cos_sin", None)
         if cached is None or cached.shape[0] < n or cached.dtype != like.dtype:
             rows = max(4096, 1 << (n - 1).bit_length())
-            t = torch.arange(rows, dtype=torch.float, device=like.device)
-            freqs = torch.einsum("i,j -> ij", t, self._inv_freq_on(like.device))
-            cached = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(like.dtype)
+            cached = cos_sin_table(self._inv_freq_on(like.device), rows, like.dtype)
             self._cos_sin = cached
         return cached
 
@@ -347,23 +339,3 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
             cached = self.rope.inv_freq.to(device=device, dtype=torch.float32)
             self._inv_freq_dev = cached
         return cached
-
-
-def _flash_causal(q, k, v, cu_q, max_q, cu_k, max_k, scale, fa_version, out=None):
-    """vLLM's FlashAttention varlen causal attention (bottom-right aligned when a sequence
-    has more keys than queries): q [Nq, Hq, D], k / v [Nk, Hkv, D] -> [Nq, Hq, D]."""
-    from vllm.vllm_flash_attn import flash_attn_varlen_func
-
-    return flash_attn_varlen_func(
-        q,
-        k,
-        v,
-        max_seqlen_q=max_q,
-        cu_seqlens_q=cu_q,
-        max_seqlen_k=max_k,
-        cu_seqlens_k=cu_k,
-        softmax_scale=scale,
-        causal=True,
-        out=out,
-        fa_version=fa_version,
-    )

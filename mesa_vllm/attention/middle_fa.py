@@ -11,8 +11,8 @@ across steps finds its earlier keys there, and an fp8 cache is read back as scal
 
 ``middle_prefill`` builds the step's index tensors once (host ints, one copy each);
 ``middle_attention`` gathers, rotates and attends for one layer, with the rotation and the
-attention passed in: vLLM's rotary kernel and ``flash_attn_varlen_func`` on a GPU
-(``MesaAttentionImpl._forward_middle``), ``mesa_vllm.ops.rope.rotate`` and
+attention passed in: ``vllm_rotary`` (vLLM's rotary kernel) and ``flash_attend``
+(``flash_attn_varlen_func``) on a GPU, ``mesa_vllm.ops.rope.rotate`` and
 ``varlen_causal_attention`` (torch, the tests' stand-in for FlashAttention) elsewhere.
 """
 
@@ -147,3 +147,51 @@ def varlen_causal_attention(
         probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
         out[q0:q1] = (probs @ vs).transpose(0, 1)
     return out.to(q.dtype)
+
+
+# ---------------------------------------------------------------- the GPU pieces (vLLM's)
+
+
+def cos_sin_table(inv_freq: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, rotary_dim]: cos | sin of position x inv_freq (fp32, then dtype), the layout of
+    vLLM's rotary cache (``RotaryEmbedding``)."""
+    t = torch.arange(rows, dtype=torch.float, device=inv_freq.device)
+    freqs = torch.einsum("i,j -> ij", t, inv_freq.float())
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype)
+
+
+def vllm_rotary(cos_sin: torch.Tensor, head_size: int) -> Rotate:
+    """Rotate with vLLM's rotary kernel (neox pairing) on a copy of x [n, H, head_size]."""
+    from vllm import _custom_ops as ops
+
+    def rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        ops.rotary_embedding(positions, x.view(x.shape[0], -1), None, head_size, cos_sin, True)
+        return x
+
+    return rotate
+
+
+def flash_causal(q, k, v, cu_q, max_q, cu_k, max_k, scale, fa_version, out=None):
+    """vLLM's FlashAttention varlen causal attention (bottom-right aligned when a sequence
+    has more keys than queries): q [Nq, Hq, D], k / v [Nk, Hkv, D] -> [Nq, Hq, D]."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        max_seqlen_q=max_q,
+        cu_seqlens_q=cu_q,
+        max_seqlen_k=max_k,
+        cu_seqlens_k=cu_k,
+        softmax_scale=scale,
+        causal=True,
+        out=out,
+        fa_version=fa_version,
+    )
+
+
+def flash_attend(q, k, v, mp: MiddlePrefill, scale: float) -> torch.Tensor:
+    """``Attend`` by FlashAttention (version ``mp.fa_version``)."""
+    return flash_causal(q, k, v, mp.cu_q, mp.max_q, mp.cu_k, mp.max_k, scale, mp.fa_version)

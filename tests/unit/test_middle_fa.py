@@ -139,3 +139,35 @@ def test_non_middle_entries_are_refused():
     causal = plan_request(L, 0, L, params)[0]
     with pytest.raises(ValueError, match="causal segment"):
         middle_prefill([(0, 0, causal)], torch.zeros(1, 8, dtype=torch.int32), BLOCK)
+
+
+def test_cos_sin_table_is_vllms_rotary_cache():
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    from mesa_vllm.attention.middle_fa import cos_sin_table
+    from mesa_vllm.ops.rope import rope_spec_from_vllm
+
+    with set_current_vllm_config(VllmConfig()):
+        rope = get_rope(64, max_position=512, is_neox_style=True,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                        dtype=torch.float32)  # fmt: skip
+    inv = rope_spec_from_vllm(rope).inv_freq
+    torch.testing.assert_close(cos_sin_table(inv, 512, torch.float32), rope.cos_sin_cache)
+
+
+def test_the_gpu_benchmark_dry_run_checks_against_the_reference(tmp_path):
+    """benchmarks/middle_fa.py without CUDA: its reference checks with the torch stand-ins."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import middle_fa as bench
+
+    assert bench.main(["--out", str(tmp_path)]) == 0
+    checks = json.loads((tmp_path / "middle_fa.json").read_text())["checks"]
+    assert len(checks) == 16 and all(c["ok"] and c["rows"] > 0 for c in checks)
+    assert {(c["G"], c["D"], c["split"]) for c in checks} == {
+        (g, d, s) for g in (1, 3, 4, 8) for d in (64, 128) for s in ("dynamic", "fixed")
+    }
