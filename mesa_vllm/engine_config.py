@@ -105,7 +105,7 @@ def resolve(vllm_config: Any) -> MesaConfig:
 def check_environment() -> None:
     """MesaConfigError for the first bad ``MESA_VLLM_*`` value (the workers read them again,
     where an error would surface only inside the engine core's start-up traceback)."""
-    reads = (envs.mesa_kernel, envs.fresh_prefill_fa, envs.middle_prefill_fa,
+    reads = (envs.mesa_kernel, envs.fresh_prefill_fa, envs.middle_prefill_mode,
              envs.decode_kernel_options)  # fmt: skip
     for read in reads:
         try:

@@ -9,11 +9,13 @@ MESA_VLLM_FRESH_FA: ``1`` (default) or ``0``.  With the Triton kernels on a GPU 
     vLLM's FlashAttention, fresh prompts no longer than the training length (plain causal
     attention, nothing cached before them) run through FlashAttention after vLLM's own
     rotary kernel, exactly as the stock backend does; ``0`` keeps them on the Mesa kernels.
-MESA_VLLM_MIDDLE_FA: ``0`` (default) or ``1``.  With the Triton kernels on a GPU that has
-    vLLM's FlashAttention, ``1`` runs the middle chunks of a prefill step as one varlen
-    FlashAttention call over keys gathered from the cache and rotated by vLLM's rotary
-    kernel (mesa_vllm/attention/middle_fa.py) instead of the Mesa prefill kernel.  Off by
-    default until it is measured on the GPU.
+MESA_VLLM_MIDDLE_FA: ``0`` (default), ``1`` or ``torch``.  With the Triton kernels on a GPU
+    that has vLLM's FlashAttention, ``1`` runs the middle chunks of a prefill step as one
+    varlen FlashAttention call over keys gathered from the cache and rotated by vLLM's rotary
+    kernel (mesa_vllm/attention/middle_fa.py) instead of the Mesa prefill kernel.  ``torch``
+    runs the same decomposition with torch's rotation and attention in their place, on any
+    device (the tests run it in the engine on the CPU).  Off by default until it is measured
+    on the GPU.
 MESA_VLLM_DECODE_KERNEL: launch options of the Triton decode kernel, for tuning on a new GPU
     (``benchmarks/bench_kernels.py`` sweeps them), e.g. ``block_n=64,tile_rows=32``.  Keys:
     block_n, num_warps, num_stages, tile_rows, split_keys, split_programs, min_split_keys
@@ -54,11 +56,15 @@ def fresh_prefill_fa() -> bool:
     return value == "1"
 
 
-def middle_prefill_fa() -> bool:
-    value = os.environ.get("MESA_VLLM_MIDDLE_FA", "0").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"MESA_VLLM_MIDDLE_FA={value!r} must be 0 or 1")
-    return value == "1"
+MIDDLE_FA_MODES = {"0": None, "1": "flash", "torch": "torch"}
+
+
+def middle_prefill_mode() -> str | None:
+    """MESA_VLLM_MIDDLE_FA as None (off), ``flash`` or ``torch``."""
+    value = os.environ.get("MESA_VLLM_MIDDLE_FA", "0").strip().lower()
+    if value not in MIDDLE_FA_MODES:
+        raise ValueError(f"MESA_VLLM_MIDDLE_FA={value!r} must be 0, 1 or torch")
+    return MIDDLE_FA_MODES[value]
 
 
 DECODE_KERNEL_KEYS = (

@@ -67,14 +67,15 @@ def mesa_engine_kwargs(model: Path, max_model_len: int, mesa: dict, **overrides)
     return kw
 
 
-def interpreter_llm(**kw):
+def interpreter_llm(env: dict[str, str] | None = None, **kw):
     """``vllm.LLM(**kw)`` on the Mesa Triton kernels under the Triton interpreter
-    (MESA_VLLM_KERNEL=triton, TRITON_INTERPRET=1 while the engine starts: its processes
-    inherit them; this process gets its values back)."""
+    (MESA_VLLM_KERNEL=triton, TRITON_INTERPRET=1 and ``env`` while the engine starts: its
+    processes inherit them; this process gets its values back)."""
     from vllm import LLM
 
-    saved = {k: os.environ.get(k) for k in ("MESA_VLLM_KERNEL", "TRITON_INTERPRET")}
-    os.environ.update(MESA_VLLM_KERNEL="triton", TRITON_INTERPRET="1")
+    env = {"MESA_VLLM_KERNEL": "triton", "TRITON_INTERPRET": "1", **(env or {})}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         return LLM(**kw)
     finally:

@@ -30,11 +30,13 @@ from mesa_vllm.attention.middle_fa import (
     flash_attend,
     flash_causal,
     middle_attention,
+    varlen_causal_attention,
     vllm_rotary,
 )
 from mesa_vllm.engine_config import check_kv_cache_dtype
 from mesa_vllm.envs import decode_kernel_options
 from mesa_vllm.ops.rope import RopeSpec
+from mesa_vllm.ops.rope import rotate as rotate_torch
 from mesa_vllm.ops.torch_mesa import run_segments
 from mesa_vllm.ops.triton.table import DecodeTuning
 from mesa_vllm.patches import patch_kernel_warmup
@@ -313,13 +315,19 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
         output: torch.Tensor,
         kv_scales: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> None:
-        """Middle chunks as one FlashAttention varlen causal call (middle_fa.py): keys
-        gathered from the cache, queries and keys rotated by vLLM's rotary kernel."""
+        """Middle chunks as one varlen causal call (middle_fa.py): keys gathered from the
+        cache; FlashAttention after vLLM's rotary kernel, or (``mp.fa_version`` None,
+        MESA_VLLM_MIDDLE_FA=torch) torch's rotation and attention."""
         if self.fp8_dtype is not None:  # vLLM allocates it as uint8
             kv_cache = kv_cache.view(self.fp8_dtype)
-        rotate = vllm_rotary(self._cos_sin_cache(mp.max_k, query), self.head_size)
+        if mp.fa_version is None:
+            rope = self.rope
+            rotate, attend = (lambda x, p: rotate_torch(x, p, rope)), varlen_causal_attention
+        else:
+            rotate = vllm_rotary(self._cos_sin_cache(mp.max_k, query), self.head_size)
+            attend = flash_attend
         caches = (kv_cache[i].view(-1, self.num_kv_heads, self.head_size) for i in (0, 1))
-        res = middle_attention(query, *caches, mp, self.scale, rotate, flash_attend, kv_scales,
+        res = middle_attention(query, *caches, mp, self.scale, rotate, attend, kv_scales,
                                self.model_dtype)  # fmt: skip
         output.index_copy_(0, mp.rows, res.to(output.dtype))
 

@@ -24,7 +24,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from mesa_vllm.attention.middle_fa import MiddlePrefill, middle_prefill, take_middle
 from mesa_vllm.engine_config import params_from_vllm_config
-from mesa_vllm.envs import fresh_prefill_fa, middle_prefill_fa, resolve_kernel
+from mesa_vllm.envs import fresh_prefill_fa, middle_prefill_mode, resolve_kernel
 from mesa_vllm.ops.triton.table import (
     SegmentTable,
     build_segment_table,
@@ -248,6 +248,10 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
             self.fa_version = flash_attn_version(
                 vllm_config.model_config.dtype, torch.device(device)
             )
+        # middle chunks as one varlen call: "flash" (needs FlashAttention), "torch" or None
+        self.middle_mode = middle_prefill_mode() if self.kernel == "triton" else None
+        if self.middle_mode == "flash" and self.fa_version is None:
+            self.middle_mode = None
 
     def build(
         self,
@@ -314,11 +318,12 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
                 spans, pre = take_fresh(pre, self.params.train_len)
             if spans:
                 md.fresh = fresh_prefill(spans, self.fa_version, device)
-            if self.fa_version is not None and middle_prefill_fa():
+            if self.middle_mode is not None:
                 mids, pre = take_middle(pre)
                 if mids:
+                    version = self.fa_version if self.middle_mode == "flash" else None
                     md.middle = middle_prefill(
-                        mids, cm.block_table_tensor, self.block_size, self.fa_version, device
+                        mids, cm.block_table_tensor, self.block_size, version, device
                     )
             if pre:
                 md.prefill_table = build_segment_table(pre, self.params, self.block_q, device)

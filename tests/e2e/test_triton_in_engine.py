@@ -24,13 +24,40 @@ def triton_llm(tiny_llama):
     del llm
 
 
+@pytest.fixture(scope="module")
+def middle_llm(tiny_llama):
+    """The same engine with MESA_VLLM_MIDDLE_FA=torch: middle chunks as one varlen causal
+    call over keys gathered from the cache (torch's rotation and attention standing in for
+    vLLM's rotary kernel and FlashAttention), the rest on the Triton kernels."""
+    llm = interpreter_llm(env={"MESA_VLLM_MIDDLE_FA": "torch"},
+                          **mesa_engine_kwargs(tiny_llama, 512, MESA_SMALL,
+                                               max_num_batched_tokens=100))  # fmt: skip
+    yield llm
+    del llm
+
+
+def test_middle_chunks_as_one_varlen_call_match_oracle(middle_llm, tiny_llama):
+    _check_against_oracle(middle_llm, tiny_llama)
+    # the switch reached the engine: its metadata builder sends the middle chunks that way
+    modes = middle_llm.collective_rpc(_builder_middle_mode)
+    assert modes and all(m == "torch" for m in modes), modes
+
+
+def _builder_middle_mode(worker) -> str | None:
+    return worker.model_runner.attn_groups[0][0].get_metadata_builder().middle_mode
+
+
 def test_triton_kernels_match_oracle(triton_llm, tiny_llama):
+    _check_against_oracle(triton_llm, tiny_llama)
+
+
+def _check_against_oracle(llm, tiny_llama):
     from vllm import SamplingParams
 
     rng = random.Random(SEED)
     prompts = [[0] + [rng.randrange(3, 450) for _ in range(n)] for n in (30, 150, 300)]
     sp = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0, ignore_eos=True)
-    outs = triton_llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
     for p, o in zip(prompts, outs, strict=True):
         got = torch.tensor(
             [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], p[1:], strict=True)],

@@ -79,7 +79,7 @@ def test_bad_mesa_config_fails_at_startup(tiny64, mesa, needle):
     [
         ("MESA_VLLM_KERNEL", "cuda", "MESA_VLLM_KERNEL='cuda' is not one of auto"),
         ("MESA_VLLM_FRESH_FA", "yes", "MESA_VLLM_FRESH_FA='yes' must be 0 or 1"),
-        ("MESA_VLLM_MIDDLE_FA", "on", "MESA_VLLM_MIDDLE_FA='on' must be 0 or 1"),
+        ("MESA_VLLM_MIDDLE_FA", "on", "MESA_VLLM_MIDDLE_FA='on' must be 0, 1 or torch"),
         ("MESA_VLLM_DECODE_KERNEL", "flat_stair=1", "MESA_VLLM_DECODE_KERNEL: 'flat_stair=1'"),
         ("MESA_VLLM_DECODE_KERNEL", "tile_rows=24", "tile_rows=24 is not a power of 2"),
     ],

@@ -40,10 +40,10 @@ def test_bad_kernel_value_names_variable(monkeypatch):
         ("MESA_VLLM_FRESH_FA", "1", True),
         ("MESA_VLLM_FRESH_FA", "0", False),
         ("MESA_VLLM_FRESH_FA", " 0 ", False),
-        ("MESA_VLLM_MIDDLE_FA", None, False),
-        ("MESA_VLLM_MIDDLE_FA", "1", True),
-        ("MESA_VLLM_MIDDLE_FA", "0", False),
-        ("MESA_VLLM_MIDDLE_FA", " 1 ", True),
+        ("MESA_VLLM_MIDDLE_FA", None, None),
+        ("MESA_VLLM_MIDDLE_FA", "1", "flash"),
+        ("MESA_VLLM_MIDDLE_FA", "0", None),
+        ("MESA_VLLM_MIDDLE_FA", " Torch ", "torch"),
     ],
 )
 def test_flash_attention_switches(monkeypatch, var, value, want):
@@ -51,13 +51,13 @@ def test_flash_attention_switches(monkeypatch, var, value, want):
 
     read = {
         "MESA_VLLM_FRESH_FA": envs.fresh_prefill_fa,
-        "MESA_VLLM_MIDDLE_FA": envs.middle_prefill_fa,
+        "MESA_VLLM_MIDDLE_FA": envs.middle_prefill_mode,
     }
     if value is None:
         monkeypatch.delenv(var, raising=False)
     else:
         monkeypatch.setenv(var, value)
-    assert read[var]() is want
+    assert read[var]() == want
 
 
 def test_bad_fresh_prefill_value_names_variable(monkeypatch):
