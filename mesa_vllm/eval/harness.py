@@ -124,8 +124,7 @@ def text_windows(
     the context before them grows (the windows then depend on the longest length asked).
     """
     prefix = tuple(int(t) for t in prefix)
-    jobs = []
-    for length in sorted(lengths, reverse=True) if shared_end else lengths:
+    for length in lengths:  # every length's windows must fit before any is drawn
         body = length - len(prefix)
         if body < 1:
             raise ValueError(f"length {length} leaves no corpus token after the prefix {prefix}")
@@ -140,18 +139,20 @@ def text_windows(
                 f"the corpus ({len(ids)} tokens) has only {span} distinct windows of {length} "
                 f"tokens, fewer than {samples} samples"
             )
+    if shared_end:  # the ends the longest window allows, one per sample
+        longest = max(lengths) - len(prefix)
+        ends = random.Random(f"{seed}/ppl-text/end").sample(range(longest, len(ids) + 1), samples)
+    jobs = []
+    for length in lengths:
+        body = length - len(prefix)
         if shared_end:
-            if not jobs:  # the longest length: its windows' ends are every length's
-                rng = random.Random(f"{seed}/ppl-text/end")
-                ends = rng.sample(range(body, len(ids) + 1), samples)
             offsets = [end - body for end in ends]
         else:
+            span = len(ids) - body + 1
             offsets = random.Random(f"{seed}/ppl-text/{length}").sample(range(span), samples)
         for i, off in enumerate(offsets):
             window = prefix + tuple(ids[off : off + body])
             jobs.append(Job(length, None, i, window, None, length, off))
-    if shared_end:  # in the order the lengths were asked
-        jobs.sort(key=lambda j: (list(lengths).index(j.length), j.index))
     return jobs
 
 

@@ -112,7 +112,7 @@ def markdown(results: Results) -> str:
             "ends at the same token: the same tokens scored, after more context)",
             "",
         ]
-        lines += _relative_table(results)
+        lines += _metric_table(results, None, relative=True)
     if task == "ppl" and any("ppl_all" in p for m in methods for p in m.get("points", [])):
         lines += ["", "### Perplexity over the whole text (ppl_all)", ""]
         lines += _metric_table(results, "ppl_all")
@@ -136,28 +136,23 @@ def _text_label(text: dict[str, Any] | None) -> str:
     return label
 
 
-def _metric_table(results: Results, metric: str | None) -> list[str]:
-    task, methods = results["task"], results["methods"]
-    cols = {m["name"]: by_length(m, task, metric) for m in methods}
-    rows = []
-    for n in _lengths(results):
-        row = [str(n)]
-        for m in methods:
-            row.append("error" if m.get("error") else fmt(cols[m["name"]].get(n), task))
-        rows.append(row)
-    return _table(["length", *[m["name"] for m in methods]], rows)
-
-
-def _relative_table(results: Results) -> list[str]:
-    """The task's metric per length over its value at the shortest length, per method."""
+def _metric_table(results: Results, metric: str | None, relative: bool = False) -> list[str]:
+    """One row per length, one column per method; ``relative``: each value over the same
+    method's value at the shortest length."""
     task, methods, lengths = results["task"], results["methods"], _lengths(results)
-    cols = {m["name"]: by_length(m, task, None) for m in methods}
+    cols = {m["name"]: by_length(m, task, metric) for m in methods}
     rows = []
     for n in lengths:
         row = [str(n)]
         for m in methods:
-            base, v = cols[m["name"]].get(lengths[0]), cols[m["name"]].get(n)
-            row.append(f"{v / base:.3f}x" if base and v is not None else "-")
+            v = cols[m["name"]].get(n)
+            if m.get("error"):
+                row.append("error")
+            elif relative:
+                base = cols[m["name"]].get(lengths[0])
+                row.append(f"{v / base:.3f}x" if base and v is not None else "-")
+            else:
+                row.append(fmt(v, task))
         rows.append(row)
     return _table(["length", *[m["name"] for m in methods]], rows)
 
