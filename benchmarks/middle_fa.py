@@ -51,8 +51,8 @@ from mesa_vllm.attention.middle_fa import (  # noqa: E402
 )
 from mesa_vllm.ops.rope import RopeSpec, rotate  # noqa: E402
 from mesa_vllm.plan import MesaParams, plan_request  # noqa: E402
-from mesa_vllm.testing.paged import random_paged_batch  # noqa: E402
-from mesa_vllm.testing.reference import mesa_attention_reference, rope_inv_freq  # noqa: E402
+from mesa_vllm.testing.paged import random_paged_batch, reference_rows  # noqa: E402
+from mesa_vllm.testing.reference import rope_inv_freq  # noqa: E402
 
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 PAGE = 16
@@ -102,18 +102,7 @@ def check(seed: int, G: int, D: int, split: str, gpu: bool) -> dict:
     kc, vc = (c.to(device).view(-1, Hkv, D) for c in (batch.key_cache, batch.value_cache))
     rot, attend = pieces(gpu, D, dtype, device)
     out = middle_attention(batch.query.to(device), kc, vc, mp, D**-0.5, rot, attend).cpu()
-    starts, off = [], 0
-    for _, S, ctx in reqs:
-        starts.append(off)
-        off += S - ctx
-    refs, want = {}, torch.empty(out.shape, dtype=torch.float32)
-    for i, r_row in enumerate(mp.rows.tolist()):
-        r = max(k for k in range(len(reqs)) if starts[k] <= r_row)
-        if r not in refs:
-            q, k, v = batch.qkv[r]
-            refs[r] = mesa_attention_reference(q, k, v, reqs[r][0], L, F, Lc, Mmax, E, True,
-                                               ROPE, D**-0.5, split=split, width=width)  # fmt: skip
-        want[i] = refs[r][reqs[r][2] + r_row - starts[r]].float()
+    want = reference_rows(batch, reqs, params, mp.rows.tolist(), ROPE)
     max_abs, rel = errors(out, want)
     tol = TOL[dtype]
     ok = max_abs <= tol[0] and rel <= tol[1]

@@ -63,6 +63,36 @@ def random_paged_batch(
     return PagedBatch(key_cache, value_cache, block_table, qkv, torch.cat(queries), entries)
 
 
+def reference_rows(
+    batch: PagedBatch,
+    reqs: list[tuple[int, int, int]],
+    params: MesaParams,
+    rows: list[int],
+    rope: dict | None = None,
+) -> torch.Tensor:
+    """The dense Mesa reference (``mesa_attention_reference``, fp32) at packed query
+    ``rows`` of ``random_paged_batch(reqs, params, ...)``: [len(rows), Hq, D]."""
+    from mesa_vllm.testing.reference import mesa_attention_reference
+
+    starts, off = [], 0
+    for _, S, ctx in reqs:
+        starts.append(off)
+        off += S - ctx
+    refs: dict[int, torch.Tensor] = {}
+    out = []
+    for row in rows:
+        r = max(k for k in range(len(reqs)) if starts[k] <= row)
+        if r not in refs:
+            q, k, v = batch.qkv[r]
+            refs[r] = mesa_attention_reference(
+                q, k, v, reqs[r][0], params.train_len, params.first_chunk, params.last_chunk,
+                params.max_remainder, params.stair_width, params.log_n_scaling, rope,
+                split=params.split, width=params.middle_chunk, near_window=params.near_window,
+            )  # fmt: skip
+        out.append(refs[r][reqs[r][2] + row - starts[r]].float())
+    return torch.stack(out)
+
+
 def quantize_kv(batch: PagedBatch, kv_dtype: torch.dtype, scales: tuple[float, float]):
     """``batch``'s caches stored as an fp8 cache stores them (x / scale, rounded to
     ``kv_dtype``) with per-tensor (k_scale, v_scale) ``scales``, and its dense k / v as the

@@ -18,8 +18,9 @@ from mesa_vllm.attention.middle_fa import (
     varlen_causal_attention,
 )
 from mesa_vllm.ops.rope import RopeSpec, rotate
-from mesa_vllm.plan import MesaParams, chunk_split, plan_request
-from mesa_vllm.testing.reference import mesa_attention_reference, rope_inv_freq
+from mesa_vllm.plan import MesaParams, plan_request
+from mesa_vllm.testing.paged import random_paged_batch, reference_rows
+from mesa_vllm.testing.reference import rope_inv_freq
 
 pytestmark = pytest.mark.unit
 
@@ -32,43 +33,23 @@ def _params(split: str, width: int | None) -> MesaParams:
                       stair_width=E, split=split, middle_chunk=width)  # fmt: skip
 
 
-def _step(seed: int, hq: int, hkv: int, d: int, split: str, width: int | None, scaled: bool):
-    """Random requests, each with a random step window [ctx, ctx + q_len) of its prompt, a
-    shuffled paged cache holding every request's keys; returns what the test compares."""
+def _step(seed: int, hq: int, hkv: int, d: int, split: str, width: int | None):
+    """Three requests past L, each with a random step window [ctx, S) of its prompt, over a
+    shuffled paged cache (``random_paged_batch``); (params, reqs, batch)."""
     rng = random.Random(seed)
-    g = torch.Generator().manual_seed(seed)
     params = _params(split, width)
     reqs = []
     for _ in range(3):
         T = rng.randrange(L + 1, 5 * L)
         ctx = rng.randrange(0, T - 1)
-        reqs.append((T, ctx, rng.randrange(ctx + 1, T + 1)))
-    n_blocks = sum(-(-T // BLOCK) for T, _, _ in reqs) + 4
-    perm = torch.randperm(n_blocks, generator=g)
-    width_blocks = max(-(-T // BLOCK) for T, _, _ in reqs)
-    block_table = torch.zeros(len(reqs), width_blocks, dtype=torch.int32)
-    key_cache = torch.zeros(n_blocks * BLOCK, hkv, d)
-    value_cache = torch.zeros_like(key_cache)
-    full, entries, row, used = [], [], 0, 0
-    for r, (T, ctx, end) in enumerate(reqs):
-        q, k, v = (torch.randn(T, h, d, generator=g) for h in (hq, hkv, hkv))
-        if scaled:  # what an fp8 cache reads back: values on a coarse grid, times a scale
-            k, v = (x.mul(8).round().div(8) for x in (k, v))
-        nb = -(-T // BLOCK)
-        block_table[r, :nb] = perm[used : used + nb].to(torch.int32)
-        used += nb
-        for j in range(T):
-            slot = int(block_table[r, j // BLOCK]) * BLOCK + j % BLOCK
-            key_cache[slot], value_cache[slot] = k[j], v[j]
-        full.append((T, q, k, v))
-        for seg in plan_request(T, ctx, end, params, chunk_split(T, params)):
-            entries.append((r, row + seg.q_start - ctx, seg))
-        row += end - ctx
-    query = torch.zeros(row, hq, d)
-    for r, (_, ctx, end) in enumerate(reqs):
-        lo = sum(e - c for _, c, e in reqs[:r])
-        query[lo : lo + end - ctx] = full[r][1][ctx:end]
-    return params, reqs, full, entries, query, key_cache, value_cache, block_table
+        reqs.append((T, rng.randrange(ctx + 1, T + 1), ctx))
+    batch = random_paged_batch(reqs, params, hkv, hq // hkv, d, BLOCK, torch.float32,
+                               torch.Generator().manual_seed(seed), 4)  # fmt: skip
+    return params, reqs, batch
+
+
+def _flat(cache: torch.Tensor) -> torch.Tensor:
+    return cache.view(-1, *cache.shape[2:])  # [blocks, page, Hkv, D] -> [slots, Hkv, D]
 
 
 @pytest.mark.parametrize(
@@ -82,35 +63,28 @@ def _step(seed: int, hq: int, hkv: int, d: int, split: str, width: int | None, s
     ],
 )
 def test_middle_rows_equal_the_dense_reference(seed, hq, hkv, d, split, width):
-    params, reqs, full, entries, query, kc, vc, bt = _step(seed, hq, hkv, d, split, width, False)
-    mids, rest = take_middle(entries)
+    params, reqs, batch = _step(seed, hq, hkv, d, split, width)
+    mids, rest = take_middle(batch.entries)
     assert all(s.kind == "middle" for _, _, s in mids)
     assert all(s.kind != "middle" for _, _, s in rest)
     if not mids:
         pytest.fail("the drawn steps hold no middle segment: pick another seed")
     spec = RopeSpec(rope_inv_freq(d), d, d)
-    mp = middle_prefill(mids, bt, BLOCK)
-    out = middle_attention(query, kc, vc, mp, d**-0.5, lambda x, p: rotate(x, p, spec),
+    mp = middle_prefill(mids, batch.block_table, BLOCK)
+    kc, vc = _flat(batch.key_cache), _flat(batch.value_cache)
+    out = middle_attention(batch.query, kc, vc, mp, d**-0.5, lambda x, p: rotate(x, p, spec),
                            varlen_causal_attention)  # fmt: skip
-    want = torch.empty_like(out)
-    starts = [sum(e - c for _, c, e in reqs[:r]) for r in range(len(reqs))]
-    refs = {}
-    for i, row in enumerate(mp.rows.tolist()):
-        r = max(k for k in range(len(reqs)) if starts[k] <= row)
-        if r not in refs:
-            T, q, k, v = full[r]
-            refs[r] = mesa_attention_reference(q, k, v, T, L, F, LC, MMAX, E, log_n=True,
-                                               split=split, width=width)  # fmt: skip
-        want[i] = refs[r][reqs[r][1] + row - starts[r]]
+    want = reference_rows(batch, reqs, params, mp.rows.tolist())
     torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
 
 
 def test_scaled_cache_is_read_back_as_scale_times_stored():
-    params, reqs, full, entries, query, kc, vc, bt = _step(5, 4, 2, 32, "fixed", 16, True)
-    mids, _ = take_middle(entries)
+    params, reqs, batch = _step(5, 4, 2, 32, "fixed", 16)
+    mids, _ = take_middle(batch.entries)
     spec = RopeSpec(rope_inv_freq(32), 32, 32)
-    mp = middle_prefill(mids, bt, BLOCK)
+    mp = middle_prefill(mids, batch.block_table, BLOCK)
     rot = lambda x, p: rotate(x, p, spec)  # noqa: E731
+    query, kc, vc = batch.query, _flat(batch.key_cache), _flat(batch.value_cache)
     plain = middle_attention(query, kc, vc, mp, 32**-0.5, rot, varlen_causal_attention)
     ks, vs = torch.tensor([0.25]), torch.tensor([4.0])
     scaled = middle_attention(query, kc / 0.25, vc / 4.0, mp, 32**-0.5, rot,
