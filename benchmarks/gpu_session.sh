@@ -29,8 +29,10 @@
 #                                               FlashAttention against the dense reference
 #                                               and the Triton kernel, per-layer time before
 #                                               and after (benchmarks/middle_fa.py), then the
-#                                               7B-shape engine prefill with the switch on
-#                                               and off (bench_gpu_e2e.py --parts speed)
+#                                               7B-shape engine prefill at 32k and 128k:
+#                                               FLASH_ATTN and Mesa with the switch on, then
+#                                               Mesa with it off (bench_gpu_e2e.py --parts
+#                                               speed); at most 9.5 min
 #   (speed takes a comma list of backends: each runs in its own process, same call)
 #
 # If .gpu/snap exists (a `git archive` of the committed mesa_vllm/), it replaces the working
@@ -86,15 +88,22 @@ graphs)  # CUDA-graph decode: smoke eager vs graphs, Mesa speed, correctness vs 
         > "$OUT/correctness.log" 2>&1
     echo "correctness rc=$?"; grep -E "greedy_equal|Error" "$OUT/correctness.log" | tail -4 ;;
 middle-fa)
-    timeout 240 python3 benchmarks/middle_fa.py --out "$OUT" > "$OUT/middle_fa.log" 2>&1
+    timeout 150 python3 benchmarks/middle_fa.py --out "$OUT" > "$OUT/middle_fa.log" 2>&1
     echo "middle_fa rc=$?"; grep -E "^\||Error|^20" "$OUT/middle_fa.log" | tail -30
-    for on in 1 0; do
-        mkdir -p "$OUT/middle-fa-$on"
-        MESA_VLLM_MIDDLE_FA=$on timeout 170 python3 benchmarks/bench_gpu_e2e.py --parts speed \
-            --backends mesa --lengths "${2:-32768}" --speed-timeout 160 \
-            --out "$OUT/middle-fa-$on" > "$OUT/middle-fa-$on/speed.log" 2>&1
-        echo "engine speed, MESA_VLLM_MIDDLE_FA=$on: rc=$?"; short "$OUT/middle-fa-$on/speed.log" 8
-    done ;;
+    # after: Mesa (it pays the compile) and FLASH_ATTN with the switch on, in one run;
+    # before: Mesa with it off
+    lens=${2:-32768,131072}
+    mkdir -p "$OUT/middle-fa-1" "$OUT/middle-fa-0"
+    MESA_VLLM_MIDDLE_FA=1 timeout 260 python3 benchmarks/bench_gpu_e2e.py --parts speed \
+        --backends mesa,FLASH_ATTN --lengths "$lens" --speed-timeout 190 \
+        --out "$OUT/middle-fa-1" > "$OUT/middle-fa-1/speed.log" 2>&1
+    echo "engine speed, Mesa and FLASH_ATTN with MESA_VLLM_MIDDLE_FA=1: rc=$?"
+    short "$OUT/middle-fa-1/speed.log" 8
+    MESA_VLLM_MIDDLE_FA=0 timeout 100 python3 benchmarks/bench_gpu_e2e.py --parts speed \
+        --backends mesa --lengths "$lens" --speed-timeout 90 \
+        --out "$OUT/middle-fa-0" > "$OUT/middle-fa-0/speed.log" 2>&1
+    echo "engine speed, Mesa with MESA_VLLM_MIDDLE_FA=0: rc=$?"
+    short "$OUT/middle-fa-0/speed.log" 8 ;;
 variants)
     timeout 560 python3 benchmarks/gpu_variants.py --out "$OUT" > "$OUT/variants.log" 2>&1
     echo "variants rc=$?"; short "$OUT/variants.log" 30 ;;
