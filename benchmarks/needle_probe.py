@@ -20,8 +20,8 @@ stair row; for causal rows the last Lc prompt tokens), ``rest``.  Also the relat
 (query position - key position) at which the key's digits sit as seen from that row.
 
 A config is ``causal`` (plain RoPE, positions = indices) or ``mesa[:k=v,...]`` with keys
-L (train length used by the Mesa rules), F, Lc, Mmax, E, log_n (0/1); unset keys take the
---train-len/--first-chunk/... flags.  ``--compare-prefix`` also runs plain causal attention on
+L (train length used by the Mesa rules), F, Lc, Mmax, E, log_n (0/1), split, C, W, s (see
+``parse_config``); unset keys take the --train-len/--first-chunk/... flags.  ``--compare-prefix`` also runs plain causal attention on
 the prompt cut just after the key sentence (must fit in the model's L) and reports the cosine
 between the key tokens' residual streams there and in each config's run, per layer.
 """
@@ -140,11 +140,12 @@ class MesaCfg:
     split: str = PAPER.split
     C: int | None = PAPER.middle_chunk  # the fixed split's middle-chunk width
     W: int = PAPER.near_window
+    s: float = 1.0  # long_query_scale
 
 
 def parse_config(spec: str, defaults: MesaCfg) -> MesaCfg:
     """``causal`` or ``mesa[:k=v,...]`` (keys L, F, Lc, Mmax, E (an int or ``auto``), log_n,
-    split, C = the fixed split's middle_chunk, W = near_window)."""
+    split, C = the fixed split's middle_chunk, W = near_window, s = long_query_scale)."""
     kind, _, rest = spec.partition(":")
     if kind not in ("causal", "mesa"):
         raise ValueError(f"config {spec!r}: causal or mesa[:k=v,...]")
@@ -160,10 +161,11 @@ def parse_config(spec: str, defaults: MesaCfg) -> MesaCfg:
     )
     for kv in filter(None, rest.split(",")):
         k, _, v = kv.partition("=")
-        if k not in ("L", "F", "Lc", "Mmax", "E", "log_n", "split", "C", "W"):
+        if k not in ("L", "F", "Lc", "Mmax", "E", "log_n", "split", "C", "W", "s"):
             raise ValueError(f"config {spec!r}: unknown key {k!r}")
         text = k == "split" or (k == "E" and v == "auto")
-        setattr(c, k, bool(int(v)) if k == "log_n" else v if text else int(v))
+        value = float(v) if k == "s" else v if text else int(v)
+        setattr(c, k, bool(int(v)) if k == "log_n" else value)
     return c
 
 
@@ -220,7 +222,9 @@ def make_plan(c: MesaCfg, T: int, S: int, record: list[int], block: int = 256) -
         mask, qpos, kpos = reference_positions(
             T, S, c.L, c.F, c.Lc, c.Mmax, c.E, **plan_kw, near_window=c.W
         )
-        qs = query_scales(T, S, c.L, c.log_n, F=c.F, Lc=c.Lc, Mmax=c.Mmax, **plan_kw)
+        qs = query_scales(
+            T, S, c.L, c.log_n, F=c.F, Lc=c.Lc, Mmax=c.Mmax, **plan_kw, long_scale=c.s
+        )
         C, n_mid = reference_split(T, c.L, c.F, c.Lc, c.Mmax, **plan_kw)
         cuts = {0, T}
         if T > c.L:

@@ -29,7 +29,14 @@ from pydantic import (
     model_validator,
 )
 
-from mesa_vllm.plan import SPLITS, MesaParams, check_middle_chunk, check_near_window, check_rules
+from mesa_vllm.plan import (
+    SPLITS,
+    MesaParams,
+    check_long_query_scale,
+    check_middle_chunk,
+    check_near_window,
+    check_rules,
+)
 from mesa_vllm.support import (
     PE_NAMES,
     PE_RULES,
@@ -106,6 +113,13 @@ class MesaConfig(BaseModel):
         description="[W] Stair PE keeps at least the W tokens before n at their own positions "
         "(anchor at most n - W); 0: the paper's anchor, whose near window can be empty",
     )
+    long_query_scale: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=16.0,
+        description="[s] factor on every stair query (last chunk, decode past L) on top of "
+        "log-n: attention temperature 1 / s for long queries; 1: the paper's rule",
+    )
 
     @field_validator("stair_width", mode="plain")
     @classmethod
@@ -121,6 +135,7 @@ class MesaConfig(BaseModel):
         check_rules(self.train_len, self.first_chunk, self.pe, self.chunked_prefill)
         check_middle_chunk(self.train_len, self.first_chunk, self.split, self.middle_chunk)
         check_near_window(self.train_len, self.first_chunk, self.pe, self.near_window)
+        check_long_query_scale(self.pe, self.long_query_scale)
         L, w = self.train_len, self.window  # the windows fit L (user input; see VARIANTS.md)
         if L is not None and w is not None:
             if self.pe in ("rerope", "leaky_rerope", "self_extend") and w > L - 1:
@@ -204,6 +219,7 @@ class MesaConfig(BaseModel):
             split=self.split,
             middle_chunk=self.middle_chunk,
             near_window=self.near_window,
+            long_query_scale=float(self.long_query_scale),
         )
 
 
@@ -223,6 +239,7 @@ _RANGES = {
     "split": "one of " + ", ".join(f'"{s}"' for s in SPLITS),
     "middle_chunk": "an integer >= 1 and <= train_len - first_chunk, with split: fixed",
     "near_window": "0, or an integer >= 1 and <= train_len - first_chunk - 1, with pe: stair",
+    "long_query_scale": "a number > 0 and <= 16 (1: off; other values with pe: stair)",
 }
 
 

@@ -65,6 +65,9 @@ class MesaParams:
     ``middle_chunk`` is the middle-chunk width C of ``split: fixed`` (None: L - F).
     ``near_window`` is W, the fewest tokens before n that keep their own positions under
     Stair PE (the anchor is at most n - W; 0: the paper's anchor, ``stair_anchor``).
+    ``long_query_scale`` s multiplies every stair query (the last chunk of a long prompt and
+    generated tokens past L) on top of log-n: an attention temperature 1 / s for long queries
+    (1: the paper's rule).
     """
 
     train_len: int
@@ -82,6 +85,7 @@ class MesaParams:
     split: str = "dynamic"
     middle_chunk: int | None = None
     near_window: int = 0
+    long_query_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -89,6 +93,7 @@ class MesaParams:
         check_middle_chunk(self.train_len, self.first_chunk, self.split, self.middle_chunk)
         check_rules(self.train_len, self.first_chunk, self.pe, self.chunked_prefill)
         check_near_window(self.train_len, self.first_chunk, self.pe, self.near_window)
+        check_long_query_scale(self.pe, self.long_query_scale)
         bad_width = self.stair_width is not None and self.stair_width < 1
         if self.first_chunk < 1 or self.last_chunk < 1 or bad_width or self.max_remainder < 0:
             raise ValueError(
@@ -134,6 +139,17 @@ def check_middle_chunk(
     if middle_chunk < 1 or (hi is not None and middle_chunk > hi):
         bound = f"train_len - first_chunk = {hi}" if hi is not None else "train_len - first_chunk"
         raise ValueError(f"middle_chunk={middle_chunk} must be in 1 .. {bound}")
+
+
+def check_long_query_scale(pe: str, long_query_scale: float) -> None:
+    """``long_query_scale`` s: 1 (off), or 0 < s <= 16 with ``pe: stair``; ValueError naming
+    the field."""
+    if long_query_scale == 1.0:
+        return
+    if pe != "stair":
+        raise ValueError(f"long_query_scale={long_query_scale} needs pe: stair (got pe={pe!r})")
+    if not 0.0 < long_query_scale <= 16.0:
+        raise ValueError(f"long_query_scale={long_query_scale} must be in (0, 16]")
 
 
 def check_near_window(train_len: int | None, first_chunk: int, pe: str, near_window: int) -> None:

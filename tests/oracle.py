@@ -29,6 +29,7 @@ MESA_DEFAULTS = {
     "split": "dynamic",
     "middle_chunk": None,
     "near_window": 0,
+    "long_query_scale": 1.0,
 }
 
 
@@ -113,7 +114,8 @@ def dense_model_logits(
     ``mesa``: None for plain causal RoPE attention; else a dict with keys train_len,
     first_chunk, last_chunk, max_remainder, stair_width (an int or "auto"), log_n_scaling,
     split ("dynamic" or "fixed"), middle_chunk (the fixed split's middle-chunk width, None:
-    L - F), near_window (the fewest own-position tokens of a stair query set, 0: the paper's)
+    L - F), near_window (the fewest own-position tokens of a stair query set, 0: the paper's),
+    long_query_scale (the factor on stair queries, 1: the paper's)
     (missing keys take the paper's defaults, docs/CONFIGURATION.md; train_len defaults to
     the config's trained length), and for a weave variant (docs/VARIANTS.md) pe,
     chunked_prefill, window and the variant's own keys.
@@ -149,7 +151,7 @@ def dense_model_logits(
             q, k, v, T_prompt=T, L=m["train_len"], F=m["first_chunk"], Lc=m["last_chunk"],
             Mmax=m["max_remainder"], E=m["stair_width"], log_n=m["log_n_scaling"],
             rope_parameters=rp, split=m["split"], width=m["middle_chunk"],
-            near_window=m["near_window"],
+            near_window=m["near_window"], long_scale=m["long_query_scale"],
         )  # fmt: skip
 
     x = W["model.embed_tokens.weight"][torch.tensor(token_ids, dtype=torch.long)]

@@ -327,8 +327,7 @@ class MesaAttentionImpl(AttentionImpl[MesaMetadata]):
             rotate = vllm_rotary(self._cos_sin_cache(mp.max_k, query), self.head_size)
             attend = flash_attend
         caches = (kv_cache[i].view(-1, self.num_kv_heads, self.head_size) for i in (0, 1))
-        res = middle_attention(query, *caches, mp, self.scale, rotate, attend, kv_scales,
-                               self.model_dtype)  # fmt: skip
+        res = middle_attention(query, *caches, mp, self.scale, rotate, attend, kv_scales)
         output.index_copy_(0, mp.rows, res.to(output.dtype))
 
     def _cos_sin_cache(self, n: int, like: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ query scales and the causal mask.  ``forward`` then only gathers, rotates and at
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -33,6 +34,8 @@ from mesa_vllm.ops.triton.table import (
     split_prefill_decode,
 )
 from mesa_vllm.plan import ChunkPlan, MesaParams, Segment, chunk_split, plan_request
+
+logger = logging.getLogger("vllm.mesa_vllm")
 
 
 @dataclass
@@ -140,11 +143,9 @@ def fresh_prefill(spans: list[tuple[int, int]], fa_version: int, device) -> Fres
 
 
 def flash_attn_version(model_dtype: torch.dtype, device: torch.device) -> int | None:
-    """vLLM's FlashAttention version usable for fresh prompts here, or None (not CUDA, fp32,
-    no FlashAttention build, MESA_VLLM_FRESH_FA=0)."""
+    """vLLM's FlashAttention version usable here, or None (not CUDA, fp32, no FlashAttention
+    build)."""
     if device.type != "cuda" or model_dtype not in (torch.float16, torch.bfloat16):
-        return None
-    if not fresh_prefill_fa():
         return None
     try:
         from vllm.v1.attention.backends.fa_utils import (
@@ -187,6 +188,9 @@ def segment_tensors(
             torch.log((qidx + 1).to(torch.float32)) / torch.log(torch.tensor(params.train_len)),
             min=1.0,
         )
+    if seg.kind == "stair" and params.long_query_scale != 1.0:
+        ones = torch.ones(qidx.numel(), dtype=torch.float32, device=device)
+        scale = (ones if scale is None else scale) * params.long_query_scale
     mask = None
     if seg.kind != "weave" and 1 < qidx.numel() < kidx.numel():
         mask = kidx[None, :] <= qidx[:, None]
@@ -243,14 +247,19 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
         )
         self._decode_buffers: dict[str, torch.Tensor] = {}  # persistent decode-table rows
         self.block_q = default_block_q(num_heads // self.num_kv_heads)  # Triton prefill tiles
-        self.fa_version = None  # Triton path: FlashAttention for fresh prompts, when it has it
+        fa = None  # Triton path: FlashAttention's version, when this GPU has it
         if self.kernel == "triton":
-            self.fa_version = flash_attn_version(
-                vllm_config.model_config.dtype, torch.device(device)
-            )
+            fa = flash_attn_version(vllm_config.model_config.dtype, torch.device(device))
+        # fresh prompts within L through FlashAttention (MESA_VLLM_FRESH_FA)
+        self.fa_version = fa if fresh_prefill_fa() else None
         # middle chunks as one varlen call: "flash" (needs FlashAttention), "torch" or None
         self.middle_mode = middle_prefill_mode() if self.kernel == "triton" else None
-        if self.middle_mode == "flash" and self.fa_version is None:
+        self.middle_fa_version = fa if self.middle_mode == "flash" else None
+        if self.middle_mode == "flash" and fa is None:
+            logger.warning(
+                "MESA_VLLM_MIDDLE_FA=1 needs vLLM's FlashAttention on a CUDA GPU with an fp16 "
+                "or bf16 model; middle chunks run on the Mesa Triton kernel instead"
+            )
             self.middle_mode = None
 
     def build(
@@ -321,9 +330,12 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
             if self.middle_mode is not None:
                 mids, pre = take_middle(pre)
                 if mids:
-                    version = self.fa_version if self.middle_mode == "flash" else None
                     md.middle = middle_prefill(
-                        mids, cm.block_table_tensor, self.block_size, version, device
+                        mids,
+                        cm.block_table_tensor,
+                        self.block_size,
+                        self.middle_fa_version,
+                        device,
                     )
             if pre:
                 md.prefill_table = build_segment_table(pre, self.params, self.block_q, device)

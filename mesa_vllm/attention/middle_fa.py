@@ -77,19 +77,19 @@ def middle_prefill(
         n_q.append(nq)
         n_k.append(seg.first + own)
 
-    def dev(parts: list[np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate(parts).astype(np.int64)).to(device)
-
-    idx, req = dev(k_idx), dev(k_req)
+    k_pos = [np.arange(n) for n in n_k]
+    cu_q, cu_k = (np.concatenate([[0], np.cumsum(n)]) for n in (n_q, n_k))
+    parts = [np.concatenate(x) for x in (rows, q_pos, k_idx, k_req, k_pos)] + [cu_q, cu_k]
+    flat = torch.from_numpy(np.concatenate(parts).astype(np.int64)).to(device)  # one copy
+    rows_t, q_pos_t, idx, req, k_pos_t, cu_q_t, cu_k_t = flat.split([len(x) for x in parts])
     blocks = block_table[req, idx // block_size].to(torch.int64)
-    cu = lambda n: torch.from_numpy(np.concatenate([[0], np.cumsum(n)]).astype(np.int32))  # noqa: E731
     return MiddlePrefill(
-        rows=dev(rows),
-        q_pos=dev(q_pos),
+        rows=rows_t,
+        q_pos=q_pos_t,
         k_slots=blocks * block_size + idx % block_size,
-        k_pos=dev([np.arange(n) for n in n_k]),
-        cu_q=cu(n_q).to(device),
-        cu_k=cu(n_k).to(device),
+        k_pos=k_pos_t,
+        cu_q=cu_q_t.to(torch.int32),
+        cu_k=cu_k_t.to(torch.int32),
         max_q=max(n_q),
         max_k=max(n_k),
         fa_version=fa_version,
@@ -109,21 +109,21 @@ def middle_attention(
     rotate: Rotate,
     attend: Attend,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
-    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Outputs [Nq, Hq, D] of the step's middle rows ``mp.rows``.
 
     query [n, Hq, D] unrotated; key_cache / value_cache [slots, Hkv, D] (flat views of the
-    paged cache; fp8 with ``kv_scales`` (k_scale, v_scale), read back as scale x stored in
-    ``dtype``); ``rotate(x, positions)`` returns x rotated; ``attend(q, k, v, mp, scale)``
-    is varlen causal attention over mp's segments."""
+    paged cache; fp8 with ``kv_scales`` (k_scale, v_scale), read back as scale x stored);
+    keys and values are read in the query's dtype (a cache dtype other than the model's is
+    converted); ``rotate(x, positions)`` returns x rotated and may rotate x in place (it gets
+    fresh gathers only); ``attend(q, k, v, mp, scale)`` is varlen causal attention over mp's
+    segments."""
     k, v = key_cache[mp.k_slots], value_cache[mp.k_slots]
     if kv_scales is not None:
-        dtype = dtype or query.dtype
-        k = (k.to(torch.float32) * kv_scales[0].float()).to(dtype)
-        v = (v.to(torch.float32) * kv_scales[1].float()).to(dtype)
+        k = k.to(torch.float32) * kv_scales[0].float()
+        v = v.to(torch.float32) * kv_scales[1].float()
     q = rotate(query[mp.rows], mp.q_pos)
-    k = rotate(k, mp.k_pos)
+    k = rotate(k.to(q.dtype), mp.k_pos)
     return attend(q, k, v.to(q.dtype), mp, scale)
 
 
@@ -161,7 +161,8 @@ def cos_sin_table(inv_freq: torch.Tensor, rows: int, dtype: torch.dtype) -> torc
 
 
 def vllm_rotary(cos_sin: torch.Tensor, head_size: int) -> Rotate:
-    """Rotate with vLLM's rotary kernel (neox pairing) on a copy of x [n, H, head_size]."""
+    """Rotate x [n, H, head_size] with vLLM's rotary kernel (neox pairing): in place when x
+    is contiguous, else on a contiguous copy; returns the rotated tensor."""
     from vllm import _custom_ops as ops
 
     def rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

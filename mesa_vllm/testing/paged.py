@@ -88,6 +88,7 @@ def reference_rows(
                 q, k, v, reqs[r][0], params.train_len, params.first_chunk, params.last_chunk,
                 params.max_remainder, params.stair_width, params.log_n_scaling, rope,
                 split=params.split, width=params.middle_chunk, near_window=params.near_window,
+                long_scale=params.long_query_scale,
             )  # fmt: skip
         out.append(refs[r][reqs[r][2] + row - starts[r]].float())
     return torch.stack(out)

@@ -208,19 +208,21 @@ def query_scales(
     Mmax: int = 200,
     split: str = "dynamic",
     width: int | None = None,
+    long_scale: float = 1.0,
 ) -> torch.Tensor:
-    """log-n query scales, float32 [seq_len]: max(1, ln(p+1)/ln(L)) for stair queries.
+    """Query scales, float32 [seq_len]: max(1, ln(p+1)/ln(L)) (log-n; 1 when ``log_n`` is
+    false) times ``long_scale`` (``long_query_scale``) for stair queries, 1 for the others.
 
-    Stair queries are the last chunk of a long prompt and generated tokens with p + 1 > L;
-    every other query (and every query when ``log_n`` is false) gets 1.  F, Lc and Mmax are
-    needed to tell middle-chunk queries (scale 1) from last-chunk ones.
+    Stair queries are the last chunk of a long prompt and generated tokens with p + 1 > L.
+    F, Lc and Mmax are needed to tell middle-chunk queries (scale 1) from last-chunk ones.
     """
     out = torch.ones(seq_len, dtype=torch.float32)
-    if not log_n:
+    if not log_n and long_scale == 1.0:
         return out
     for p in range(seq_len):
         if _query_rule(p, T_prompt, L, F, Lc, Mmax, split, width)[0] == "stair":
-            out[p] = max(1.0, math.log(p + 1) / math.log(L))
+            ln = max(1.0, math.log(p + 1) / math.log(L)) if log_n else 1.0
+            out[p] = ln * long_scale
     return out
 
 
@@ -307,6 +309,7 @@ def mesa_attention_reference(
     split: str = "dynamic",
     width: int | None = None,
     near_window: int = 0,
+    long_scale: float = 1.0,
 ) -> torch.Tensor:
     """Mesa attention of one sequence, dense (chunk plan ``split`` with the fixed split's
     middle-chunk ``width``, ``reference_split``; stair anchors with ``near_window``).
@@ -315,7 +318,8 @@ def mesa_attention_reference(
     h // (Hq // Hkv)), any float dtype, NOT rotated.  S = prompt + generated tokens; the
     first ``T_prompt`` are the prompt.  Each query p is rotated at qpos[p] and each key j at
     kpos[p, j] (per-query key positions from ``reference_positions``), q is multiplied by its
-    log-n scale, softmax runs over the allowed keys with ``scale`` (default D ** -0.5).
+    scale (``query_scales``: log-n times ``long_scale`` for stair queries), softmax runs over
+    the allowed keys with ``scale`` (default D ** -0.5).
     ``pos_offset`` is added to every position before rotation (only differences matter).
     Computes in float32 with float64 angles.  Returns [S, Hq, D] in q's dtype.
 
@@ -332,7 +336,10 @@ def mesa_attention_reference(
     mask, qpos, kpos = reference_positions(
         T_prompt, S, L, F, Lc, Mmax, E, split=split, width=width, near_window=near_window
     )
-    qs = query_scales(T_prompt, S, L, log_n, F=F, Lc=Lc, Mmax=Mmax, split=split, width=width)
+    qs = query_scales(
+        T_prompt, S, L, log_n, F=F, Lc=Lc, Mmax=Mmax, split=split, width=width,
+        long_scale=long_scale,
+    )  # fmt: skip
     inv_freq = rope_inv_freq(D, rope_parameters)
     qf = q.float() * qs[:, None, None]
     kf, vf = k.float(), v.float()

@@ -176,6 +176,44 @@ def test_auto_greedy_continuation_crosses_an_anchor(auto_llm, tiny_llama):
     assert list(out.outputs[0].token_ids) == want, f"seed {SEED}"
 
 
+# ------------------------------------------------------------------ long_query_scale
+
+MESA_HOT = {**MESA_SMALL, "long_query_scale": 1.6}
+
+
+@pytest.fixture(scope="module")
+def hot_llm(tiny_llama):
+    """long_query_scale 1.6 (a sharper softmax for every stair query); prefill split every 100
+    tokens, so a last chunk is cut across steps."""
+    from vllm import LLM
+
+    llm = LLM(
+        **mesa_engine_kwargs(
+            tiny_llama, MAX_LEN, MESA_HOT, max_num_seqs=8, max_num_batched_tokens=100
+        )
+    )
+    yield llm
+    del llm
+
+
+def test_long_query_scale_prompts_and_decode_match_dense_oracle(hot_llm, tiny_llama):
+    """Prompt logprobs at T = 3 L + 7 and 5 L equal the oracle's with the same scale, which
+    differ from the paper's (scale 1); 16 greedy tokens from T = 3 L + 7 equal the oracle's."""
+    from vllm import SamplingParams
+
+    rng = random.Random(SEED + 500)
+    prompts = [_prompt(3 * TRAIN_LEN + 7, rng), _prompt(5 * TRAIN_LEN, rng)]
+    for prompt, (got, _) in zip(prompts, _prompt_logprobs(hot_llm, prompts), strict=True):
+        want = _oracle_logprobs(tiny_llama, prompt, MESA_HOT)
+        _assert_close(got, want, f"long_query_scale T={len(prompt)}")
+        paper = _oracle_logprobs(tiny_llama, prompt, MESA_SMALL)
+        assert float((paper - want).abs().max()) > 10 * ATOL, f"T={len(prompt)} (seed {SEED})"
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    out = hot_llm.generate([{"prompt_token_ids": prompts[0]}], sp, use_tqdm=False)[0]
+    want = dense_greedy(tiny_llama, prompts[0], 16, mesa=MESA_HOT)
+    assert list(out.outputs[0].token_ids) == want, f"seed {SEED}"
+
+
 # ------------------------------------------------------------------ near_window
 
 # The fixed split's narrow grid (C = 16) makes the paper's near window n - A cycle through

@@ -46,6 +46,9 @@ def test_resolved_takes_train_len_from_model_unless_set():
         ("middle_chunk", 0, "<= train_len - first_chunk, with split: fixed"),
         ("near_window", -1, "<= train_len - first_chunk - 1, with pe: stair"),
         ("near_window", 2.5, "<= train_len - first_chunk - 1, with pe: stair"),
+        ("long_query_scale", 0, "a number > 0 and <= 16"),
+        ("long_query_scale", 17, "a number > 0 and <= 16"),
+        ("long_query_scale", "1.5", "a number > 0 and <= 16"),
     ],
 )
 def test_bad_values_name_field_and_range(field, value, allowed):
@@ -74,6 +77,14 @@ def test_middle_chunk_needs_fixed_split_and_fits_train_len():
         cfg.resolved(256)
     assert cfg.resolved(8192).params().fixed_width == 300
     assert MesaConfig.from_dict({"split": "fixed"}).resolved(8192).params().fixed_width == 8092
+
+
+def test_long_query_scale_needs_stair_and_reaches_the_params():
+    with pytest.raises(MesaConfigError, match="long_query_scale=1.5 needs pe: stair"):
+        MesaConfig.from_dict({"pe": "rerope", "long_query_scale": 1.5})
+    assert MesaConfig.from_dict({"pe": "rerope"}).resolved(8192).params().long_query_scale == 1.0
+    params = MesaConfig.from_dict({"long_query_scale": 2}).resolved(8192).params()
+    assert params.long_query_scale == 2.0 and isinstance(params.long_query_scale, float)
 
 
 def test_near_window_needs_stair_and_fits_train_len():

@@ -91,6 +91,20 @@ def test_scaled_cache_is_read_back_as_scale_times_stored():
                               varlen_causal_attention, kv_scales=(ks, vs))  # fmt: skip
     torch.testing.assert_close(scaled, plain, atol=1e-6, rtol=1e-6)
 
+    # a cache stored in another dtype than the queries' is read in the queries' dtype
+    # (FlashAttention refuses q, k, v of different dtypes; vLLM's rotary keeps the dtype)
+    def keep_dtype(x, p):
+        return rotate(x, p, spec).to(x.dtype)
+
+    def same_dtypes(q, k, v, mp, scale):
+        assert q.dtype == k.dtype == v.dtype, (q.dtype, k.dtype, v.dtype)
+        return varlen_causal_attention(q, k, v, mp, scale)
+
+    other = middle_attention(query, kc.double(), vc.double(), mp, 32**-0.5, keep_dtype,
+                             same_dtypes)  # fmt: skip
+    assert other.dtype == query.dtype
+    torch.testing.assert_close(other, plain, atol=1e-6, rtol=1e-6)
+
 
 def test_a_chunk_split_across_steps_reads_its_earlier_keys_from_the_cache():
     params = _params("fixed", 16)

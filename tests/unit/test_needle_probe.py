@@ -156,3 +156,17 @@ def test_stair_width_auto_parses():
     c = npb.parse_config("mesa:split=fixed,C=16,W=8,E=auto", MESA)
     assert (c.split, c.C, c.W, c.E) == ("fixed", 16, 8, "auto")
     assert npb.parse_config("mesa:E=3", MESA).E == 3
+
+
+def test_long_query_scale_scales_only_the_stair_rows():
+    """s (long_query_scale) multiplies the query scale of the rows past L (the last chunk and
+    decode), and leaves the first and middle chunks at theirs."""
+    T, S = 200, 204
+    base = npb.make_plan(MESA, T, S, record=[])
+    hot = npb.make_plan(npb.parse_config("mesa:s=1.5", MESA), T, S, record=[])
+    qs0 = torch.cat([b.qs for b in base.prefill] + [base.decode[p].qs for p in range(T, S)])
+    qs1 = torch.cat([b.qs for b in hot.prefill] + [hot.decode[p].qs for p in range(T, S)])
+    stair = qs0 > 1  # log-n is on in MESA: exactly the stair rows have scale > 1
+    assert stair.sum() >= S - T and (~stair).sum() >= MESA.F
+    torch.testing.assert_close(qs1[stair], 1.5 * qs0[stair])
+    torch.testing.assert_close(qs1[~stair], qs0[~stair])

@@ -176,6 +176,12 @@ _CASES = [
      dict(theta=1e5, splits=3, kv="float8_e4m3fn", fp8_f16_dot=False)),
     ("fp8e4m3-fp32-d32-g4-p16-decode", "float32", 32, 2, 4, 16,
      [(10, 20, 19), (200, 230, 229), (256, 256, 255)], dict(kv="float8_e4m3fn", splits=4)),
+    # long_query_scale (lqs): every stair row's query times 1.7 on top of log-n, and 0.8
+    # with log-n off; prefill, chunked prefill, stair and causal decode rows
+    ("long-scale-fp32-d32-g2-p16", "float32", 32, 2, 2, 16,
+     [(256, 256, 0), (200, 240, 239), (150, 150, 60), (20, 31, 30)], dict(lqs=1.7, splits=3)),
+    ("long-scale-no-log-n-bf16-d64-g1-p16", "bfloat16", 64, 2, 1, 16,
+     [(230, 230, 200), (200, 224, 223)], dict(lqs=0.8, log_n=False, E="auto")),
     ("leaky-fp32-d32-g3-p16-blockq3-no-angle-add", "float32", 32, 1, 3, 16,
      [(120, 120, 0), (90, 100, 99)],
      dict(pe="leaky_rerope", window=9, k=1.75, block_q=3, flip_angle_add=True, splits=7)),
@@ -210,7 +216,7 @@ def case_params(case: dict):
     params = MesaParams(
         m["L"], m["F"], m["Lc"], m["Mmax"], E, log_n, pe, chunked, w, k, G, sink,
         split=case.get("split", "dynamic"), middle_chunk=case.get("middle"),
-        near_window=case.get("near", 0),
+        near_window=case.get("near", 0), long_query_scale=case.get("lqs", 1.0),
     )  # fmt: skip
     if pe == "stair":
         return params, None
@@ -269,7 +275,7 @@ def run_case(case: dict, seed: int) -> dict:
             ref = mesa_attention_reference(
                 q, k, v, T, m["L"], m["F"], m["Lc"], m["Mmax"], m["E"], log_n, rope, D**-0.5,
                 split=case.get("split", "dynamic"), width=case.get("middle"),
-                near_window=case.get("near", 0),
+                near_window=case.get("near", 0), long_scale=params.long_query_scale,
             )  # fmt: skip
         else:
             ref = variant_attention_reference(q, k, v, T, m["L"], spec, rope, D**-0.5)
@@ -279,7 +285,8 @@ def run_case(case: dict, seed: int) -> dict:
             refs_full.append(mesa_attention_reference(
                 q, k_full, v_full, T, m["L"], m["F"], m["Lc"], m["Mmax"], m["E"], log_n, rope,
                 D**-0.5, split=case.get("split", "dynamic"),
-                width=case.get("middle"), near_window=case.get("near", 0))[ctx:])  # fmt: skip
+                width=case.get("middle"), near_window=case.get("near", 0),
+                long_scale=params.long_query_scale)[ctx:])  # fmt: skip
     query, ref = batch.query, torch.cat(refs).float()
     out = torch.full_like(query, float("nan"))
     pre, dec = tm.split_prefill_decode(entries)

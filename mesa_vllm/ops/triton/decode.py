@@ -156,7 +156,8 @@ def _merge_rows(m_i, l_i, acc, NV: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: t
 def _decode_kernel(
     Q, K, V, BT, M_WS, L_WS, ACC_WS,
     SEG_QLO, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_WIDTH, SEG_REQ, INV_FREQ,
-    K_SCALE, V_SCALE, qk_scale, inv_log_L, F, W, SINK, LEAKY, FAR_C, GROUP, num_splits,
+    K_SCALE, V_SCALE, qk_scale, inv_log_L, long_scale, F, W, SINK, LEAKY, FAR_C, GROUP,
+    num_splits,
     min_split, split_div, split_keys,
     s_qn, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
     KV_SCALED: tl.constexpr,
@@ -203,8 +204,9 @@ def _decode_kernel(
             g_r = rows % G_PAD
             v_r = rows // G_PAD
             q1, q2, q3 = scaled_query(Q, q_lo + rows * 0, hkv * G + g_r, g_r < G, p,
-                                      kind == KIND_STAIR, s_qn, s_qh, qk_scale, inv_log_L, HALF,
-                                      BLOCK_HALF, REST, BLOCK_REST, LOG_N, DOT_DTYPE)
+                                      kind == KIND_STAIR, s_qn, s_qh, qk_scale, inv_log_L,
+                                      long_scale, HALF, BLOCK_HALF, REST, BLOCK_REST, LOG_N,
+                                      DOT_DTYPE)
             stair_end = lo
             if TURN_QUERY:
                 # Whole key blocks below the anchor, while a block spans <= NV stair positions
@@ -257,14 +259,14 @@ def _decode_kernel(
         lo = split * per_split
         hi = tl.minimum(lo + per_split, n_keys)
         q1, q2, q3 = load_query(Q, q_lo + rows * 0, head, row_ok, p, qpos, kind >= KIND_STAIR, inv,
-                                s_qn, s_qh, qk_scale, inv_log_L, HALF, BLOCK_HALF, REST,
+                                s_qn, s_qh, qk_scale, inv_log_L, long_scale, HALF, BLOCK_HALF, REST,
                                 BLOCK_REST, LOG_N, FAST_TRIG, DOT_DTYPE)
         if weave:
             qf1, qf2, _ = load_query(
                 Q, q_lo + rows * 0, head, row_ok, p,
                 far_qpos(p, W, SINK, LEAKY, FAR_C, GROUP, PE), kind >= KIND_STAIR, inv, s_qn, s_qh,
-                qk_scale, inv_log_L, HALF, BLOCK_HALF, REST, BLOCK_REST, LOG_N, FAST_TRIG,
-                DOT_DTYPE)
+                qk_scale, inv_log_L, long_scale, HALF, BLOCK_HALF, REST, BLOCK_REST, LOG_N,
+                FAST_TRIG, DOT_DTYPE)
             far_hi = tl.minimum(hi, fe_l)
             for t0 in range(lo, far_hi, BLOCK_N):
                 acc, l_i, m_i = weave_block(

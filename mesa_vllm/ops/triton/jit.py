@@ -291,14 +291,15 @@ def angle_table(inv, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr,
 
 @triton.jit
 def scaled_query(
-    Q, rows_q, head, row_ok, p, is_stair, s_qn, s_qh, qk_scale, inv_log_L,
+    Q, rows_q, head, row_ok, p, is_stair, s_qn, s_qh, qk_scale, inv_log_L, long_scale,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
     BLOCK_REST: tl.constexpr, LOG_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Scaled, unturned query rows: q1, q2 fp32 [M, BLOCK_HALF], q3 [M, BLOCK_REST] DOT_DTYPE.
 
     rows_q int32 [M] rows of Q, head int32 [M], p int32 [M] absolute index; the scale is
-    qk_scale (softmax scale * log2 e) times log-n for stair rows."""
+    qk_scale (softmax scale * log2 e) times, for stair rows, log-n and long_scale (the
+    ``long_query_scale`` setting)."""
     dh = tl.arange(0, BLOCK_HALF)
     q_row = Q + rows_q.to(tl.int64) * s_qn + head * s_qh
     hm = mask2(row_ok, dh, HALF, BLOCK_HALF)
@@ -308,6 +309,7 @@ def scaled_query(
     if LOG_N:
         ln = tl.log((p + 1).to(tl.float32)) * inv_log_L
         sc = tl.where(is_stair, tl.maximum(ln, 1.0), 1.0) * qk_scale
+    sc = tl.where(is_stair, sc * long_scale, sc)
     q3 = tl.zeros([q1.shape[0], BLOCK_REST], dtype=DOT_DTYPE)
     if REST > 0:
         dr = tl.arange(0, BLOCK_REST)
@@ -327,6 +329,7 @@ def turn(x1, x2, pos, inv, FAST_TRIG: tl.constexpr, DOT_DTYPE: tl.constexpr):
 @triton.jit
 def load_query(
     Q, rows_q, head, row_ok, p, qpos, is_stair, inv, s_qn, s_qh, qk_scale, inv_log_L,
+    long_scale,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
     BLOCK_REST: tl.constexpr, LOG_N: tl.constexpr, FAST_TRIG: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -334,7 +337,8 @@ def load_query(
     """Rotated, scaled query rows: q1, q2 [M, BLOCK_HALF], q3 [M, BLOCK_REST] in DOT_DTYPE;
     ``scaled_query`` turned by qpos [M] (rebased position)."""
     q1, q2, q3 = scaled_query(Q, rows_q, head, row_ok, p, is_stair, s_qn, s_qh, qk_scale,
-                              inv_log_L, HALF, BLOCK_HALF, REST, BLOCK_REST, LOG_N, DOT_DTYPE)
+                              inv_log_L, long_scale, HALF, BLOCK_HALF, REST, BLOCK_REST, LOG_N,
+                              DOT_DTYPE)
     q1r, q2r = turn(q1, q2, qpos, inv, FAST_TRIG, DOT_DTYPE)
     return q1r, q2r, q3
 

@@ -147,7 +147,8 @@ def _weave_tile(
 def _prefill_kernel(
     Q, K, V, Out, BT, TILE_SEG, TILE_Q0,
     SEG_QLO, SEG_QLEN, SEG_QABS, SEG_KIND, SEG_CHUNK, SEG_ANCHOR, SEG_WIDTH, SEG_REQ,
-    INV_FREQ, K_SCALE, V_SCALE, qk_scale, inv_log_L, F, W, SINK, LEAKY, FAR_C, GROUP,
+    INV_FREQ, K_SCALE, V_SCALE, qk_scale, inv_log_L, long_scale, F, W, SINK, LEAKY, FAR_C,
+    GROUP,
     s_qn, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_on, s_oh, s_bt,
     KV_SCALED: tl.constexpr,
     G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -178,7 +179,7 @@ def _prefill_kernel(
                   other=0.0)
     if PE == PE_STAIR:
         q1, q2, q3 = load_query(Q, q_lo + qi, head, row_ok, p, qpos, kind == KIND_STAIR, inv,
-                                s_qn, s_qh, qk_scale, inv_log_L, HALF, BLOCK_HALF, REST,
+                                s_qn, s_qh, qk_scale, inv_log_L, long_scale, HALF, BLOCK_HALF, REST,
                                 BLOCK_REST, LOG_N, FAST_TRIG, DOT_DTYPE)
     else:
         weave = kind == KIND_WEAVE
@@ -186,8 +187,8 @@ def _prefill_kernel(
         far_end = (tl.maximum(q_abs + q0 - W + 1, 0) // BLOCK_N) * BLOCK_N
         qpos = tl.where(weave, p - far_end, qpos)
         q1, q2, q3 = load_query(Q, q_lo + qi, head, row_ok, p, qpos, kind >= KIND_STAIR, inv, s_qn,
-                                s_qh, qk_scale, inv_log_L, HALF, BLOCK_HALF, REST, BLOCK_REST,
-                                LOG_N, FAST_TRIG, DOT_DTYPE)
+                                s_qh, qk_scale, inv_log_L, long_scale, HALF, BLOCK_HALF, REST,
+                                BLOCK_REST, LOG_N, FAST_TRIG, DOT_DTYPE)
 
     p_first = q_abs + q0
     p_last = q_abs + tl.minimum(q0 + BLOCK_Q, q_len) - 1
@@ -208,8 +209,8 @@ def _prefill_kernel(
         if weave:
             qf1, qf2, _ = load_query(
                 Q, q_lo + qi, head, row_ok, p, far_qpos(p, W, SINK, LEAKY, FAR_C, GROUP, PE),
-                kind >= KIND_STAIR, inv, s_qn, s_qh, qk_scale, inv_log_L, HALF, BLOCK_HALF, REST,
-                BLOCK_REST, LOG_N, FAST_TRIG, DOT_DTYPE)
+                kind >= KIND_STAIR, inv, s_qn, s_qh, qk_scale, inv_log_L, long_scale, HALF,
+                BLOCK_HALF, REST, BLOCK_REST, LOG_N, FAST_TRIG, DOT_DTYPE)
             acc, l_i, m_i = _weave_tile(
                 acc, l_i, m_i, q1, q2, qf1, qf2, q3, p, p_first, p_last, far_end, K, V, BT,
                 req, hkv, inv, ci, si, W, SINK, LEAKY, GROUP, s_kb, s_kt, s_kh, s_vb, s_vt,
