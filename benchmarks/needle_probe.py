@@ -21,9 +21,10 @@ stair row; for causal rows the last Lc prompt tokens), ``rest``.  Also the relat
 
 A config is ``causal`` (plain RoPE, positions = indices) or ``mesa[:k=v,...]`` with keys
 L (train length used by the Mesa rules), F, Lc, Mmax, E, log_n (0/1), split, C, W, s (see
-``parse_config``); unset keys take the --train-len/--first-chunk/... flags.  ``--compare-prefix`` also runs plain causal attention on
-the prompt cut just after the key sentence (must fit in the model's L) and reports the cosine
-between the key tokens' residual streams there and in each config's run, per layer.
+``parse_config``); unset keys take the --train-len/--first-chunk/... flags.
+``--compare-prefix`` also runs plain causal attention on the prompt cut just after the key
+sentence (must fit in the model's L) and reports the cosine between the key tokens' residual
+streams there and in each config's run, per layer.
 """
 
 from __future__ import annotations
