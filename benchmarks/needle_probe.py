@@ -164,9 +164,15 @@ def parse_config(spec: str, defaults: MesaCfg) -> MesaCfg:
         k, _, v = kv.partition("=")
         if k not in ("L", "F", "Lc", "Mmax", "E", "log_n", "split", "C", "W", "s"):
             raise ValueError(f"config {spec!r}: unknown key {k!r}")
-        text = k == "split" or (k == "E" and v == "auto")
-        value = float(v) if k == "s" else v if text else int(v)
-        setattr(c, k, bool(int(v)) if k == "log_n" else value)
+        if k == "log_n":
+            value: object = bool(int(v))
+        elif k == "s":
+            value = float(v)
+        elif k == "split" or (k == "E" and v == "auto"):
+            value = v
+        else:
+            value = int(v)
+        setattr(c, k, value)
     return c
 
 

@@ -305,11 +305,11 @@ def scaled_query(
     hm = mask2(row_ok, dh, HALF, BLOCK_HALF)
     q1 = tl.load(q_row[:, None] + dh[None, :], mask=hm, other=0.0).to(tl.float32)
     q2 = tl.load(q_row[:, None] + HALF + dh[None, :], mask=hm, other=0.0).to(tl.float32)
-    sc = tl.zeros_like(p.to(tl.float32)) + qk_scale
+    stair_sc = tl.zeros_like(p.to(tl.float32)) + long_scale
     if LOG_N:
         ln = tl.log((p + 1).to(tl.float32)) * inv_log_L
-        sc = tl.where(is_stair, tl.maximum(ln, 1.0), 1.0) * qk_scale
-    sc = tl.where(is_stair, sc * long_scale, sc)
+        stair_sc = tl.maximum(ln, 1.0) * long_scale
+    sc = tl.where(is_stair, stair_sc, 1.0) * qk_scale
     q3 = tl.zeros([q1.shape[0], BLOCK_REST], dtype=DOT_DTYPE)
     if REST > 0:
         dr = tl.arange(0, BLOCK_REST)

@@ -176,9 +176,8 @@ def build_segment_table(
 
 def kernel_scalars(table: SegmentTable, scale: float) -> dict[str, float | int]:
     """The kernels' scalar arguments: qk_scale (softmax scale * log2 e), 1 / ln L, the stair
-    queries' long_query_scale, F, then the
-    weave scalars: w, S, k, the far-query constant (w - w / k for leaky_rerope,
-    w - floor(w / G) for self_extend) and G."""
+    queries' long_query_scale, F, then the weave scalars: w, S, k, the far-query constant
+    (w - w / k for leaky_rerope, w - floor(w / G) for self_extend) and G."""
     w, k, g = table.window, table.leaky_factor, table.group_size
     far_c = {PE_LEAKY_REROPE: w - w / k, PE_SELF_EXTEND: float(w - w // g)}.get(table.pe, 0.0)
     return dict(qk_scale=scale * _LOG2E, inv_log_L=1.0 / math.log(table.train_len),
